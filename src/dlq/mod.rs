@@ -1,0 +1,256 @@
+//! The dead-letter queue: where a change goes when a pipeline cannot deliver it (a template
+//! names a missing field, a value has no form the sink accepts, the sink permanently rejects
+//! it), with the pipeline, the sink and the reason, so nothing is dropped silently.
+//!
+//! Storage is JSONL files in the state directory, one entry per line, rotated at a size and
+//! bounded in total. An entry is written and fsynced *before* the change is acknowledged; if
+//! it cannot be written (disk full, total bound reached) the caller must not acknowledge, and
+//! the lane stalls loudly instead of losing the change.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use crate::change::Change;
+use crate::change::json::{change_from_typed, change_to_typed};
+
+/// Why an entry could not be recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    /// File-system failure (disk full, permissions).
+    #[error("dead-letter queue {}: {source}", dir.display())]
+    Io {
+        /// DLQ directory.
+        dir: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The configured total size is reached.
+    #[error("dead-letter queue {} is full ({used} of {limit} bytes); delivery stops until entries are replayed or removed", dir.display())]
+    Full {
+        /// DLQ directory.
+        dir: PathBuf,
+        /// Bytes used.
+        used: u64,
+        /// Configured limit.
+        limit: u64,
+    },
+}
+
+/// One entry as written.
+pub struct DeadLetter<'a> {
+    /// Pipeline name.
+    pub pipeline: &'a str,
+    /// Sink target name (or `-` when the failure was before any sink).
+    pub sink: &'a str,
+    /// Why it could not be delivered.
+    pub reason: &'a str,
+    /// The change itself.
+    pub change: &'a Change,
+}
+
+/// One entry as read back.
+#[derive(Debug, Clone)]
+pub struct StoredDeadLetter {
+    /// When it was written.
+    pub at: DateTime<Utc>,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Sink target.
+    pub sink: String,
+    /// Reason.
+    pub reason: String,
+    /// The change.
+    pub change: Change,
+    /// File it came from.
+    pub file: PathBuf,
+}
+
+struct Active {
+    file: Option<File>,
+    index: u64,
+    size: u64,
+    total: u64,
+}
+
+/// Writer for the DLQ directory; shared by every lane.
+pub struct DeadLetterQueue {
+    dir: PathBuf,
+    max_file: u64,
+    max_total: u64,
+    active: Mutex<Active>,
+}
+
+const PREFIX: &str = "dlq-";
+const SUFFIX: &str = ".jsonl";
+
+fn file_name(index: u64) -> String {
+    format!("{PREFIX}{index:06}{SUFFIX}")
+}
+
+/// DLQ files in a directory, oldest first.
+pub fn files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for e in rd {
+        let e = e?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(n) = name
+            .strip_prefix(PREFIX)
+            .and_then(|r| r.strip_suffix(SUFFIX))
+        {
+            if let Ok(i) = n.parse() {
+                out.push((i, e.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl DeadLetterQueue {
+    /// Open (creating) the DLQ directory; files are created mode 0600.
+    pub fn open(dir: &Path, max_file: u64, max_total: u64) -> Result<DeadLetterQueue, DlqError> {
+        let io = |source| DlqError::Io {
+            dir: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let existing = files(dir).map_err(io)?;
+        let mut total = 0;
+        for (_, p) in &existing {
+            total += std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        }
+        let (index, size) = match existing.last() {
+            Some((i, p)) => (*i, std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)),
+            None => (1, 0),
+        };
+        Ok(DeadLetterQueue {
+            dir: dir.to_owned(),
+            max_file: max_file.max(4096),
+            max_total: max_total.max(4096),
+            active: Mutex::new(Active {
+                file: None,
+                index,
+                size,
+                total,
+            }),
+        })
+    }
+
+    /// Directory of the files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Append an entry durably. Only after `Ok` may the change be acknowledged.
+    pub fn write(&self, entry: &DeadLetter<'_>) -> Result<(), DlqError> {
+        let line = json!({
+            "at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "pipeline": entry.pipeline,
+            "sink": entry.sink,
+            "reason": entry.reason,
+            "change": change_to_typed(entry.change),
+        })
+        .to_string()
+            + "\n";
+        let len = line.len() as u64;
+        let io = |source| DlqError::Io {
+            dir: self.dir.clone(),
+            source,
+        };
+        let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if a.total + len > self.max_total {
+            return Err(DlqError::Full {
+                dir: self.dir.clone(),
+                used: a.total,
+                limit: self.max_total,
+            });
+        }
+        if a.size > 0 && a.size + len > self.max_file {
+            a.file = None;
+            a.index += 1;
+            a.size = 0;
+        }
+        if a.file.is_none() {
+            let path = self.dir.join(file_name(a.index));
+            let mut opts = OpenOptions::new();
+            opts.create(true).append(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            a.file = Some(opts.open(&path).map_err(io)?);
+        }
+        let f = a.file.as_mut().expect("opened above");
+        if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.sync_data()) {
+            // A partial line may be on disk; the reader skips lines that do not parse. Reopen
+            // next time so a full disk that recovers starts on a clean line.
+            a.file = None;
+            a.index += 1;
+            a.size = 0;
+            return Err(io(e));
+        }
+        a.size += len;
+        a.total += len;
+        Ok(())
+    }
+
+    /// Bytes currently held.
+    pub fn total_bytes(&self) -> u64 {
+        self.active.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+}
+
+/// Read every entry in a DLQ directory (oldest first). Lines that do not parse (a write cut
+/// short by a full disk) are reported through `bad`.
+pub fn read_all(
+    dir: &Path,
+    mut bad: impl FnMut(&Path, usize, String),
+) -> std::io::Result<Vec<StoredDeadLetter>> {
+    let mut out = Vec::new();
+    for (_, path) in files(dir)? {
+        let f = File::open(&path)?;
+        for (i, line) in BufReader::new(f).lines().enumerate() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let parsed: Result<StoredDeadLetter, String> = (|| {
+                let j: serde_json::Value =
+                    serde_json::from_str(&line).map_err(|e| e.to_string())?;
+                let s = |k: &str| {
+                    j.get(k)
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string)
+                        .ok_or(format!("{k} missing"))
+                };
+                Ok(StoredDeadLetter {
+                    at: DateTime::parse_from_rfc3339(&s("at")?)
+                        .map_err(|e| e.to_string())?
+                        .with_timezone(&Utc),
+                    pipeline: s("pipeline")?,
+                    sink: s("sink")?,
+                    reason: s("reason")?,
+                    change: change_from_typed(j.get("change").ok_or("change missing")?)?,
+                    file: path.clone(),
+                })
+            })();
+            match parsed {
+                Ok(e) => out.push(e),
+                Err(e) => bad(&path, i + 1, e),
+            }
+        }
+    }
+    Ok(out)
+}

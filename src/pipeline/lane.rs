@@ -1,0 +1,124 @@
+//! A pipeline lane: takes changes in order, runs every matching pipeline, and hands the
+//! resulting records to the sinks' lanes of the same index (so a key's order holds end to end).
+//!
+//! The pipeline set is read through an `ArcSwap`; a reload swaps it between changes, which is
+//! the "batch boundary" at which new definitions take effect. A change whose rendering fails is
+//! dead-lettered for that pipeline and sink; its other pipelines and sinks still get it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::PipelineSet;
+use super::router::Envelope;
+use super::scope::ChangeScope;
+use crate::change::Name;
+use crate::dlq::DeadLetterQueue;
+use crate::sink::runner::record_dead_letter;
+use crate::sink::{Payload, Record};
+
+/// What a lane needs.
+pub struct LaneInputs {
+    /// Lane index.
+    pub index: usize,
+    /// Ordered input.
+    pub rx: mpsc::Receiver<Envelope>,
+    /// Current pipelines.
+    pub pipelines: Arc<ArcSwap<PipelineSet>>,
+    /// Dead letters.
+    pub dlq: Arc<DeadLetterQueue>,
+    /// Abandon work (shutdown deadline passed).
+    pub hard_stop: CancellationToken,
+}
+
+/// Run until the input closes (drained) or the hard stop fires.
+pub async fn run(mut inp: LaneInputs) {
+    let mut current = inp.pipelines.load_full();
+    let mut matches: HashMap<(Name, Name), Vec<usize>> = HashMap::new();
+    let mut batch: Vec<Envelope> = Vec::with_capacity(256);
+    let mut payloads = Vec::with_capacity(4);
+    loop {
+        let n = tokio::select! {
+            n = inp.rx.recv_many(&mut batch, 256) => n,
+            _ = inp.hard_stop.cancelled() => return,
+        };
+        if n == 0 {
+            return;
+        }
+        {
+            let latest = inp.pipelines.load();
+            if !Arc::ptr_eq(&latest, &current) {
+                current = Arc::clone(&latest);
+                matches.clear();
+            }
+        }
+        for env in batch.drain(..) {
+            let change = &env.change;
+            let key = (Arc::clone(&change.source), Arc::clone(&change.relation));
+            let idx = matches
+                .entry(key)
+                .or_insert_with(|| current.matching(&change.source, &change.relation));
+            for &i in idx.iter() {
+                let rp = current.get(i);
+                let def = &rp.def;
+                if !def.ops.contains(change.op) {
+                    continue;
+                }
+                let scope = ChangeScope {
+                    change,
+                    event: None,
+                };
+                for (bound, sink) in def.actions.iter().zip(&rp.sinks) {
+                    payloads.clear();
+                    match bound.action.render(&scope, change, &mut payloads) {
+                        Ok(()) => {
+                            bound.outputs.inc_by(payloads.len() as u64);
+                            let lane = &sink.lanes[inp.index % sink.lanes.len()];
+                            for payload in payloads.drain(..) {
+                                let rec = Record {
+                                    ticket: env.ticket.retain(),
+                                    change: Arc::clone(change),
+                                    pipeline: Arc::clone(&def.name),
+                                    payload,
+                                };
+                                let sent = tokio::select! {
+                                    r = lane.send(rec) => r.is_ok(),
+                                    _ = inp.hard_stop.cancelled() => false,
+                                };
+                                if !sent {
+                                    return; // shutting down: nothing more is acknowledged
+                                }
+                            }
+                        }
+                        Err(reason) => {
+                            let reason = format!("{} ({}): {reason}", def.name, def.file.display());
+                            if !record_dead_letter(
+                                &inp.dlq,
+                                &def.name,
+                                &bound.target,
+                                &reason,
+                                change,
+                                &inp.hard_stop,
+                            )
+                            .await
+                            {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            drop_payload_buffer(&mut payloads);
+            env.ticket.ack();
+        }
+    }
+}
+
+fn drop_payload_buffer(p: &mut Vec<Payload>) {
+    if p.capacity() > 64 {
+        *p = Vec::with_capacity(4);
+    }
+}

@@ -1,0 +1,244 @@
+//! Reading pipeline files: one TOML file per pipeline in the pipelines directory.
+//!
+//! ```toml
+//! name   = "cart-cache"                 # default: the file name without .toml
+//! source = "shop"                       # a [sources.<name>] of the config
+//! [match]
+//! relations = ["public.carts", "public.cart_items"]
+//! ops       = ["insert", "update", "delete"]   # default: all
+//! [[sink]]
+//! target = "cache"                      # a [sinks.<name>] of the config
+//! action = "invalidate"
+//! keys   = ["cart:{{ row.user_id }}"]
+//! ```
+//!
+//! Loading is pure and reports every problem with file:line:col.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::matcher::{OpSet, RelationPattern};
+use super::{BoundAction, Pipeline};
+use crate::change::{Name, Op};
+use crate::config::{Config, ConfigError};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    #[serde(default)]
+    name: Option<Spanned<String>>,
+    source: Spanned<String>,
+    #[serde(rename = "match")]
+    matches: Spanned<RawMatch>,
+    #[serde(default)]
+    filter: Option<Spanned<String>>,
+    #[serde(default)]
+    transform: Option<Spanned<String>>,
+    #[serde(default, rename = "sink")]
+    sinks: Vec<Spanned<toml::Table>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    relations: Vec<Spanned<String>>,
+    #[serde(default)]
+    ops: Option<Vec<Spanned<String>>>,
+}
+
+/// Every `*.toml` in `dir`, sorted, so load order (and error order) is stable.
+pub fn pipeline_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| ConfigError::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Load and compile every pipeline in the configured directory; all errors are collected.
+pub fn load_all(cfg: &Config) -> Result<Vec<Arc<Pipeline>>, ConfigError> {
+    let files = pipeline_files(&cfg.pipelines_dir)?;
+    let mut errors = Vec::new();
+    let mut out: Vec<Arc<Pipeline>> = Vec::new();
+    let mut names = BTreeSet::new();
+    for f in files {
+        match load_file(&f, cfg) {
+            Ok(p) => {
+                if !names.insert(p.name.to_string()) {
+                    errors.push(ConfigError::Invalid {
+                        what: f.display().to_string(),
+                        msg: format!("pipeline name {:?} is used by another file", p.name),
+                    });
+                }
+                out.push(Arc::new(p));
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    ConfigError::collect(errors)?;
+    Ok(out)
+}
+
+/// Load one pipeline file.
+pub fn load_file(path: &Path, cfg: &Config) -> Result<Pipeline, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    compile(path, &text, cfg)
+}
+
+/// Find where `needle` (a template or program) sits inside `text[span]`, for precise errors.
+fn locate(text: &str, span: std::ops::Range<usize>, needle: &str) -> usize {
+    let start = span.start.min(text.len());
+    let end = span.end.min(text.len()).max(start);
+    text[start..end]
+        .find(needle)
+        .map(|i| start + i)
+        .unwrap_or(start)
+}
+
+/// Compile pipeline text read from `path`.
+pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, ConfigError> {
+    let raw: RawPipeline =
+        toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, &e))?;
+    let at = |offset: usize, msg: String| ConfigError::at(path, text, offset, msg);
+    let mut errors = Vec::new();
+
+    let name = match &raw.name {
+        Some(n) => n.get_ref().clone(),
+        None => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        errors.push(at(
+            raw.name.as_ref().map(|n| n.span().start).unwrap_or(0),
+            format!("pipeline name {name:?} must be letters, digits, '_' or '-'"),
+        ));
+    }
+
+    let source = raw.source.get_ref();
+    if !cfg.sources.contains_key(source) {
+        let known: Vec<&str> = cfg.sources.keys().map(String::as_str).collect();
+        errors.push(at(
+            raw.source.span().start,
+            format!("unknown source {source:?}; the config defines {known:?}"),
+        ));
+    }
+
+    let mut relations = Vec::new();
+    if raw.matches.get_ref().relations.is_empty() {
+        errors.push(at(
+            raw.matches.span().start,
+            "match.relations is empty; name at least one relation".into(),
+        ));
+    }
+    for r in &raw.matches.get_ref().relations {
+        match RelationPattern::parse(r.get_ref()) {
+            Ok(p) => relations.push(p),
+            Err(m) => errors.push(at(r.span().start, m)),
+        }
+    }
+    let ops = match &raw.matches.get_ref().ops {
+        None => OpSet::ALL,
+        Some(list) => {
+            let mut ops = Vec::new();
+            for o in list {
+                match Op::parse(o.get_ref()) {
+                    Some(op) => ops.push(op),
+                    None => errors.push(at(
+                        o.span().start,
+                        format!(
+                            "unknown op {:?}; use insert, update, delete, truncate or read",
+                            o.get_ref()
+                        ),
+                    )),
+                }
+            }
+            OpSet::from_ops(ops)
+        }
+    };
+
+    for (what, prog) in [("filter", &raw.filter), ("transform", &raw.transform)] {
+        if let Some(p) = prog {
+            errors.push(at(
+                p.span().start,
+                format!("{what}: VRL programs are not supported by this build yet"),
+            ));
+        }
+    }
+
+    if raw.sinks.is_empty() {
+        errors.push(at(0, "pipeline has no [[sink]]; add at least one".into()));
+    }
+    let mut actions = Vec::new();
+    for (i, s) in raw.sinks.iter().enumerate() {
+        let span = s.span();
+        let table = s.get_ref().clone();
+        let Some(target) = table
+            .get("target")
+            .and_then(|t| t.as_str())
+            .map(str::to_string)
+        else {
+            errors.push(at(
+                span.start,
+                format!("sink #{}: target = \"<sink name>\" is required", i + 1),
+            ));
+            continue;
+        };
+        let Some(sink_cfg) = cfg.sinks.get(&target) else {
+            let known: Vec<&str> = cfg.sinks.keys().map(String::as_str).collect();
+            errors.push(at(
+                locate(text, span.clone(), &format!("\"{target}\"")),
+                format!(
+                    "sink #{}: unknown sink target {target:?}; the config defines {known:?}",
+                    i + 1
+                ),
+            ));
+            continue;
+        };
+        match sink_cfg.compile_action(&target, table.clone()) {
+            Ok(action) => actions.push(BoundAction {
+                target: Name::from(target.as_str()),
+                kind: sink_cfg.kind(),
+                action,
+                outputs: crate::telemetry::metrics()
+                    .pipeline_outputs
+                    .with_label_values(&[&name, &target]),
+            }),
+            Err(msg) => {
+                // Point at the offending template when the message quotes one.
+                let offset = msg
+                    .split('"')
+                    .nth(1)
+                    .map(|needle| locate(text, span.clone(), needle))
+                    .unwrap_or(span.start);
+                errors.push(at(offset, format!("sink #{} ({target}): {msg}", i + 1)));
+            }
+        }
+    }
+    ConfigError::collect(errors)?;
+    Ok(Pipeline {
+        name: Name::from(name.as_str()),
+        file: path.to_owned(),
+        source: Name::from(source.as_str()),
+        relations,
+        ops,
+        actions,
+    })
+}

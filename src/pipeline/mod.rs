@@ -1,0 +1,134 @@
+//! Pipelines: what each change matches, how it is reshaped, and which sink actions it feeds.
+//!
+//! Data flow: the source hands changes to the [`router::Router`], which hashes
+//! (relation, key) onto ordered lanes; each [`lane`] runs every matching pipeline for a change
+//! and pushes the resulting records into the sinks' lanes of the same index.
+
+pub mod lane;
+pub mod load;
+pub mod matcher;
+pub mod router;
+pub mod scope;
+pub mod template;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use matcher::{OpSet, RelationPattern};
+
+use crate::change::Name;
+use crate::sink::Action;
+use crate::sink::runner::SinkHandle;
+
+/// A compiled pipeline (no connections; `check` builds these too).
+pub struct Pipeline {
+    /// Unique name.
+    pub name: Name,
+    /// File it was loaded from.
+    pub file: PathBuf,
+    /// Source it reads.
+    pub source: Name,
+    /// Relations it matches.
+    pub relations: Vec<RelationPattern>,
+    /// Operations it matches.
+    pub ops: OpSet,
+    /// Sink actions, in file order.
+    pub actions: Vec<BoundAction>,
+}
+
+/// A sink action bound to its target name.
+pub struct BoundAction {
+    /// Sink target name.
+    pub target: Name,
+    /// Sink kind word.
+    pub kind: &'static str,
+    /// Compiled action.
+    pub action: Arc<dyn Action>,
+    /// Records produced, for `polysync_pipeline_outputs_total`.
+    pub outputs: prometheus::IntCounter,
+}
+
+impl Pipeline {
+    /// Does this pipeline take changes of `relation`?
+    pub fn matches_relation(&self, relation: &str) -> bool {
+        self.relations.iter().any(|p| p.matches(relation))
+    }
+
+    /// Exact relation names it lists (for publication set-up).
+    pub fn exact_relations(&self) -> impl Iterator<Item = &str> {
+        self.relations.iter().filter_map(|r| match r {
+            RelationPattern::Exact(s) => Some(s.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Human-readable plan lines for `polysync check`.
+    pub fn describe(&self) -> Vec<String> {
+        let rels: Vec<String> = self
+            .relations
+            .iter()
+            .map(|r| match r {
+                RelationPattern::Exact(s) => s.clone(),
+                RelationPattern::Prefix(p) => format!("{p}*"),
+                RelationPattern::All => "*".into(),
+            })
+            .collect();
+        let mut lines = vec![format!(
+            "pipeline {} ({}): source {} relations [{}] ops [{}]",
+            self.name,
+            self.file.display(),
+            self.source,
+            rels.join(", "),
+            self.ops.names().join(", ")
+        )];
+        for a in &self.actions {
+            lines.push(format!(
+                "  -> {} sink {}: {}",
+                a.kind,
+                a.target,
+                a.action.describe()
+            ));
+        }
+        lines
+    }
+}
+
+/// A pipeline with the running sinks its actions write to.
+pub struct RunningPipeline {
+    /// The definition.
+    pub def: Arc<Pipeline>,
+    /// One handle per action, same order.
+    pub sinks: Vec<Arc<SinkHandle>>,
+}
+
+/// The set of pipelines lanes run; swapped whole on reload.
+pub struct PipelineSet {
+    pipelines: Vec<RunningPipeline>,
+}
+
+impl PipelineSet {
+    /// A set from running pipelines.
+    pub fn new(pipelines: Vec<RunningPipeline>) -> PipelineSet {
+        PipelineSet { pipelines }
+    }
+
+    /// Pipelines in the set.
+    pub fn pipelines(&self) -> &[RunningPipeline] {
+        &self.pipelines
+    }
+
+    /// Indexes of pipelines matching (source, relation). Lanes cache the answer per relation.
+    pub fn matching(&self, source: &str, relation: &str) -> Vec<usize> {
+        self.pipelines
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| &*p.def.source == source && p.def.matches_relation(relation))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Pipeline by index (from [`PipelineSet::matching`]).
+    pub fn get(&self, i: usize) -> &RunningPipeline {
+        &self.pipelines[i]
+    }
+}

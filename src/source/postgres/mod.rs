@@ -1,0 +1,246 @@
+//! PostgreSQL / Aurora PostgreSQL source: streaming logical replication with the built-in
+//! `pgoutput` plugin (no server extension, works on Aurora with `rds.logical_replication=1`).
+//!
+//! Two connections: a normal one (tokio-postgres) for checks, slot/publication management,
+//! heartbeats and slot-lag readings, and a replication connection ([`replication`]) for the
+//! stream. The slot's `confirmed_flush_lsn` is the checkpoint: it advances only through the
+//! acknowledgement window, so a restart (or crash) resumes at the first change some sink had
+//! not applied.
+
+pub mod config;
+pub mod decode;
+pub mod replication;
+pub mod setup;
+pub mod stream;
+pub mod types;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio_util::sync::CancellationToken;
+
+pub use config::{ConnInfo, PostgresSourceConfig};
+use replication::ReplConnection;
+use setup::Catalog;
+use stream::{Session, StreamEnd};
+
+use super::SourceError;
+use crate::change::Name;
+use crate::pipeline::router::Emitter;
+use crate::telemetry::{Health, metrics};
+
+/// A configured PostgreSQL source, checked and ready to stream.
+pub struct PostgresSource {
+    name: Name,
+    cfg: PostgresSourceConfig,
+    info: ConnInfo,
+    catalog: Catalog,
+}
+
+impl PostgresSource {
+    /// Connect the SQL connection and run every start-up check (creating publication and
+    /// slot when allowed). `wanted` are the tables pipelines name; `columns` the columns their
+    /// templates read, by table, with the pipeline that reads them.
+    pub async fn prepare(
+        name: &str,
+        cfg: &PostgresSourceConfig,
+        wanted: &BTreeSet<String>,
+        columns: &BTreeMap<String, Vec<(String, String)>>,
+    ) -> Result<PostgresSource, SourceError> {
+        let info = cfg.validate(name).map_err(|e| SourceError::Setup {
+            source_name: name.into(),
+            msg: e.to_string(),
+        })?;
+        let mut tables = wanted.clone();
+        tables.extend(cfg.tables.iter().cloned());
+        let client = setup::connect_sql(&info, name).await?;
+        let catalog = setup::prepare(&client, name, cfg, &info, &tables).await?;
+        setup::check_columns(&catalog, columns).map_err(|msg| SourceError::Setup {
+            source_name: name.into(),
+            msg,
+        })?;
+        Ok(PostgresSource {
+            name: Name::from(name),
+            cfg: cfg.clone(),
+            info,
+            catalog,
+        })
+    }
+
+    /// Source name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Stream until `cancel`; reconnect with backoff after failures. Returns an error only for
+    /// problems a reconnect cannot fix (authentication, a dropped slot).
+    pub async fn run(
+        self,
+        emitter: Emitter,
+        health: Arc<Health>,
+        cancel: CancellationToken,
+        hard_stop: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let component = format!("source {}", self.name);
+        let connected = metrics().source_connected.with_label_values(&[&self.name]);
+        let reconnects = metrics().source_reconnects.with_label_values(&[&self.name]);
+        let maintenance = tokio::spawn(maintenance(
+            self.name.to_string(),
+            self.info.clone(),
+            self.cfg.slot.clone(),
+            self.cfg.heartbeat_interval(),
+            cancel.clone(),
+        ));
+        let new_backoff = || {
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(self.cfg.reconnect_max_delay())
+                .with_jitter()
+                .without_max_times()
+                .build()
+        };
+        let mut delays = new_backoff();
+        let publication = self.cfg.publication.clone();
+        let options = [
+            ("proto_version", "1"),
+            ("publication_names", publication.as_str()),
+        ];
+        let result = loop {
+            if cancel.is_cancelled() {
+                break Ok(());
+            }
+            let started = async {
+                ReplConnection::connect(&self.info)
+                    .await?
+                    .start_logical(&self.cfg.slot, 0, &options)
+                    .await
+            }
+            .await;
+            let mut stream = match started {
+                Ok(s) => s,
+                Err(e) if e.is_transient() => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(30));
+                    health.set(&component, Err(format!("connecting: {e}")));
+                    tracing::warn!(source = %self.name, error = %e, retry_in = ?delay, "replication connection failed; retrying");
+                    reconnects.inc();
+                    tokio::select! {
+                        _ = cancel.cancelled() => break Ok(()),
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+                Err(e) => {
+                    health.set(&component, Err(e.to_string()));
+                    break Err(SourceError::Stream {
+                        source_name: self.name.to_string(),
+                        msg: e.to_string(),
+                    });
+                }
+            };
+            tracing::info!(source = %self.name, endpoint = %self.info.endpoint(), slot = %self.cfg.slot, "streaming");
+            health.set(&component, Ok(()));
+            connected.set(1);
+            delays = new_backoff();
+            let mut session = Session::new(Arc::clone(&self.name), &self.catalog);
+            let end = stream::run_session(
+                &mut session,
+                &mut stream,
+                &emitter,
+                self.cfg.status_interval(),
+                &cancel,
+                &hard_stop,
+            )
+            .await;
+            connected.set(0);
+            match end {
+                StreamEnd::Stopped => {
+                    stream.close().await;
+                    break Ok(());
+                }
+                StreamEnd::Failed(e) if e.is_transient() => {
+                    health.set(&component, Err(format!("stream lost: {e}")));
+                    tracing::warn!(source = %self.name, error = %e, "replication stream lost; reconnecting (unconfirmed changes replay)");
+                }
+                StreamEnd::Failed(e) => {
+                    health.set(&component, Err(e.to_string()));
+                    break Err(SourceError::Stream {
+                        source_name: self.name.to_string(),
+                        msg: e.to_string(),
+                    });
+                }
+                StreamEnd::Corrupt(msg) => {
+                    health.set(&component, Err(msg.clone()));
+                    tracing::error!(source = %self.name, error = %msg, "could not interpret the replication stream; reconnecting from the last confirmed position");
+                    stream.close().await;
+                }
+            }
+            reconnects.inc();
+            let delay = delays.next().unwrap_or(Duration::from_secs(30));
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        };
+        maintenance.abort();
+        result
+    }
+}
+
+/// Heartbeats (so an idle database's slot advances) and slot-lag readings, on the SQL
+/// connection, reconnecting quietly when it drops.
+async fn maintenance(
+    name: String,
+    info: ConnInfo,
+    slot: String,
+    heartbeat: Duration,
+    cancel: CancellationToken,
+) {
+    let lag_gauge = metrics().pg_slot_lag.with_label_values(&[&name, &slot]);
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut heartbeat_tick = tokio::time::interval(heartbeat);
+    let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut heartbeat_enabled = true;
+    loop {
+        let beat = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = heartbeat_tick.tick() => true,
+            _ = lag_tick.tick() => false,
+        };
+        if beat && !heartbeat_enabled {
+            continue;
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = setup::connect_sql(&info, &name).await.ok();
+        }
+        let Some(c) = &client else { continue };
+        if beat {
+            if let Err(e) = c
+                .execute(
+                    "SELECT pg_logical_emit_message(false, 'polysync.heartbeat', '')",
+                    &[],
+                )
+                .await
+            {
+                if e.code().map(|c| c.code()) == Some("42501") {
+                    heartbeat_enabled = false;
+                    tracing::warn!(source = %name, "heartbeat disabled: the role may not call pg_logical_emit_message ({}); an idle database's slot then advances only with other WAL traffic", setup::pg_error_text(&e));
+                } else {
+                    client = None;
+                }
+            }
+        } else {
+            match c
+                .query_opt(
+                    "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+            {
+                Ok(Some(row)) => lag_gauge.set(row.get::<_, Option<i64>>(0).unwrap_or(0)),
+                Ok(None) => tracing::error!(source = %name, slot = %slot, "replication slot no longer exists"),
+                Err(_) => client = None,
+            }
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! Start-up checks and set-up on the normal connection: `wal_level`, privileges, the
+//! publication, the slot, replica identities and the columns pipelines name. Each refusal says
+//! exactly what is missing and how to fix it, because the person reading it is about to edit a
+//! parameter group or run one SQL statement.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use tokio_postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::SourceError;
+use super::config::{ConnInfo, PostgresSourceConfig};
+use crate::tls::TlsMode;
+
+/// Connect the normal (SQL) connection; its driver task runs in the background.
+pub async fn connect_sql(info: &ConnInfo, source: &str) -> Result<Client, SourceError> {
+    let cfg = info.tokio_config();
+    let net = |e: tokio_postgres::Error| SourceError::Connect {
+        source_name: source.to_string(),
+        endpoint: info.endpoint(),
+        msg: pg_error_text(&e),
+        transient: is_transient_pg(&e),
+    };
+    if info.tls == TlsMode::Disable {
+        let (client, conn) = cfg.connect(NoTls).await.map_err(net)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    } else {
+        let tls = crate::tls::client_config(info.tls, info.ca_file.as_deref())
+            .map_err(|e| SourceError::Connect {
+                source_name: source.to_string(),
+                endpoint: info.endpoint(),
+                msg: e.to_string(),
+                transient: false,
+            })?
+            .expect("mode is not disable");
+        let (client, conn) = cfg
+            .connect(MakeRustlsConnect::new(tls))
+            .await
+            .map_err(net)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+}
+
+/// The server's message (with detail) rather than tokio-postgres's generic "db error".
+pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!(" ({d})"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!(" hint: {h}"));
+            }
+            s
+        }
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s.push_str(&format!(": {inner}"));
+                src = inner.source();
+            }
+            s
+        }
+    }
+}
+
+/// Network-ish failures heal; SQL errors about privileges or objects do not.
+pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => true,
+        Some(c) => {
+            let c = c.code();
+            c.starts_with("08")
+                || c.starts_with("57P")
+                || c == "53300"
+                || c == "40001"
+                || c == "40P01"
+        }
+    }
+}
+
+/// What start-up learned about the published tables.
+#[derive(Debug, Default, Clone)]
+pub struct Catalog {
+    /// Type OID → name, for values kept as text with their type name.
+    pub type_names: HashMap<u32, String>,
+    /// `schema.table` → primary-key columns (used as the key of REPLICA IDENTITY FULL tables).
+    pub primary_keys: HashMap<String, Vec<String>>,
+    /// `schema.table` → columns.
+    pub columns: HashMap<String, Vec<String>>,
+    /// Published tables.
+    pub published: BTreeSet<String>,
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// `schema.table` → `"schema"."table"`.
+pub fn quote_relation(rel: &str) -> String {
+    match rel.split_once('.') {
+        Some((s, t)) => format!("{}.{}", quote_ident(s), quote_ident(t)),
+        None => quote_ident(rel),
+    }
+}
+
+/// Check (and, with `create_if_missing`, create) everything the stream needs.
+///
+/// `wanted` are the exact relations the pipelines name (plus `tables` from the config);
+/// `patterns` are wildcard prefixes the pipelines use, checked against what is published.
+pub async fn prepare(
+    client: &Client,
+    name: &str,
+    cfg: &PostgresSourceConfig,
+    info: &ConnInfo,
+    wanted: &BTreeSet<String>,
+) -> Result<Catalog, SourceError> {
+    let refuse = |msg: String| SourceError::Setup {
+        source_name: name.to_string(),
+        msg,
+    };
+    let sql = |e: tokio_postgres::Error| SourceError::Setup {
+        source_name: name.to_string(),
+        msg: pg_error_text(&e),
+    };
+
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(sql)?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(refuse(format!(
+            "wal_level is {wal_level:?} on {}; logical replication needs wal_level=logical (self-managed: set it in postgresql.conf and restart; RDS/Aurora: set rds.logical_replication=1 in the parameter group and reboot)",
+            info.endpoint()
+        )));
+    }
+
+    let row = client
+        .query_one(
+            "SELECT r.rolsuper OR r.rolreplication \
+                 OR EXISTS (SELECT 1 FROM pg_roles g WHERE g.rolname = 'rds_replication' AND pg_has_role(r.oid, g.oid, 'member')) \
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(sql)?;
+    if !row.get::<_, bool>(0) {
+        return Err(refuse(format!(
+            "role {:?} cannot stream changes: it needs REPLICATION (ALTER ROLE {} REPLICATION; on RDS/Aurora: GRANT rds_replication TO {})",
+            info.user,
+            quote_ident(&info.user),
+            quote_ident(&info.user)
+        )));
+    }
+
+    // Tables that must exist.
+    let mut missing_tables = Vec::new();
+    for t in wanted {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quote_relation(t)])
+            .await
+            .map_err(sql)?
+            .get(0);
+        if !exists {
+            missing_tables.push(t.clone());
+        }
+    }
+    if !missing_tables.is_empty() {
+        return Err(refuse(format!(
+            "tables named by pipelines do not exist in database {:?}: {}",
+            info.dbname,
+            missing_tables.join(", ")
+        )));
+    }
+
+    // Publication.
+    let publication = &cfg.publication;
+    let pub_row = client
+        .query_opt(
+            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(sql)?;
+    match pub_row {
+        None if cfg.create_if_missing => {
+            if wanted.is_empty() {
+                return Err(refuse(format!(
+                    "publication {publication:?} does not exist and no table is named to create it with; list tables in the source's tables = [...] or in a pipeline's match.relations"
+                )));
+            }
+            let list: Vec<String> = wanted.iter().map(|t| quote_relation(t)).collect();
+            client
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    quote_ident(publication),
+                    list.join(", ")
+                ))
+                .await
+                .map_err(sql)?;
+            tracing::info!(source = name, publication = %publication, tables = %list.join(", "), "created publication");
+        }
+        None => {
+            return Err(refuse(format!(
+                "publication {publication:?} does not exist in database {:?}; create it (CREATE PUBLICATION {} FOR TABLE {}) or set create_if_missing = true",
+                info.dbname,
+                quote_ident(publication),
+                wanted
+                    .iter()
+                    .map(|t| quote_relation(t))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Some(r) => {
+            let all_tables: bool = r.get(0);
+            if !all_tables {
+                let published: BTreeSet<String> = client
+                    .query(
+                        "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+                        &[publication],
+                    )
+                    .await
+                    .map_err(sql)?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let missing: Vec<&String> =
+                    wanted.iter().filter(|t| !published.contains(*t)).collect();
+                if !missing.is_empty() {
+                    if cfg.create_if_missing {
+                        let list: Vec<String> = missing.iter().map(|t| quote_relation(t)).collect();
+                        client
+                            .batch_execute(&format!(
+                                "ALTER PUBLICATION {} ADD TABLE {}",
+                                quote_ident(publication),
+                                list.join(", ")
+                            ))
+                            .await
+                            .map_err(sql)?;
+                        tracing::info!(source = name, publication = %publication, tables = %list.join(", "), "added tables to publication");
+                    } else {
+                        return Err(refuse(format!(
+                            "publication {publication:?} does not include {}; ALTER PUBLICATION {} ADD TABLE {} (or set create_if_missing = true)",
+                            missing
+                                .iter()
+                                .map(|s| s.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            quote_ident(publication),
+                            missing
+                                .iter()
+                                .map(|t| quote_relation(t))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    let mut catalog = Catalog::default();
+    catalog.published = client
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(sql)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    // Replica identity: updates and deletes of a table with neither a primary key nor
+    // REPLICA IDENTITY FULL/INDEX carry no key, so they could not be routed or applied.
+    let rows = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, c.relreplident::text, \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) \
+             FROM pg_publication_tables pt \
+             JOIN pg_namespace n ON n.nspname = pt.schemaname \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
+             WHERE pt.pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(sql)?;
+    let mut keyless = Vec::new();
+    for r in &rows {
+        let table: String = r.get(0);
+        let ident: String = r.get(1);
+        let has_pk: bool = r.get(2);
+        let has_ident_index: bool = r.get(3);
+        let ok = match ident.as_str() {
+            "f" => true,
+            "i" => has_ident_index,
+            "d" => has_pk,
+            _ => false,
+        };
+        if !ok {
+            keyless.push(table);
+        }
+    }
+    if !keyless.is_empty() {
+        keyless.sort();
+        return Err(refuse(format!(
+            "published tables without a primary key or REPLICA IDENTITY FULL: {} (their updates and deletes carry no key; add a primary key or ALTER TABLE … REPLICA IDENTITY FULL)",
+            keyless.join(", ")
+        )));
+    }
+
+    for r in client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, a.attname \
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
+             WHERE i.indisprimary AND (n.nspname || '.' || c.relname) = ANY($1) ORDER BY 1, k.ord",
+            &[&catalog.published.iter().cloned().collect::<Vec<_>>()],
+        )
+        .await
+        .map_err(sql)?
+    {
+        catalog.primary_keys.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    for r in client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, a.attname FROM pg_attribute a \
+             JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE a.attnum > 0 AND NOT a.attisdropped AND (n.nspname || '.' || c.relname) = ANY($1) ORDER BY 1, a.attnum",
+            &[&catalog.published.iter().cloned().collect::<Vec<_>>()],
+        )
+        .await
+        .map_err(sql)?
+    {
+        catalog.columns.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    for r in client
+        .query("SELECT oid, typname::text FROM pg_type", &[])
+        .await
+        .map_err(sql)?
+    {
+        let oid: u32 = r.get(0);
+        catalog.type_names.insert(oid, r.get(1));
+    }
+
+    // Slot.
+    let slot = &cfg.slot;
+    let slot_row = client
+        .query_opt(
+            "SELECT plugin, database, slot_type FROM pg_replication_slots WHERE slot_name = $1",
+            &[slot],
+        )
+        .await
+        .map_err(sql)?;
+    match slot_row {
+        None if cfg.create_if_missing => {
+            client
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[slot],
+                )
+                .await
+                .map_err(sql)?;
+            tracing::info!(source = name, slot = %slot, "created replication slot");
+        }
+        None => {
+            return Err(refuse(format!(
+                "replication slot {slot:?} does not exist; create it (SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')) or set create_if_missing = true"
+            )));
+        }
+        Some(r) => {
+            let plugin: Option<String> = r.get(0);
+            let database: Option<String> = r.get(1);
+            let kind: String = r.get(2);
+            if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
+                return Err(refuse(format!(
+                    "slot {slot:?} is a {kind} slot with plugin {plugin:?}; polysync needs a logical slot with pgoutput"
+                )));
+            }
+            if database.as_deref() != Some(info.dbname.as_str()) {
+                return Err(refuse(format!(
+                    "slot {slot:?} belongs to database {database:?}, not {:?}",
+                    info.dbname
+                )));
+            }
+        }
+    }
+    Ok(catalog)
+}
+
+/// Check that the columns templates name exist (for pipelines without a transform), so a typo
+/// is a start-up error rather than a dead letter per change.
+pub fn check_columns(
+    catalog: &Catalog,
+    checks: &BTreeMap<String, Vec<(String, String)>>,
+) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for (relation, fields) in checks {
+        let Some(cols) = catalog.columns.get(relation) else {
+            continue;
+        };
+        for (pipeline, column) in fields {
+            if !cols.iter().any(|c| c == column) {
+                problems.push(format!(
+                    "pipeline {pipeline}: table {relation} has no column {column:?} (columns: {})",
+                    cols.join(", ")
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}

@@ -1,0 +1,420 @@
+//! The streaming loop: pgoutput messages → [`Change`]s → lanes, with standby status updates
+//! that confirm only what every sink has applied.
+//!
+//! Confirmation rules (DESIGN.md §1, §3):
+//! * a transaction's `end_lsn` becomes confirmable when every change issued before its Commit
+//!   is applied or dead-lettered (a window mark);
+//! * a keepalive received between transactions marks its `wal_end`: everything the server
+//!   decoded up to there has been received, so once the changes before it are applied, WAL up
+//!   to there is no longer needed. This is what keeps writes to unpublished tables (or other
+//!   databases) from pinning WAL on an idle slot.
+//!
+//! While the lanes are full the loop keeps answering the server (status updates on their
+//! interval and whenever a keepalive asks), so backpressure never trips `wal_sender_timeout`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use super::decode::{PgOutput, TupleValue, decode};
+use super::replication::{PG_EPOCH_OFFSET_MICROS, ReplMessage, ReplicationStream};
+use super::setup::Catalog;
+use super::types::text_to_value;
+use crate::change::{Change, Name, Op, Position, Row, Version};
+use crate::pipeline::router::Emitter;
+use crate::telemetry::metrics;
+
+/// Why the stream loop returned.
+#[derive(Debug)]
+pub enum StreamEnd {
+    /// Shutdown requested; everything in flight was drained (or the hard stop fired).
+    Stopped,
+    /// The connection failed; reconnect.
+    Failed(super::replication::ReplError),
+    /// A message could not be decoded or made sense of; reconnecting replays from the last
+    /// confirmed position, so nothing is skipped.
+    Corrupt(String),
+}
+
+struct Column {
+    name: Name,
+    type_oid: u32,
+    type_name: Arc<str>,
+}
+
+struct Relation {
+    name: Name,
+    columns: Vec<Column>,
+    key: Vec<usize>,
+    counter: prometheus::IntCounter,
+}
+
+struct Tx {
+    final_lsn: u64,
+    commit_time: Option<DateTime<Utc>>,
+    xid: u32,
+    seq: u32,
+}
+
+/// State of one streaming session.
+pub struct Session<'a> {
+    source: Name,
+    catalog: &'a Catalog,
+    relations: HashMap<u32, Relation>,
+    custom_types: HashMap<u32, Arc<str>>,
+    tx: Option<Tx>,
+    pending: VecDeque<Change>,
+    received: u64,
+}
+
+fn pg_time(micros: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(micros + PG_EPOCH_OFFSET_MICROS)
+}
+
+impl<'a> Session<'a> {
+    /// A fresh session (relation cache empty: the server re-sends Relation messages).
+    pub fn new(source: Name, catalog: &'a Catalog) -> Session<'a> {
+        Session {
+            source,
+            catalog,
+            relations: HashMap::new(),
+            custom_types: HashMap::new(),
+            tx: None,
+            pending: VecDeque::new(),
+            received: 0,
+        }
+    }
+
+    fn row(
+        &self,
+        rel: &Relation,
+        tuple: &[TupleValue],
+        only_key: bool,
+    ) -> Result<(Row, Vec<Name>), String> {
+        if tuple.len() != rel.columns.len() {
+            return Err(format!(
+                "{}: tuple has {} columns, relation has {}",
+                rel.name,
+                tuple.len(),
+                rel.columns.len()
+            ));
+        }
+        let mut row = Row::with_capacity(if only_key { rel.key.len() } else { tuple.len() });
+        let mut unchanged = Vec::new();
+        for (i, (col, v)) in rel.columns.iter().zip(tuple).enumerate() {
+            if only_key && !rel.key.contains(&i) {
+                continue;
+            }
+            match v {
+                TupleValue::Null => row.push(Arc::clone(&col.name), crate::change::Value::Null),
+                TupleValue::Unchanged => unchanged.push(Arc::clone(&col.name)),
+                TupleValue::Text(t) | TupleValue::Binary(t) => row.push(
+                    Arc::clone(&col.name),
+                    text_to_value(col.type_oid, &col.type_name, t),
+                ),
+            }
+        }
+        Ok((row, unchanged))
+    }
+
+    fn key_of(rel: &Relation, row: &Row) -> Row {
+        rel.key
+            .iter()
+            .filter_map(|&i| {
+                let n = &rel.columns[i].name;
+                row.get(n).map(|v| (Arc::clone(n), v.clone()))
+            })
+            .collect()
+    }
+
+    fn change(
+        &mut self,
+        rel_oid: u32,
+        op: Op,
+        key: Row,
+        before: Option<Row>,
+        after: Option<Row>,
+        unchanged: Vec<Name>,
+    ) -> Result<Change, String> {
+        let rel = self
+            .relations
+            .get(&rel_oid)
+            .ok_or_else(|| format!("change for unknown relation oid {rel_oid}"))?;
+        let tx = self.tx.as_mut().ok_or("change outside a transaction")?;
+        rel.counter.inc();
+        let seq = tx.seq;
+        tx.seq += 1;
+        Ok(Change {
+            source: Arc::clone(&self.source),
+            relation: Arc::clone(&rel.name),
+            op,
+            key,
+            before,
+            after,
+            unchanged,
+            position: Position::Pg {
+                commit_lsn: tx.final_lsn,
+                seq,
+            },
+            version: Version::from_u64(tx.final_lsn),
+            commit_time: tx.commit_time,
+            tx: Some(tx.xid),
+            origin: None,
+        })
+    }
+
+    /// Apply one pgoutput message; changes are queued in `pending`. Returns the commit's
+    /// end LSN when the message was a Commit.
+    fn handle(&mut self, msg: PgOutput) -> Result<Option<u64>, String> {
+        match msg {
+            PgOutput::Begin {
+                final_lsn,
+                commit_time,
+                xid,
+            } => {
+                let commit_time = pg_time(commit_time);
+                if let Some(t) = commit_time {
+                    let lag = (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
+                    metrics()
+                        .source_lag
+                        .with_label_values(&[&self.source])
+                        .set(lag);
+                }
+                self.tx = Some(Tx {
+                    final_lsn,
+                    commit_time,
+                    xid,
+                    seq: 0,
+                });
+            }
+            PgOutput::Commit { end_lsn, .. } => {
+                self.tx = None;
+                return Ok(Some(end_lsn));
+            }
+            PgOutput::Origin { .. } | PgOutput::Message { .. } => {}
+            PgOutput::Type {
+                oid,
+                namespace,
+                name,
+            } => {
+                let full = if namespace == "pg_catalog" || namespace == "public" {
+                    name
+                } else {
+                    format!("{namespace}.{name}")
+                };
+                self.custom_types.insert(oid, Arc::from(full));
+            }
+            PgOutput::Relation {
+                oid,
+                namespace,
+                name,
+                columns: cols,
+                replica_identity,
+            } => {
+                let full = format!("{namespace}.{name}");
+                let mut flagged = Vec::new();
+                let columns: Vec<Column> = cols
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        if c.is_key {
+                            flagged.push(i);
+                        }
+                        let type_name: Arc<str> = self
+                            .custom_types
+                            .get(&c.type_oid)
+                            .cloned()
+                            .or_else(|| {
+                                self.catalog
+                                    .type_names
+                                    .get(&c.type_oid)
+                                    .map(|s| Arc::from(s.as_str()))
+                            })
+                            .unwrap_or_else(|| Arc::from(format!("oid {}", c.type_oid)));
+                        Column {
+                            name: Name::from(c.name),
+                            type_oid: c.type_oid,
+                            type_name,
+                        }
+                    })
+                    .collect();
+                // The key is the replica identity, except for REPLICA IDENTITY FULL, where
+                // every column is flagged and the primary key (if any) is the meaningful key.
+                let key = match (replica_identity, self.catalog.primary_keys.get(&full)) {
+                    (b'f', Some(pk)) => {
+                        let pos: Vec<usize> = pk
+                            .iter()
+                            .filter_map(|k| columns.iter().position(|c| &*c.name == k))
+                            .collect();
+                        if pos.len() == pk.len() { pos } else { flagged }
+                    }
+                    _ => flagged,
+                };
+                let counter = metrics()
+                    .source_changes
+                    .with_label_values(&[&*self.source, full.as_str()]);
+                self.relations.insert(
+                    oid,
+                    Relation {
+                        name: Name::from(full),
+                        columns,
+                        key,
+                        counter,
+                    },
+                );
+                return Ok(None);
+            }
+            PgOutput::Insert { relation, new } => {
+                let rel = self
+                    .relations
+                    .get(&relation)
+                    .ok_or_else(|| format!("insert for unknown relation oid {relation}"))?;
+                let (after, unchanged) = self.row(rel, &new, false)?;
+                let key = Self::key_of(rel, &after);
+                let c = self.change(relation, Op::Insert, key, None, Some(after), unchanged)?;
+                self.pending.push_back(c);
+            }
+            PgOutput::Update { relation, old, new } => {
+                let rel = self
+                    .relations
+                    .get(&relation)
+                    .ok_or_else(|| format!("update for unknown relation oid {relation}"))?;
+                let (after, unchanged) = self.row(rel, &new, false)?;
+                let before = match &old {
+                    Some((kind, tuple)) => Some(self.row(rel, tuple, *kind == b'K')?.0),
+                    None => None,
+                };
+                let mut key = Self::key_of(rel, &after);
+                if key.len() < rel.key.len() {
+                    // A key column TOAST-unchanged in the new tuple: take it from the old one.
+                    if let Some(b) = &before {
+                        key = Self::key_of(rel, b);
+                    }
+                }
+                let c = self.change(relation, Op::Update, key, before, Some(after), unchanged)?;
+                self.pending.push_back(c);
+            }
+            PgOutput::Delete {
+                relation,
+                old: (kind, tuple),
+            } => {
+                let rel = self
+                    .relations
+                    .get(&relation)
+                    .ok_or_else(|| format!("delete for unknown relation oid {relation}"))?;
+                let (before, _) = self.row(rel, &tuple, kind == b'K')?;
+                let key = Self::key_of(rel, &before);
+                let c = self.change(relation, Op::Delete, key, Some(before), None, Vec::new())?;
+                self.pending.push_back(c);
+            }
+            PgOutput::Truncate { relations, .. } => {
+                for r in relations {
+                    let c = self.change(r, Op::Truncate, Row::default(), None, None, Vec::new())?;
+                    self.pending.push_back(c);
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Run one streaming session until shutdown or failure.
+pub async fn run_session(
+    session: &mut Session<'_>,
+    stream: &mut ReplicationStream,
+    emitter: &Emitter,
+    status_interval: Duration,
+    cancel: &CancellationToken,
+    hard_stop: &CancellationToken,
+) -> StreamEnd {
+    let window = Arc::clone(emitter.window());
+    let mut status = tokio::time::interval(status_interval);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let source = session.source.to_string();
+    let confirmed_gauge = metrics().pg_confirmed_lsn.with_label_values(&[&source]);
+    let in_flight = metrics().in_flight.with_label_values(&[&source]);
+    let mut last_sent = u64::MAX;
+    let mut pending_mark: Option<u64> = None;
+    macro_rules! send_status {
+        ($reply:expr) => {{
+            let flush = window.confirmed();
+            if flush != last_sent || $reply {
+                tracing::trace!(flush = %crate::change::Lsn(flush), in_flight = window.in_flight(), "status update");
+                if let Err(e) = stream.send_status(session.received.max(flush), flush, false).await {
+                    return StreamEnd::Failed(e);
+                }
+                last_sent = flush;
+                confirmed_gauge.set(flush as i64);
+            }
+            in_flight.set(window.in_flight() as i64);
+        }};
+    }
+    loop {
+        // Hand queued changes to the lanes, answering the server while we wait for room.
+        while let Some(change) = session.pending.pop_front() {
+            let lane = emitter.lane_of(&change);
+            let reserved = loop {
+                tokio::select! {
+                    biased;
+                    _ = hard_stop.cancelled() => return StreamEnd::Stopped,
+                    r = emitter.reserve(lane) => break r,
+                    _ = status.tick() => send_status!(false),
+                }
+            };
+            match reserved {
+                Ok(r) => r.send(change),
+                Err(_) => return StreamEnd::Stopped,
+            }
+        }
+        // A Commit's end LSN is confirmable once the changes issued before it are applied.
+        if let Some(end_lsn) = pending_mark.take() {
+            tracing::trace!(end_lsn = %crate::change::Lsn(end_lsn), issued_in_flight = window.in_flight(), "commit mark");
+            window.mark(end_lsn);
+        }
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = status.tick() => send_status!(false),
+            msg = stream.recv() => match msg {
+                Err(e) => return StreamEnd::Failed(e),
+                Ok(ReplMessage::Keepalive { wal_end, reply_requested }) => {
+                    session.received = session.received.max(wal_end);
+                    tracing::trace!(wal_end = %crate::change::Lsn(wal_end), in_tx = session.tx.is_some(), "keepalive");
+                    if session.tx.is_none() {
+                        // Between transactions: everything decoded before wal_end is received.
+                        window.mark(wal_end);
+                    }
+                    if reply_requested {
+                        send_status!(true);
+                    }
+                }
+                Ok(ReplMessage::XLogData { wal_end, data, .. }) => {
+                    session.received = session.received.max(wal_end);
+                    let decoded = match decode(data) {
+                        Ok(m) => m,
+                        Err(e) => return StreamEnd::Corrupt(e.to_string()),
+                    };
+                    match session.handle(decoded) {
+                        Ok(end) => pending_mark = end,
+                        Err(e) => return StreamEnd::Corrupt(e),
+                    }
+                }
+            },
+        }
+    }
+    // Shutdown: stop reading, wait for what is in flight, confirm it.
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            _ = hard_stop.cancelled() => break,
+            _ = poll.tick() => if window.in_flight() == 0 { break },
+            _ = status.tick() => send_status!(false),
+        }
+    }
+    send_status!(true);
+    tracing::info!(source = %source, confirmed = %crate::change::Lsn(last_sent), "replication stream drained");
+    StreamEnd::Stopped
+}

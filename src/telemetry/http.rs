@@ -1,0 +1,69 @@
+//! The HTTP listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+use super::health::Health;
+use super::metrics::metrics;
+
+/// Liveness fails when the event loop has not ticked for this long.
+const STALL: Duration = Duration::from_secs(10);
+
+/// Bind the listener (so a port clash fails start-up) and serve until `cancel`.
+pub async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = Router::new()
+        .route("/metrics", get(|| async { metrics().render() }))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(Arc::clone(&health));
+    let ticker = {
+        let health = Arc::clone(&health);
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = t.tick() => health.beat(),
+                }
+            }
+        })
+    };
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await;
+        ticker.abort();
+    }))
+}
+
+async fn healthz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
+    let since = h.since_beat();
+    if since > STALL {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("event loop stalled for {since:?}\n"),
+        )
+    } else {
+        (StatusCode::OK, "ok\n".into())
+    }
+}
+
+async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
+    match h.readiness() {
+        Ok(body) => (StatusCode::OK, body + "\n"),
+        Err(body) => (StatusCode::SERVICE_UNAVAILABLE, body + "\n"),
+    }
+}

@@ -1,0 +1,260 @@
+//! Every metric polysync exports, in one place, with the names documented in the README.
+//!
+//! Naming follows Prometheus conventions: `polysync_` prefix, base units, `_total` for counters,
+//! `_seconds`, `_bytes`. Labels are bounded: source, relation, pipeline, sink and small fixed
+//! enums. Never a key, an error message or anything per row.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Metric names, so tests and docs refer to the same strings.
+pub mod names {
+    #![allow(missing_docs)]
+    pub const BUILD_INFO: &str = "polysync_build_info";
+    pub const SOURCE_CHANGES: &str = "polysync_source_changes_total";
+    pub const SOURCE_LAG: &str = "polysync_source_lag_seconds";
+    pub const SOURCE_CONNECTED: &str = "polysync_source_connected";
+    pub const SOURCE_RECONNECTS: &str = "polysync_source_reconnects_total";
+    pub const PG_SLOT_LAG: &str = "polysync_pg_slot_lag_bytes";
+    pub const PG_CONFIRMED_LSN: &str = "polysync_pg_confirmed_flush_lsn";
+    pub const IN_FLIGHT: &str = "polysync_in_flight_changes";
+    pub const PIPELINE_OUTPUTS: &str = "polysync_pipeline_outputs_total";
+    pub const SINK_RECORDS: &str = "polysync_sink_records_total";
+    pub const SINK_REQUEST_DURATION: &str = "polysync_sink_request_duration_seconds";
+    pub const SINK_BATCH_SIZE: &str = "polysync_sink_batch_records";
+    pub const SINK_RETRIES: &str = "polysync_sink_retries_total";
+    pub const SINK_ERRORS: &str = "polysync_sink_errors_total";
+    pub const SINK_UP: &str = "polysync_sink_up";
+    pub const END_TO_END_LAG: &str = "polysync_end_to_end_lag_seconds";
+    pub const DLQ_ENTRIES: &str = "polysync_dlq_entries_total";
+    pub const DLQ_BYTES: &str = "polysync_dlq_bytes";
+    pub const DLQ_WRITE_FAILURES: &str = "polysync_dlq_write_failures_total";
+    pub const CONFIG_RELOADS: &str = "polysync_config_reloads_total";
+}
+
+/// The registry and every family.
+pub struct Metrics {
+    /// Registry served on `/metrics`.
+    pub registry: Registry,
+    /// Build information (value 1, version label).
+    pub build_info: IntGaugeVec,
+    /// Changes read, by source and relation.
+    pub source_changes: IntCounterVec,
+    /// Seconds between now and the commit time of the last change seen, by source.
+    pub source_lag: prometheus::GaugeVec,
+    /// 1 while the source's stream is connected.
+    pub source_connected: IntGaugeVec,
+    /// Reconnects after a dropped stream.
+    pub source_reconnects: IntCounterVec,
+    /// Server WAL position minus the slot's confirmed_flush_lsn.
+    pub pg_slot_lag: IntGaugeVec,
+    /// Last LSN polysync confirmed to the server.
+    pub pg_confirmed_lsn: IntGaugeVec,
+    /// Changes read but not yet applied by every sink.
+    pub in_flight: IntGaugeVec,
+    /// Sink records produced, by pipeline and sink.
+    pub pipeline_outputs: IntCounterVec,
+    /// Records finished by a sink, by result (`applied`, `dead_lettered`).
+    pub sink_records: IntCounterVec,
+    /// Duration of one sink request (a batch).
+    pub sink_request_duration: HistogramVec,
+    /// Records per sink request.
+    pub sink_batch_size: HistogramVec,
+    /// Retries, by sink and kind (`request`, `item`).
+    pub sink_retries: IntCounterVec,
+    /// Errors, by sink and kind (`transient`, `rejected`, `dlq`).
+    pub sink_errors: IntCounterVec,
+    /// 1 when the sink answered its last request or health check.
+    pub sink_up: IntGaugeVec,
+    /// Source commit → sink acknowledgement, by pipeline.
+    pub end_to_end_lag: HistogramVec,
+    /// DLQ entries written, by pipeline and sink.
+    pub dlq_entries: IntCounterVec,
+    /// Bytes held in DLQ files.
+    pub dlq_bytes: IntGauge,
+    /// DLQ writes that failed (the change was not acknowledged).
+    pub dlq_write_failures: IntCounter,
+    /// Config reloads by result (`ok`, `error`).
+    pub config_reloads: IntCounterVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        use names::*;
+        let r = Registry::new();
+        let latency = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0, 300.0,
+        ];
+        let source_lag = prometheus::GaugeVec::new(
+            Opts::new(
+                SOURCE_LAG,
+                "Seconds between now and the commit time of the newest change read",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(source_lag.clone()))
+            .expect("unique metric");
+        let dlq_bytes =
+            IntGauge::new(DLQ_BYTES, "Bytes held in dead-letter files").expect("valid metric");
+        r.register(Box::new(dlq_bytes.clone()))
+            .expect("unique metric");
+        let dlq_write_failures = IntCounter::new(
+            DLQ_WRITE_FAILURES,
+            "Dead-letter writes that failed; the change was not acknowledged",
+        )
+        .expect("valid metric");
+        r.register(Box::new(dlq_write_failures.clone()))
+            .expect("unique metric");
+        let m = Metrics {
+            build_info: gauge(&r, BUILD_INFO, "Build information", &["version"]),
+            source_changes: counter(
+                &r,
+                SOURCE_CHANGES,
+                "Changes read from a source",
+                &["source", "relation"],
+            ),
+            source_lag,
+            source_connected: gauge(
+                &r,
+                SOURCE_CONNECTED,
+                "1 while the source stream is connected",
+                &["source"],
+            ),
+            source_reconnects: counter(
+                &r,
+                SOURCE_RECONNECTS,
+                "Source stream reconnects",
+                &["source"],
+            ),
+            pg_slot_lag: gauge(
+                &r,
+                PG_SLOT_LAG,
+                "Server WAL position minus the slot's confirmed_flush_lsn",
+                &["source", "slot"],
+            ),
+            pg_confirmed_lsn: gauge(
+                &r,
+                PG_CONFIRMED_LSN,
+                "Last LSN confirmed to the server as applied",
+                &["source"],
+            ),
+            in_flight: gauge(
+                &r,
+                IN_FLIGHT,
+                "Changes read but not yet applied by every sink",
+                &["source"],
+            ),
+            pipeline_outputs: counter(
+                &r,
+                PIPELINE_OUTPUTS,
+                "Sink records produced by a pipeline",
+                &["pipeline", "sink"],
+            ),
+            sink_records: counter(
+                &r,
+                SINK_RECORDS,
+                "Records finished by a sink",
+                &["sink", "result"],
+            ),
+            sink_request_duration: histogram(
+                &r,
+                SINK_REQUEST_DURATION,
+                "Duration of one sink request (a batch)",
+                &["sink"],
+                latency.clone(),
+            ),
+            sink_batch_size: histogram(
+                &r,
+                SINK_BATCH_SIZE,
+                "Records per sink request",
+                &["sink"],
+                vec![
+                    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
+                ],
+            ),
+            sink_retries: counter(&r, SINK_RETRIES, "Sink retries", &["sink", "kind"]),
+            sink_errors: counter(&r, SINK_ERRORS, "Sink errors", &["sink", "kind"]),
+            sink_up: gauge(
+                &r,
+                SINK_UP,
+                "1 when the sink answered its last request or check",
+                &["sink"],
+            ),
+            end_to_end_lag: histogram(
+                &r,
+                END_TO_END_LAG,
+                "Source commit to sink acknowledgement",
+                &["pipeline"],
+                latency,
+            ),
+            dlq_entries: counter(
+                &r,
+                DLQ_ENTRIES,
+                "Dead-letter entries written",
+                &["pipeline", "sink"],
+            ),
+            dlq_bytes,
+            dlq_write_failures,
+            config_reloads: counter(
+                &r,
+                CONFIG_RELOADS,
+                "Pipeline/config reloads by result",
+                &["result"],
+            ),
+            registry: r,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        m
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// End-to-end lag histogram for a pipeline.
+    pub fn lag_for(&self, pipeline: &str) -> Histogram {
+        self.end_to_end_lag.with_label_values(&[pipeline])
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(Metrics::new)
+}

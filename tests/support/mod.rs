@@ -1,0 +1,137 @@
+//! Shared test helpers: real servers from `make peers`, unique names per test, the daemon
+//! in-process or as a child process, and polling with a deadline.
+
+#![allow(dead_code)]
+
+pub mod daemon;
+pub mod pg;
+pub mod redis;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Tests that stop or restart a shared server take this exclusively; every other test holds it
+/// shared, so a Redis restart never lands in the middle of an unrelated test.
+static SERVERS: RwLock<()> = RwLock::const_new(());
+
+/// Hold while using the shared servers normally.
+pub async fn shared() -> RwLockReadGuard<'static, ()> {
+    SERVERS.read().await
+}
+
+/// Hold while stopping/restarting a shared server.
+pub async fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    SERVERS.write().await
+}
+
+/// A name unique to this test process and call (for databases, slots, key prefixes).
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Poll `f` until it returns true or `timeout` passes; panics with `what` on timeout.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Run `deploy/local/peers.sh` with arguments (start/stop a peer).
+pub fn peers(args: &[&str]) {
+    let status = std::process::Command::new("bash")
+        .arg(repo().join("deploy/local/peers.sh"))
+        .args(args)
+        .status()
+        .expect("run peers.sh");
+    assert!(status.success(), "peers.sh {args:?} failed");
+}
+
+/// A temp directory with a config file and a pipelines directory.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Workspace {
+        Workspace {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("polysync.toml")
+    }
+
+    pub fn pipelines(&self) -> PathBuf {
+        let p = self.dir.path().join("pipelines");
+        std::fs::create_dir_all(&p).expect("mkdir pipelines");
+        p
+    }
+
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        let p = self.config_path();
+        std::fs::write(&p, text).expect("write config");
+        self.pipelines();
+        p
+    }
+
+    pub fn write_pipeline(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.pipelines().join(format!("{name}.toml"));
+        std::fs::write(&p, text).expect("write pipeline");
+        p
+    }
+
+    pub fn remove_pipeline(&self, name: &str) {
+        let _ = std::fs::remove_file(self.pipelines().join(format!("{name}.toml")));
+    }
+
+    pub fn dlq_dir(&self) -> PathBuf {
+        self.dir.path().join("state/dlq")
+    }
+
+    /// Every DLQ entry written so far.
+    pub fn dead_letters(&self) -> Vec<polysync::dlq::StoredDeadLetter> {
+        polysync::dlq::read_all(&self.dlq_dir(), |p, l, e| {
+            panic!("bad DLQ line {}:{l}: {e}", p.display())
+        })
+        .expect("read dlq")
+    }
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
