@@ -248,7 +248,7 @@ impl Action for Invalidate {
 
     fn describe(&self) -> String {
         let keys: Vec<String> = self.keys.iter().map(|k| k.to_string()).collect();
-        format!("invalidate {} in cache {}", keys.join(", "), self.target)
+        format!("invalidate {}", keys.join(", "))
     }
 }
 

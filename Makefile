@@ -1,0 +1,37 @@
+# polysync — the two commands that matter: `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# One build directory outside the clone, shared by every checkout on this machine (CI reuses it).
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/polysync/target
+PEERS := deploy/local/peers.sh
+
+.PHONY: help peers stop-peers build test demo lint fmt
+
+help:
+	@echo "make demo   - start local servers, run the daemon on a small e-commerce workload, show what it did"
+	@echo "make test   - start local servers and run the whole test suite"
+	@echo "make peers  - start the local servers only (make stop-peers stops them)"
+	@echo "make lint   - cargo fmt --check and clippy -D warnings"
+
+peers:
+	bash $(PEERS)
+
+stop-peers:
+	bash $(PEERS) --stop
+
+build:
+	cargo build --bins
+
+test: peers
+	cargo test --all-targets
+
+demo: peers build
+	bash deploy/local/demo.sh
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
