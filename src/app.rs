@@ -66,10 +66,7 @@ fn source_needs(
                         continue;
                     }
                     if let Some(col) = path.column() {
-                        columns
-                            .entry(rel.to_string())
-                            .or_default()
-                            .push((p.name.to_string(), col.to_string()));
+                        columns.entry(rel.to_string()).or_default().push((p.name.to_string(), col.to_string()));
                     }
                 }
             }
@@ -114,16 +111,10 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| AppError::Local(format!("state_dir {}: {e}", config.state_dir.display())))?;
     let dlq = Arc::new(
-        DeadLetterQueue::open(
-            &config.dlq_dir(),
-            config.dlq.max_file_bytes.0,
-            config.dlq.max_total_bytes.0,
-        )
-        .map_err(|e| AppError::Local(e.to_string()))?,
+        DeadLetterQueue::open(&config.dlq_dir(), config.dlq.max_file_bytes.0, config.dlq.max_total_bytes.0)
+            .map_err(|e| AppError::Local(e.to_string()))?,
     );
-    crate::telemetry::metrics()
-        .dlq_bytes
-        .set(dlq.total_bytes() as i64);
+    crate::telemetry::metrics().dlq_bytes.set(dlq.total_bytes() as i64);
     let health = Arc::new(Health::new());
     let cancel = CancellationToken::new(); // stop intake
     let hard_stop = CancellationToken::new(); // abandon work
@@ -142,62 +133,36 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
         let stop = stop.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
                 return;
             };
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            tracing::info!(
-                "shutdown requested; draining in-flight changes (send the signal again to exit at once)"
-            );
+            tracing::info!("shutdown requested; draining in-flight changes (send the signal again to exit at once)");
             stop.cancel();
         })
     };
 
     // Sinks used by pipelines.
     let lanes = config.runtime.lanes;
-    let lane_ctx = LaneContext {
-        dlq: Arc::clone(&dlq),
-        health: Arc::clone(&health),
-        hard_stop: hard_stop.clone(),
-    };
+    let lane_ctx = LaneContext { dlq: Arc::clone(&dlq), health: Arc::clone(&health), hard_stop: hard_stop.clone() };
     let mut sinks: BTreeMap<String, Arc<SinkHandle>> = BTreeMap::new();
-    let used: BTreeSet<String> = pipelines
-        .iter()
-        .flat_map(|p| p.actions.iter().map(|a| a.target.to_string()))
-        .collect();
+    let used: BTreeSet<String> =
+        pipelines.iter().flat_map(|p| p.actions.iter().map(|a| a.target.to_string())).collect();
     for name in &used {
-        let cfg = config
-            .sinks
-            .get(name)
-            .expect("pipeline load checked the target")
-            .clone();
+        let cfg = config.sinks.get(name).expect("pipeline load checked the target").clone();
         let Some(sink) = build_sink(name, &cfg, &health, &stop).await? else {
             return Ok(());
         };
         sinks.insert(
             name.clone(),
-            Arc::new(runner::start(
-                name,
-                cfg,
-                sink,
-                lanes,
-                config.runtime.lane_capacity,
-                lane_ctx.clone(),
-            )),
+            Arc::new(runner::start(name, cfg, sink, lanes, config.runtime.lane_capacity, lane_ctx.clone())),
         );
     }
     let running: Vec<RunningPipeline> = pipelines
         .iter()
         .map(|p| RunningPipeline {
             def: Arc::clone(p),
-            sinks: p
-                .actions
-                .iter()
-                .map(|a| Arc::clone(&sinks[&*a.target]))
-                .collect(),
+            sinks: p.actions.iter().map(|a| Arc::clone(&sinks[&*a.target])).collect(),
         })
         .collect();
     let set = Arc::new(ArcSwap::from_pointee(PipelineSet::new(running)));
@@ -242,12 +207,8 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
     for src in prepared {
         let window = AckWindow::new(src.name(), config.runtime.max_in_flight, 0);
         let emitter = router.emitter(window);
-        let (health, cancel, hard_stop, fail_tx) = (
-            Arc::clone(&health),
-            cancel.clone(),
-            hard_stop.clone(),
-            fail_tx.clone(),
-        );
+        let (health, cancel, hard_stop, fail_tx) =
+            (Arc::clone(&health), cancel.clone(), hard_stop.clone(), fail_tx.clone());
         source_tasks.spawn(async move {
             if let Err(e) = src.run(emitter, health, cancel, hard_stop).await {
                 let _ = fail_tx.send(e).await;
@@ -256,12 +217,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
     }
     source_tasks.close();
     drop(fail_tx);
-    tracing::info!(
-        pipelines = pipelines.len(),
-        sinks = sinks.len(),
-        lanes,
-        "polysync running"
-    );
+    tracing::info!(pipelines = pipelines.len(), sinks = sinks.len(), lanes, "polysync running");
 
     // Wait for a stop request or a fatal source error.
     let failure = tokio::select! {
@@ -277,10 +233,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
     cancel.cancel();
     let second_signal = async {
         use tokio::signal::unix::{SignalKind, signal};
-        if let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
+        if let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         } else {
             std::future::pending::<()>().await

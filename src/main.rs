@@ -19,23 +19,13 @@ enum Command {
     /// Run the daemon.
     Run {
         /// Config file.
-        #[arg(
-            long,
-            short,
-            env = "POLYSYNC_CONFIG",
-            default_value = "config/polysync.toml"
-        )]
+        #[arg(long, short, env = "POLYSYNC_CONFIG", default_value = "config/polysync.toml")]
         config: PathBuf,
     },
     /// Validate the config and every pipeline (offline) and print the plan.
     Check {
         /// Config file.
-        #[arg(
-            long,
-            short,
-            env = "POLYSYNC_CONFIG",
-            default_value = "config/polysync.toml"
-        )]
+        #[arg(long, short, env = "POLYSYNC_CONFIG", default_value = "config/polysync.toml")]
         config: PathBuf,
     },
 }
@@ -83,10 +73,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             polysync::telemetry::init_logging(&cfg.log);
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");

@@ -13,9 +13,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 /// How strictly a client checks the server it talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -36,10 +34,7 @@ pub enum TlsMode {
 impl TlsMode {
     /// Whether a TLS session must be established.
     pub fn requires_tls(self) -> bool {
-        matches!(
-            self,
-            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull
-        )
+        matches!(self, TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull)
     }
 
     /// Config word, for messages.
@@ -91,10 +86,7 @@ pub fn load_roots(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
-            let err = |reason: String| TlsError::CaFile {
-                path: path.to_owned(),
-                reason,
-            };
+            let err = |reason: String| TlsError::CaFile { path: path.to_owned(), reason };
             let certs = CertificateDer::pem_file_iter(path)
                 .map_err(|e| err(e.to_string()))?
                 .collect::<Result<Vec<_>, _>>()
@@ -112,43 +104,30 @@ pub fn load_roots(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
 }
 
 /// Build the rustls client config for a mode. `None` for [`TlsMode::Disable`].
-pub fn client_config(
-    mode: TlsMode,
-    ca_file: Option<&Path>,
-) -> Result<Option<ClientConfig>, TlsError> {
-    let builder =
-        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+pub fn client_config(mode: TlsMode, ca_file: Option<&Path>) -> Result<Option<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let config = match mode {
         TlsMode::Disable => return Ok(None),
         TlsMode::Prefer | TlsMode::Require => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert {
-                schemes: supported_schemes(),
-            }))
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert { schemes: supported_schemes() }))
             .with_no_client_auth(),
         TlsMode::VerifyCa => {
-            let inner = WebPkiServerVerifier::builder_with_provider(
-                Arc::new(load_roots(ca_file)?),
-                provider(),
-            )
-            .build()
-            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(load_roots(ca_file)?), provider())
+                .build()
+                .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(IgnoreHostName { inner }))
                 .with_no_client_auth()
         }
-        TlsMode::VerifyFull => builder
-            .with_root_certificates(load_roots(ca_file)?)
-            .with_no_client_auth(),
+        TlsMode::VerifyFull => builder.with_root_certificates(load_roots(ca_file)?).with_no_client_auth(),
     };
     Ok(Some(config))
 }
 
 fn supported_schemes() -> Vec<SignatureScheme> {
-    provider()
-        .signature_verification_algorithms
-        .supported_schemes()
+    provider().signature_verification_algorithms.supported_schemes()
 }
 
 /// `require`/`prefer`: encryption without authentication of the server, as libpq does. The
@@ -175,12 +154,7 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &provider().signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -188,12 +162,7 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &provider().signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.schemes.clone()
@@ -215,10 +184,7 @@ impl ServerCertVerifier for IgnoreHostName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),

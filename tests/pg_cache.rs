@@ -12,10 +12,7 @@ const CATCH_UP: Duration = Duration::from_secs(60);
 async fn wait_streaming(db: &TestDb, slot: &str) {
     wait_for(&format!("slot {slot} to be active"), CATCH_UP, || async {
         db.client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&slot],
-            )
+            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot])
             .await
             .unwrap()
             .is_some()
@@ -38,13 +35,7 @@ async fn invalidates_exactly_the_keys_its_templates_name() {
     let slot = unique("s");
     let ws = Workspace::new();
     // `audit` is published but no pipeline matches it.
-    ws.write_config(&pg_cache_config_with(
-        &db.url,
-        &slot,
-        &slot,
-        r#"tables = ["public.audit"]"#,
-        "",
-    ));
+    ws.write_config(&pg_cache_config_with(&db.url, &slot, &slot, r#"tables = ["public.audit"]"#, ""));
     ws.write_pipeline(
         "carts",
         &format!(
@@ -100,15 +91,7 @@ keys = ["{p}:deleted:{{{{ key.id }}}}"]
     db.exec("INSERT INTO audit VALUES (1, 'not matched')").await;
     db.wait_caught_up(&slot, CATCH_UP).await;
 
-    let gone = [
-        "cart:4",
-        "user:40",
-        "cart:1",
-        "user:11",
-        "cart:2",
-        "user:20",
-        "deleted:2",
-    ];
+    let gone = ["cart:4", "user:40", "cart:1", "user:11", "cart:2", "user:20", "deleted:2"];
     for k in all {
         let exists = redis.exists(&format!("{p}:{k}")).await;
         if gone.contains(&k) {
@@ -120,10 +103,7 @@ keys = ["{p}:deleted:{{{{ key.id }}}}"]
     assert!(
         ws.dead_letters().is_empty(),
         "no dead letters expected: {:?}",
-        ws.dead_letters()
-            .iter()
-            .map(|d| &d.reason)
-            .collect::<Vec<_>>()
+        ws.dead_letters().iter().map(|d| &d.reason).collect::<Vec<_>>()
     );
     daemon.stop().await.expect("clean stop");
     db.cleanup().await;
@@ -152,18 +132,11 @@ async fn assert_products_match(db: &TestDb, redis: &TestRedis, p: &str, max_id: 
     let ids: std::collections::HashSet<i64> = rows.iter().map(|(id, _)| *id).collect();
     for (id, json) in &rows {
         let cached = redis.get(&format!("{p}:product:{id}")).await;
-        assert_eq!(
-            cached.as_deref(),
-            Some(compact(json).as_str()),
-            "product {id}"
-        );
+        assert_eq!(cached.as_deref(), Some(compact(json).as_str()), "product {id}");
     }
     for id in 1..=max_id {
         if !ids.contains(&id) {
-            assert!(
-                !redis.exists(&format!("{p}:product:{id}")).await,
-                "deleted product {id} must stay deleted"
-            );
+            assert!(!redis.exists(&format!("{p}:product:{id}")).await, "deleted product {id} must stay deleted");
         }
     }
 }
@@ -197,12 +170,10 @@ columns = ["id", "name", "price", "stock"]
     let daemon = InProcess::start(&ws.config_path());
     wait_streaming(&db, &slot).await;
     // A second slot at (about) the same place: a later run from it replays everything below.
-    db.exec(&format!(
-        "SELECT pg_create_logical_replication_slot('{replay_slot}', 'pgoutput')"
-    ))
-    .await;
+    db.exec(&format!("SELECT pg_create_logical_replication_slot('{replay_slot}', 'pgoutput')")).await;
 
-    db.exec("INSERT INTO products SELECT i, 'p' || i, (i * 1.10)::numeric(12,2), i FROM generate_series(1, 60) i").await;
+    db.exec("INSERT INTO products SELECT i, 'p' || i, (i * 1.10)::numeric(12,2), i FROM generate_series(1, 60) i")
+        .await;
     for round in 0..20 {
         // Several updates of the same rows in one transaction: the last one must win.
         db.exec(&format!(
@@ -216,30 +187,21 @@ columns = ["id", "name", "price", "stock"]
         ))
         .await;
         if round % 6 == 5 {
-            db.exec(&format!("DELETE FROM products WHERE id = {}", round + 1))
-                .await;
+            db.exec(&format!("DELETE FROM products WHERE id = {}", round + 1)).await;
         }
     }
-    db.exec("UPDATE products SET price = 12345678.90 WHERE id = 60")
-        .await;
+    db.exec("UPDATE products SET price = 12345678.90 WHERE id = 60").await;
     db.wait_caught_up(&slot, CATCH_UP).await;
     let redis = TestRedis::connect().await;
     assert_products_match(&db, &redis, &p, 60).await;
     let cached = redis.get(&format!("{p}:product:60")).await.unwrap();
-    assert!(
-        cached.contains(r#""price":12345678.90,"#),
-        "decimal digits are exact: {cached}"
-    );
+    assert!(cached.contains(r#""price":12345678.90,"#), "decimal digits are exact: {cached}");
     daemon.stop().await.expect("clean stop");
 
     // Replay every change from the older slot: nothing may go back.
     let ws2 = Workspace::new();
     ws2.write_config(&pg_cache_config_with(&db.url, &replay_slot, &slot, "", ""));
-    std::fs::copy(
-        ws.pipelines().join("products.toml"),
-        ws2.pipelines().join("products.toml"),
-    )
-    .unwrap();
+    std::fs::copy(ws.pipelines().join("products.toml"), ws2.pipelines().join("products.toml")).unwrap();
     let replay = InProcess::start(&ws2.config_path());
     db.wait_caught_up(&replay_slot, CATCH_UP).await;
     assert_products_match(&db, &redis, &p, 60).await;
@@ -307,20 +269,13 @@ format = "json"
     wait_streaming(&db, &slot).await;
     // ~96 KB of incompressible text: stored out of line (TOAST).
     let big = "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 3000))";
-    db.exec(&format!("INSERT INTO docs VALUES (1, 'first', {big}); INSERT INTO docs_full VALUES (1, 'first', {big});")).await;
+    db.exec(&format!("INSERT INTO docs VALUES (1, 'first', {big}); INSERT INTO docs_full VALUES (1, 'first', {big});"))
+        .await;
     db.wait_caught_up(&slot, CATCH_UP).await;
     let redis = TestRedis::connect().await;
-    let body: String = db
-        .client
-        .query_one("SELECT body FROM docs WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let body: String = db.client.query_one("SELECT body FROM docs WHERE id = 1", &[]).await.unwrap().get(0);
     assert_eq!(body.len(), 96_000);
-    assert_eq!(
-        redis.hgetall(&format!("{p}:hash:1")).await.get("body"),
-        Some(&body)
-    );
+    assert_eq!(redis.hgetall(&format!("{p}:hash:1")).await.get("body"), Some(&body));
     assert!(redis.exists(&format!("{p}:json:1")).await);
 
     db.exec("UPDATE docs SET title = 'second' WHERE id = 1; UPDATE docs_full SET title = 'second' WHERE id = 1;").await;
@@ -328,20 +283,10 @@ format = "json"
     // Hash: only sent columns are written; the big body is kept, not nulled.
     let h = redis.hgetall(&format!("{p}:hash:1")).await;
     assert_eq!(h.get("title").map(String::as_str), Some("second"));
-    assert_eq!(
-        h.get("body"),
-        Some(&body),
-        "TOAST-unchanged body must be kept"
-    );
+    assert_eq!(h.get("body"), Some(&body), "TOAST-unchanged body must be kept");
     // JSON with REPLICA IDENTITY FULL: the old image completes the row.
-    let full: serde_json::Value =
-        serde_json::from_str(&redis.get(&format!("{p}:full:1")).await.unwrap()).unwrap();
-    let full_body: String = db
-        .client
-        .query_one("SELECT body FROM docs_full WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let full: serde_json::Value = serde_json::from_str(&redis.get(&format!("{p}:full:1")).await.unwrap()).unwrap();
+    let full_body: String = db.client.query_one("SELECT body FROM docs_full WHERE id = 1", &[]).await.unwrap().get(0);
     assert_eq!(full["title"], "second");
     assert_eq!(full["body"].as_str(), Some(full_body.as_str()));
     // JSON without the old image cannot be written whole: the key is removed (the next read
@@ -355,18 +300,13 @@ format = "json"
 async fn idle_slot_keeps_advancing_while_unpublished_tables_take_writes() {
     let _g = shared().await;
     let db = TestDb::create("walpin").await;
-    db.exec("CREATE TABLE watched (id bigint PRIMARY KEY); CREATE TABLE busy (id bigserial PRIMARY KEY, v text);").await;
+    db.exec("CREATE TABLE watched (id bigint PRIMARY KEY); CREATE TABLE busy (id bigserial PRIMARY KEY, v text);")
+        .await;
     let p = unique("wal");
     let slot = unique("s");
     let ws = Workspace::new();
     // No heartbeat in this test: only confirming keepalive positions can move the slot.
-    ws.write_config(&pg_cache_config_with(
-        &db.url,
-        &slot,
-        &slot,
-        r#"heartbeat_interval = "1h""#,
-        "",
-    ));
+    ws.write_config(&pg_cache_config_with(&db.url, &slot, &slot, r#"heartbeat_interval = "1h""#, ""));
     ws.write_pipeline(
         "watched",
         &format!(
@@ -384,16 +324,13 @@ keys = ["{p}:w:{{{{ key.id }}}}"]
     wait_streaming(&db, &slot).await;
     let start = db.confirmed(&slot).await;
     for _ in 0..50 {
-        db.exec("INSERT INTO busy (v) SELECT md5(random()::text) FROM generate_series(1, 100)")
-            .await;
+        db.exec("INSERT INTO busy (v) SELECT md5(random()::text) FROM generate_series(1, 100)").await;
     }
     let target = db.current_lsn().await;
     assert!(target > start);
-    wait_for(
-        "the idle slot to confirm past the unpublished writes",
-        CATCH_UP,
-        || async { db.confirmed(&slot).await >= target },
-    )
+    wait_for("the idle slot to confirm past the unpublished writes", CATCH_UP, || async {
+        db.confirmed(&slot).await >= target
+    })
     .await;
     daemon.stop().await.expect("clean stop");
     db.cleanup().await;
@@ -425,24 +362,18 @@ columns = ["id", "name", "price", "stock"]
     );
     let daemon = InProcess::start(&ws.config_path());
     wait_streaming(&db, &slot).await;
-    db.exec("INSERT INTO products SELECT i, 'p' || i, i, i FROM generate_series(1, 10) i")
-        .await;
+    db.exec("INSERT INTO products SELECT i, 'p' || i, i, i FROM generate_series(1, 10) i").await;
     db.wait_caught_up(&slot, CATCH_UP).await;
 
     crate::support::peers(&["--stop", "redis"]);
     let before_outage_writes = db.confirmed(&slot).await;
-    db.exec("INSERT INTO products SELECT i, 'p' || i, i, i FROM generate_series(11, 40) i")
-        .await;
-    db.exec("UPDATE products SET price = price * 3 WHERE id % 2 = 0")
-        .await;
+    db.exec("INSERT INTO products SELECT i, 'p' || i, i, i FROM generate_series(11, 40) i").await;
+    db.exec("UPDATE products SET price = price * 3 WHERE id % 2 = 0").await;
     db.exec("DELETE FROM products WHERE id = 13").await;
     let written = db.current_lsn().await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let held = db.confirmed(&slot).await;
-    assert!(
-        held < written,
-        "slot must not confirm changes Redis has not applied"
-    );
+    assert!(held < written, "slot must not confirm changes Redis has not applied");
     assert!(held >= before_outage_writes);
 
     crate::support::peers(&["redis"]);
@@ -452,11 +383,7 @@ columns = ["id", "name", "price", "stock"]
     // must be there.
     let rows = product_rows(&db).await;
     for (id, json) in rows.iter().filter(|(id, _)| *id > 10) {
-        assert_eq!(
-            redis.get(&format!("{p}:product:{id}")).await,
-            Some(compact(json)),
-            "product {id}"
-        );
+        assert_eq!(redis.get(&format!("{p}:product:{id}")).await, Some(compact(json)), "product {id}");
     }
     assert!(!redis.exists(&format!("{p}:product:13")).await);
     daemon.stop().await.expect("clean stop");

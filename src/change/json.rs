@@ -38,8 +38,7 @@ fn string_writer(out: &mut String) -> impl std::io::Write + '_ {
     struct W<'a>(&'a mut String);
     impl std::io::Write for W<'_> {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .push_str(std::str::from_utf8(buf).map_err(std::io::Error::other)?);
+            self.0.push_str(std::str::from_utf8(buf).map_err(std::io::Error::other)?);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -93,10 +92,7 @@ fn is_json_number(s: &str) -> bool {
 
 /// Append the natural JSON of a value.
 pub fn write_natural(out: &mut String, v: &Value, field: &str) -> Result<(), JsonError> {
-    let err = |reason: String| JsonError {
-        field: field.to_string(),
-        reason,
-    };
+    let err = |reason: String| JsonError { field: field.to_string(), reason };
     match v {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -119,9 +115,7 @@ pub fn write_natural(out: &mut String, v: &Value, field: &str) -> Result<(), Jso
         Value::Other { text, .. } => push_str(out, text),
         Value::Json(s) => out.push_str(s),
         Value::Bytes(b) => push_str(out, &B64.encode(b)),
-        Value::Timestamp(t) => {
-            push_str(out, &t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
-        }
+        Value::Timestamp(t) => push_str(out, &t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
         Value::Date(d) => push_str(out, &d.to_string()),
         Value::List(items) | Value::Set(items) => {
             out.push('[');
@@ -189,32 +183,18 @@ pub fn value_to_typed(v: &Value) -> J {
         Value::Bool(b) => J::Bool(*b),
         Value::Int(i) => J::from(*i),
         Value::Text(s) => J::String(s.clone()),
-        Value::Float(f) => tagged(
-            "float",
-            if f.is_finite() {
-                json!(f)
-            } else {
-                J::String(f.to_string())
-            },
-        ),
+        Value::Float(f) => tagged("float", if f.is_finite() { json!(f) } else { J::String(f.to_string()) }),
         Value::Decimal(d) => tagged("decimal", J::String(d.clone())),
         Value::Json(s) => tagged("json", J::String(s.clone())),
         Value::Bytes(b) => tagged("bytes", J::String(B64.encode(b))),
-        Value::Timestamp(t) => tagged(
-            "timestamp",
-            J::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
-        ),
+        Value::Timestamp(t) => tagged("timestamp", J::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))),
         Value::Date(d) => tagged("date", J::String(d.to_string())),
         Value::Uuid(u) => tagged("uuid", J::String(u.clone())),
         Value::List(l) => tagged("list", J::Array(l.iter().map(value_to_typed).collect())),
         Value::Set(l) => tagged("set", J::Array(l.iter().map(value_to_typed).collect())),
         Value::Map(m) => tagged(
             "map",
-            J::Array(
-                m.iter()
-                    .map(|(k, v)| J::Array(vec![J::String(k.clone()), value_to_typed(v)]))
-                    .collect(),
-            ),
+            J::Array(m.iter().map(|(k, v)| J::Array(vec![J::String(k.clone()), value_to_typed(v)])).collect()),
         ),
         Value::Other { type_name, text } => {
             json!({ "$type": "other", "type_name": type_name, "v": text })
@@ -227,27 +207,14 @@ pub fn value_from_typed(j: &J) -> Result<Value, String> {
     Ok(match j {
         J::Null => Value::Null,
         J::Bool(b) => Value::Bool(*b),
-        J::Number(n) => Value::Int(
-            n.as_i64()
-                .ok_or_else(|| format!("integer {n} out of range"))?,
-        ),
+        J::Number(n) => Value::Int(n.as_i64().ok_or_else(|| format!("integer {n} out of range"))?),
         J::String(s) => Value::Text(s.clone()),
         J::Array(_) => return Err("untagged array".into()),
         J::Object(o) => {
-            let t = o
-                .get("$type")
-                .and_then(J::as_str)
-                .ok_or("object without $type")?;
+            let t = o.get("$type").and_then(J::as_str).ok_or("object without $type")?;
             let v = o.get("v").ok_or("tagged value without v")?;
-            let s = || {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| format!("{t}: v must be a string"))
-            };
-            let arr = || {
-                v.as_array()
-                    .ok_or_else(|| format!("{t}: v must be an array"))
-            };
+            let s = || v.as_str().map(str::to_string).ok_or_else(|| format!("{t}: v must be a string"));
+            let arr = || v.as_array().ok_or_else(|| format!("{t}: v must be an array"));
             match t {
                 "float" => Value::Float(match v {
                     J::Number(n) => n.as_f64().ok_or("bad float")?,
@@ -258,44 +225,23 @@ pub fn value_from_typed(j: &J) -> Result<Value, String> {
                 "json" => Value::Json(s()?),
                 "bytes" => Value::Bytes(B64.decode(s()?).map_err(|e| e.to_string())?),
                 "timestamp" => Value::Timestamp(
-                    DateTime::parse_from_rfc3339(&s()?)
-                        .map_err(|e| e.to_string())?
-                        .with_timezone(&Utc),
+                    DateTime::parse_from_rfc3339(&s()?).map_err(|e| e.to_string())?.with_timezone(&Utc),
                 ),
-                "date" => Value::Date(
-                    NaiveDate::parse_from_str(&s()?, "%Y-%m-%d").map_err(|e| e.to_string())?,
-                ),
+                "date" => Value::Date(NaiveDate::parse_from_str(&s()?, "%Y-%m-%d").map_err(|e| e.to_string())?),
                 "uuid" => Value::Uuid(s()?),
-                "list" => Value::List(
-                    arr()?
-                        .iter()
-                        .map(value_from_typed)
-                        .collect::<Result<_, _>>()?,
-                ),
-                "set" => Value::Set(
-                    arr()?
-                        .iter()
-                        .map(value_from_typed)
-                        .collect::<Result<_, _>>()?,
-                ),
+                "list" => Value::List(arr()?.iter().map(value_from_typed).collect::<Result<_, _>>()?),
+                "set" => Value::Set(arr()?.iter().map(value_from_typed).collect::<Result<_, _>>()?),
                 "map" => Value::Map(
                     arr()?
                         .iter()
                         .map(|pair| {
                             let k = pair.get(0).and_then(J::as_str).ok_or("map key")?;
-                            Ok((
-                                k.to_string(),
-                                value_from_typed(pair.get(1).ok_or("map value")?)?,
-                            ))
+                            Ok((k.to_string(), value_from_typed(pair.get(1).ok_or("map value")?)?))
                         })
                         .collect::<Result<_, String>>()?,
                 ),
                 "other" => Value::Other {
-                    type_name: o
-                        .get("type_name")
-                        .and_then(J::as_str)
-                        .unwrap_or("unknown")
-                        .to_string(),
+                    type_name: o.get("type_name").and_then(J::as_str).unwrap_or("unknown").to_string(),
                     text: s()?,
                 },
                 other => return Err(format!("unknown $type {other}")),
@@ -305,24 +251,15 @@ pub fn value_from_typed(j: &J) -> Result<Value, String> {
 }
 
 fn row_to_typed(r: &Row) -> J {
-    J::Array(
-        r.iter()
-            .map(|(n, v)| J::Array(vec![J::String(n.to_string()), value_to_typed(v)]))
-            .collect(),
-    )
+    J::Array(r.iter().map(|(n, v)| J::Array(vec![J::String(n.to_string()), value_to_typed(v)])).collect())
 }
 
 fn row_from_typed(j: &J) -> Result<Row, String> {
-    let arr = j
-        .as_array()
-        .ok_or("row must be an array of [name, value]")?;
+    let arr = j.as_array().ok_or("row must be an array of [name, value]")?;
     arr.iter()
         .map(|pair| {
             let n = pair.get(0).and_then(J::as_str).ok_or("row field name")?;
-            Ok((
-                Name::from(n),
-                value_from_typed(pair.get(1).ok_or("row field value")?)?,
-            ))
+            Ok((Name::from(n), value_from_typed(pair.get(1).ok_or("row field value")?)?))
         })
         .collect()
 }
@@ -334,23 +271,9 @@ pub fn change_to_typed(c: &Change) -> J {
     m.insert("relation".into(), J::String(c.relation.to_string()));
     m.insert("op".into(), J::String(c.op.as_str().into()));
     m.insert("key".into(), row_to_typed(&c.key));
-    m.insert(
-        "before".into(),
-        c.before.as_ref().map(row_to_typed).unwrap_or(J::Null),
-    );
-    m.insert(
-        "after".into(),
-        c.after.as_ref().map(row_to_typed).unwrap_or(J::Null),
-    );
-    m.insert(
-        "unchanged".into(),
-        J::Array(
-            c.unchanged
-                .iter()
-                .map(|n| J::String(n.to_string()))
-                .collect(),
-        ),
-    );
+    m.insert("before".into(), c.before.as_ref().map(row_to_typed).unwrap_or(J::Null));
+    m.insert("after".into(), c.after.as_ref().map(row_to_typed).unwrap_or(J::Null));
+    m.insert("unchanged".into(), J::Array(c.unchanged.iter().map(|n| J::String(n.to_string())).collect()));
     m.insert(
         "position".into(),
         match &c.position {
@@ -368,28 +291,16 @@ pub fn change_to_typed(c: &Change) -> J {
     m.insert("version".into(), J::String(c.version.to_string()));
     m.insert(
         "commit_time".into(),
-        c.commit_time
-            .map(|t| J::String(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)))
-            .unwrap_or(J::Null),
+        c.commit_time.map(|t| J::String(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))).unwrap_or(J::Null),
     );
     m.insert("tx".into(), c.tx.map(J::from).unwrap_or(J::Null));
-    m.insert(
-        "origin".into(),
-        c.origin
-            .as_ref()
-            .map(|o| J::String(o.to_string()))
-            .unwrap_or(J::Null),
-    );
+    m.insert("origin".into(), c.origin.as_ref().map(|o| J::String(o.to_string())).unwrap_or(J::Null));
     J::Object(m)
 }
 
 /// Inverse of [`change_to_typed`].
 pub fn change_from_typed(j: &J) -> Result<Change, String> {
-    let s = |k: &str| {
-        j.get(k)
-            .and_then(J::as_str)
-            .ok_or_else(|| format!("change.{k} missing"))
-    };
+    let s = |k: &str| j.get(k).and_then(J::as_str).ok_or_else(|| format!("change.{k} missing"));
     let opt_row = |k: &str| -> Result<Option<Row>, String> {
         match j.get(k) {
             None | Some(J::Null) => Ok(None),
@@ -400,29 +311,17 @@ pub fn change_from_typed(j: &J) -> Result<Change, String> {
     let pos = j.get("position").ok_or("change.position missing")?;
     let position = if let Some(p) = pos.get("pg") {
         Position::Pg {
-            commit_lsn: p
-                .get("commit_lsn")
-                .and_then(J::as_str)
-                .and_then(|x| x.parse().ok())
-                .ok_or("pg.commit_lsn")?,
+            commit_lsn: p.get("commit_lsn").and_then(J::as_str).and_then(|x| x.parse().ok()).ok_or("pg.commit_lsn")?,
             seq: p.get("seq").and_then(J::as_u64).ok_or("pg.seq")? as u32,
         }
     } else if let Some(p) = pos.get("ddb") {
         Position::Ddb {
             shard: Arc::from(p.get("shard").and_then(J::as_str).ok_or("ddb.shard")?),
-            sequence: p
-                .get("sequence")
-                .and_then(J::as_str)
-                .and_then(Version::parse_decimal)
-                .ok_or("ddb.sequence")?,
+            sequence: p.get("sequence").and_then(J::as_str).and_then(Version::parse_decimal).ok_or("ddb.sequence")?,
         }
     } else if let Some(p) = pos.get("snapshot") {
         Position::Snapshot {
-            at: p
-                .get("at")
-                .and_then(J::as_str)
-                .and_then(Version::parse_decimal)
-                .ok_or("snapshot.at")?,
+            at: p.get("at").and_then(J::as_str).and_then(Version::parse_decimal).ok_or("snapshot.at")?,
             chunk: p.get("chunk").and_then(J::as_u64).ok_or("snapshot.chunk")?,
         }
     } else {
@@ -443,11 +342,7 @@ pub fn change_from_typed(j: &J) -> Result<Change, String> {
         position,
         version,
         commit_time: match j.get("commit_time").and_then(J::as_str) {
-            Some(t) => Some(
-                DateTime::parse_from_rfc3339(t)
-                    .map_err(|e| e.to_string())?
-                    .with_timezone(&Utc),
-            ),
+            Some(t) => Some(DateTime::parse_from_rfc3339(t).map_err(|e| e.to_string())?.with_timezone(&Utc)),
             None => None,
         },
         tx: j.get("tx").and_then(J::as_u64).map(|x| x as u32),
@@ -466,17 +361,8 @@ mod tests {
         after.push("doc".into(), Value::Json(r#"{"n": 1.10}"#.into()));
         after.push("bin".into(), Value::Bytes(vec![0, 1, 255]));
         after.push("tags".into(), Value::Set(vec![Value::Text("a".into())]));
-        after.push(
-            "m".into(),
-            Value::Map(vec![("x".into(), Value::Float(f64::NAN))]),
-        );
-        after.push(
-            "ip".into(),
-            Value::Other {
-                type_name: "inet".into(),
-                text: "::1".into(),
-            },
-        );
+        after.push("m".into(), Value::Map(vec![("x".into(), Value::Float(f64::NAN))]));
+        after.push("ip".into(), Value::Other { type_name: "inet".into(), text: "::1".into() });
         let mut key = Row::default();
         key.push("id".into(), Value::Int(1));
         Change {
@@ -487,16 +373,9 @@ mod tests {
             before: None,
             after: Some(after),
             unchanged: vec!["big".into()],
-            position: Position::Pg {
-                commit_lsn: 42,
-                seq: 3,
-            },
+            position: Position::Pg { commit_lsn: 42, seq: 3 },
             version: Version::from_u64(42),
-            commit_time: Some(
-                DateTime::parse_from_rfc3339("2024-01-01T00:00:00.5Z")
-                    .unwrap()
-                    .with_timezone(&Utc),
-            ),
+            commit_time: Some(DateTime::parse_from_rfc3339("2024-01-01T00:00:00.5Z").unwrap().with_timezone(&Utc)),
             tx: Some(9),
             origin: None,
         }
@@ -540,10 +419,7 @@ mod tests {
         bad.push("x".into(), Value::Decimal("NaN".into()));
         assert_eq!(row_to_natural(&bad, None).unwrap_err().field, "x");
         assert!(
-            is_json_number("-0.5e+10")
-                && !is_json_number("01")
-                && !is_json_number("1.")
-                && !is_json_number("Infinity")
+            is_json_number("-0.5e+10") && !is_json_number("01") && !is_json_number("1.") && !is_json_number("Infinity")
         );
     }
 }

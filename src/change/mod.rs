@@ -112,13 +112,9 @@ impl Value {
             Value::Bool(b) => Cow::Borrowed(if *b { "true" } else { "false" }),
             Value::Int(i) => Cow::Owned(i.to_string()),
             Value::Float(f) => Cow::Owned(f.to_string()),
-            Value::Decimal(s) | Value::Text(s) | Value::Json(s) | Value::Uuid(s) => {
-                Cow::Borrowed(s.as_str())
-            }
+            Value::Decimal(s) | Value::Text(s) | Value::Json(s) | Value::Uuid(s) => Cow::Borrowed(s.as_str()),
             Value::Bytes(b) => Cow::Owned(hex::encode(b)),
-            Value::Timestamp(t) => {
-                Cow::Owned(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
-            }
+            Value::Timestamp(t) => Cow::Owned(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
             Value::Date(d) => Cow::Owned(d.to_string()),
             Value::Other { text, .. } => Cow::Borrowed(text.as_str()),
         })
@@ -156,9 +152,7 @@ pub struct Row {
 impl Row {
     /// An empty row with room for `n` fields.
     pub fn with_capacity(n: usize) -> Row {
-        Row {
-            fields: Vec::with_capacity(n),
-        }
+        Row { fields: Vec::with_capacity(n) }
     }
 
     /// Append a field (source order is kept).
@@ -168,10 +162,7 @@ impl Row {
 
     /// The value of a field, if the row has it.
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.fields
-            .iter()
-            .find(|(n, _)| &**n == name)
-            .map(|(_, v)| v)
+        self.fields.iter().find(|(n, _)| &**n == name).map(|(_, v)| v)
     }
 
     /// Fields in source order.
@@ -192,9 +183,7 @@ impl Row {
 
 impl FromIterator<(Name, Value)> for Row {
     fn from_iter<T: IntoIterator<Item = (Name, Value)>>(iter: T) -> Self {
-        Row {
-            fields: iter.into_iter().collect(),
-        }
+        Row { fields: iter.into_iter().collect() }
     }
 }
 
@@ -211,10 +200,7 @@ pub struct Version {
 impl Version {
     /// Version from a 64-bit number (a PostgreSQL LSN).
     pub fn from_u64(v: u64) -> Version {
-        Version {
-            hi: 0,
-            lo: v as u128,
-        }
+        Version { hi: 0, lo: v as u128 }
     }
 
     /// Parse a decimal string of at most 40 digits (leading zeros allowed).
@@ -228,19 +214,12 @@ impl Version {
         }
         let split = s.len().saturating_sub(38);
         let (hi, lo) = s.split_at(split);
-        Some(Version {
-            hi: if hi.is_empty() { 0 } else { hi.parse().ok()? },
-            lo: lo.parse().ok()?,
-        })
+        Some(Version { hi: if hi.is_empty() { 0 } else { hi.parse().ok()? }, lo: lo.parse().ok()? })
     }
 
     /// The value if it fits in 64 bits (always true for PostgreSQL LSNs).
     pub fn as_u64(&self) -> Option<u64> {
-        if self.hi == 0 {
-            u64::try_from(self.lo).ok()
-        } else {
-            None
-        }
+        if self.hi == 0 { u64::try_from(self.lo).ok() } else { None }
     }
 
     /// Zero-padded 40-digit form: byte-wise comparison of two padded strings is numeric
@@ -252,11 +231,7 @@ impl Version {
 
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.hi == 0 {
-            write!(f, "{}", self.lo)
-        } else {
-            write!(f, "{}{:038}", self.hi, self.lo)
-        }
+        if self.hi == 0 { write!(f, "{}", self.lo) } else { write!(f, "{}{:038}", self.hi, self.lo) }
     }
 }
 
@@ -310,9 +285,7 @@ impl fmt::Display for Lsn {
 impl std::str::FromStr for Lsn {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (hi, lo) = s
-            .split_once('/')
-            .ok_or_else(|| format!("not an LSN: {s:?}"))?;
+        let (hi, lo) = s.split_once('/').ok_or_else(|| format!("not an LSN: {s:?}"))?;
         let hi = u64::from_str_radix(hi, 16).map_err(|_| format!("not an LSN: {s:?}"))?;
         let lo = u64::from_str_radix(lo, 16).map_err(|_| format!("not an LSN: {s:?}"))?;
         Ok(Lsn((hi << 32) | lo))

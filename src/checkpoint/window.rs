@@ -90,8 +90,7 @@ impl AckWindow {
 
     /// True when every issued change is done and every mark is passed.
     pub fn is_drained(&self) -> bool {
-        self.in_flight() == 0
-            && self.confirmed.load(Ordering::Acquire) >= self.marked.load(Ordering::Acquire)
+        self.in_flight() == 0 && self.confirmed.load(Ordering::Acquire) >= self.marked.load(Ordering::Acquire)
     }
 
     /// The highest position that is safe to confirm to the source.
@@ -121,10 +120,7 @@ impl AckWindow {
         }
         self.slots[(seq & self.mask) as usize].store(1, Ordering::Release);
         self.issued.store(seq + 1, Ordering::Release);
-        Some(Ticket {
-            window: Arc::clone(self),
-            seq,
-        })
+        Some(Ticket { window: Arc::clone(self), seq })
     }
 
     /// Position `position` may be confirmed once every ticket issued so far is done.
@@ -139,10 +135,7 @@ impl AckWindow {
             self.marked.store(position, Ordering::Release);
             match marks.back_mut() {
                 Some(last) if last.ticket_end == ticket_end => last.position = position,
-                _ => marks.push_back(Mark {
-                    ticket_end,
-                    position,
-                }),
+                _ => marks.push_back(Mark { ticket_end, position }),
             }
         }
         self.advance();
@@ -152,11 +145,7 @@ impl AckWindow {
     // be seen either by the advancer's scan or by the completer's own watermark check.
     fn release(&self, seq: u64) {
         let prev = self.slots[(seq & self.mask) as usize].fetch_sub(1, Ordering::SeqCst);
-        debug_assert!(
-            prev > 0,
-            "ticket {seq} of {} released more often than held",
-            self.name
-        );
+        debug_assert!(prev > 0, "ticket {seq} of {} released more often than held", self.name);
         if prev == 1 && seq == self.done.load(Ordering::SeqCst) {
             self.advance();
         }
@@ -200,8 +189,7 @@ impl AckWindow {
             }
             drop(guard);
             let issued = self.issued.load(Ordering::SeqCst);
-            let recheck =
-                d < issued && self.slots[(d & self.mask) as usize].load(Ordering::SeqCst) == 0;
+            let recheck = d < issued && self.slots[(d & self.mask) as usize].load(Ordering::SeqCst) == 0;
             let marks_ready = self
                 .marks
                 .lock()
@@ -235,10 +223,7 @@ impl Ticket {
     /// Another hold on the same change (one per sink record made from it).
     pub fn retain(&self) -> Ticket {
         self.window.retain(self.seq);
-        Ticket {
-            window: Arc::clone(&self.window),
-            seq: self.seq,
-        }
+        Ticket { window: Arc::clone(&self.window), seq: self.seq }
     }
 
     /// This hold is finished: the record was applied or dead-lettered.

@@ -43,12 +43,7 @@ impl ConfigError {
     /// An error at byte `offset` of `text`, converted to line and column.
     pub fn at(path: &Path, text: &str, offset: usize, msg: impl Into<String>) -> ConfigError {
         let (line, col) = line_col(text, offset);
-        ConfigError::At {
-            path: path.to_owned(),
-            line,
-            col,
-            msg: msg.into(),
-        }
+        ConfigError::At { path: path.to_owned(), line, col, msg: msg.into() }
     }
 
     /// Turn a TOML parse/deserialize error into a located one.
@@ -72,12 +67,7 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..text.floor_char_boundary(offset)];
     let line = before.matches('\n').count() + 1;
-    let col = before
-        .rsplit('\n')
-        .next()
-        .map(|l| l.chars().count())
-        .unwrap_or(0)
-        + 1;
+    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
     (line, col)
 }
 

@@ -10,11 +10,7 @@ use std::path::Path;
 use super::ConfigError;
 
 /// Replace every `${NAME}` / `${NAME:-default}` in `text` using `lookup`.
-pub fn interpolate(
-    path: &Path,
-    text: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, ConfigError> {
+pub fn interpolate(path: &Path, text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     let mut consumed = 0usize;
@@ -34,12 +30,7 @@ pub fn interpolate(
             continue;
         }
         let Some(end) = after.find('}') else {
-            return Err(ConfigError::at(
-                path,
-                text,
-                consumed + i,
-                "unterminated ${ in config",
-            ));
+            return Err(ConfigError::at(path, text, consumed + i, "unterminated ${ in config"));
         };
         let expr = &after[1..end];
         let (name, default) = match expr.split_once(":-") {
@@ -47,12 +38,7 @@ pub fn interpolate(
             None => (expr, None),
         };
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(ConfigError::at(
-                path,
-                text,
-                consumed + i,
-                format!("invalid variable reference ${{{expr}}}"),
-            ));
+            return Err(ConfigError::at(path, text, consumed + i, format!("invalid variable reference ${{{expr}}}")));
         }
         match lookup(name).or_else(|| default.map(str::to_string)) {
             Some(v) => out.push_str(&v),
@@ -88,21 +74,13 @@ mod tests {
         let p = Path::new("c.toml");
         assert_eq!(interpolate(p, "a=\"${PW}\"", env).unwrap(), "a=\"s3cr3t\"");
         assert_eq!(interpolate(p, "a=\"${X:-d}\"", env).unwrap(), "a=\"d\"");
-        assert_eq!(
-            interpolate(p, "a=\"$${PW} $x\"", env).unwrap(),
-            "a=\"${PW} $x\""
-        );
+        assert_eq!(interpolate(p, "a=\"$${PW} $x\"", env).unwrap(), "a=\"${PW} $x\"");
     }
 
     #[test]
     fn unset_variable_names_line() {
         let p = Path::new("c.toml");
-        let e = interpolate(p, "a = 1\nb = \"${NOPE}\"", env)
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            e,
-            "c.toml:2:6: environment variable NOPE is not set (referenced as ${NOPE})"
-        );
+        let e = interpolate(p, "a = 1\nb = \"${NOPE}\"", env).unwrap_err().to_string();
+        assert_eq!(e, "c.toml:2:6: environment variable NOPE is not set (referenced as ${NOPE})");
     }
 }

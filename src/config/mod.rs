@@ -106,10 +106,7 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig {
-            enabled: true,
-            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
-        }
+        MetricsConfig { enabled: true, listen: SocketAddr::from(([127, 0, 0, 1], 9464)) }
     }
 }
 
@@ -125,10 +122,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: "info".into(),
-        }
+        LogConfig { format: LogFormat::Text, level: "info".into() }
     }
 }
 
@@ -156,43 +150,29 @@ pub struct DlqConfig {
 
 impl Default for DlqConfig {
     fn default() -> Self {
-        DlqConfig {
-            dir: PathBuf::from("dlq"),
-            max_file_bytes: ByteSize(64 << 20),
-            max_total_bytes: ByteSize(1 << 30),
-        }
+        DlqConfig { dir: PathBuf::from("dlq"), max_file_bytes: ByteSize(64 << 20), max_total_bytes: ByteSize(1 << 30) }
     }
 }
 
 impl Config {
     /// Read, interpolate, parse and validate a config file (no network access).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(path, &text, |k| std::env::var(k).ok())
     }
 
     /// Parse config text as if it were read from `path`.
-    pub fn parse(
-        path: &Path,
-        text: &str,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub fn parse(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let text = interpolate(path, text, env)?;
-        let raw: RawConfig =
-            toml::from_str(&text).map_err(|e| ConfigError::from_toml(path, &text, &e))?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::from_toml(path, &text, &e))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let state_dir = resolve(raw.state_dir.unwrap_or_else(|| PathBuf::from("state")));
         let pipelines_dir = resolve(raw.pipelines.unwrap_or_else(|| PathBuf::from("pipelines")));
         let mut errors = Vec::new();
         if raw.runtime.lanes == 0 || raw.runtime.lanes > 1024 {
-            errors.push(ConfigError::Invalid {
-                what: "runtime.lanes".into(),
-                msg: "must be 1..=1024".into(),
-            });
+            errors.push(ConfigError::Invalid { what: "runtime.lanes".into(), msg: "must be 1..=1024".into() });
         }
         if raw.runtime.max_in_flight < 16 || raw.runtime.max_in_flight > (1 << 24) {
             errors.push(ConfigError::Invalid {
@@ -201,10 +181,7 @@ impl Config {
             });
         }
         if raw.runtime.lane_capacity == 0 {
-            errors.push(ConfigError::Invalid {
-                what: "runtime.lane_capacity".into(),
-                msg: "must be > 0".into(),
-            });
+            errors.push(ConfigError::Invalid { what: "runtime.lane_capacity".into(), msg: "must be > 0".into() });
         }
         let mut sources = BTreeMap::new();
         for (name, s) in raw.sources {
@@ -246,23 +223,13 @@ impl Config {
 
     /// Absolute DLQ directory.
     pub fn dlq_dir(&self) -> PathBuf {
-        if self.dlq.dir.is_absolute() {
-            self.dlq.dir.clone()
-        } else {
-            self.state_dir.join(&self.dlq.dir)
-        }
+        if self.dlq.dir.is_absolute() { self.dlq.dir.clone() } else { self.state_dir.join(&self.dlq.dir) }
     }
 }
 
 fn check_name(name: &str, what: &str) -> Result<(), String> {
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
-        return Err(format!(
-            "{what} name {name:?} must be letters, digits, '_' or '-'"
-        ));
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err(format!("{what} name {name:?} must be letters, digits, '_' or '-'"));
     }
     Ok(())
 }

@@ -12,8 +12,7 @@ pub mod duration {
     /// Deserialize `"30s"`-style text.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
+        humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
     }
 }
 
@@ -24,9 +23,7 @@ pub mod duration_opt {
     /// Deserialize an optional `"30s"`-style text.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(Some)
-            .map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
+        humantime::parse_duration(&s).map(Some).map_err(|e| serde::de::Error::custom(format!("duration {s:?}: {e}")))
     }
 }
 
@@ -71,9 +68,8 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         match Raw::deserialize(d)? {
             Raw::N(n) => Ok(ByteSize(n)),
-            Raw::S(s) => ByteSize::parse(&s).ok_or_else(|| {
-                serde::de::Error::custom(format!("size {s:?}: use e.g. \"64MiB\" or \"1GB\""))
-            }),
+            Raw::S(s) => ByteSize::parse(&s)
+                .ok_or_else(|| serde::de::Error::custom(format!("size {s:?}: use e.g. \"64MiB\" or \"1GB\""))),
         }
     }
 }

@@ -104,10 +104,7 @@ pub fn files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
         let e = e?;
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(n) = name
-            .strip_prefix(PREFIX)
-            .and_then(|r| r.strip_suffix(SUFFIX))
-        {
+        if let Some(n) = name.strip_prefix(PREFIX).and_then(|r| r.strip_suffix(SUFFIX)) {
             if let Ok(i) = n.parse() {
                 out.push((i, e.path()));
             }
@@ -120,10 +117,7 @@ pub fn files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
 impl DeadLetterQueue {
     /// Open (creating) the DLQ directory; files are created mode 0600.
     pub fn open(dir: &Path, max_file: u64, max_total: u64) -> Result<DeadLetterQueue, DlqError> {
-        let io = |source| DlqError::Io {
-            dir: dir.to_owned(),
-            source,
-        };
+        let io = |source| DlqError::Io { dir: dir.to_owned(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
         let existing = files(dir).map_err(io)?;
         let mut total = 0;
@@ -138,12 +132,7 @@ impl DeadLetterQueue {
             dir: dir.to_owned(),
             max_file: max_file.max(4096),
             max_total: max_total.max(4096),
-            active: Mutex::new(Active {
-                file: None,
-                index,
-                size,
-                total,
-            }),
+            active: Mutex::new(Active { file: None, index, size, total }),
         })
     }
 
@@ -164,17 +153,10 @@ impl DeadLetterQueue {
         .to_string()
             + "\n";
         let len = line.len() as u64;
-        let io = |source| DlqError::Io {
-            dir: self.dir.clone(),
-            source,
-        };
+        let io = |source| DlqError::Io { dir: self.dir.clone(), source };
         let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
         if a.total + len > self.max_total {
-            return Err(DlqError::Full {
-                dir: self.dir.clone(),
-                used: a.total,
-                limit: self.max_total,
-            });
+            return Err(DlqError::Full { dir: self.dir.clone(), used: a.total, limit: self.max_total });
         }
         if a.size > 0 && a.size + len > self.max_file {
             a.file = None;
@@ -214,10 +196,7 @@ impl DeadLetterQueue {
 
 /// Read every entry in a DLQ directory (oldest first). Lines that do not parse (a write cut
 /// short by a full disk) are reported through `bad`.
-pub fn read_all(
-    dir: &Path,
-    mut bad: impl FnMut(&Path, usize, String),
-) -> std::io::Result<Vec<StoredDeadLetter>> {
+pub fn read_all(dir: &Path, mut bad: impl FnMut(&Path, usize, String)) -> std::io::Result<Vec<StoredDeadLetter>> {
     let mut out = Vec::new();
     for (_, path) in files(dir)? {
         let f = File::open(&path)?;
@@ -227,18 +206,10 @@ pub fn read_all(
                 continue;
             }
             let parsed: Result<StoredDeadLetter, String> = (|| {
-                let j: serde_json::Value =
-                    serde_json::from_str(&line).map_err(|e| e.to_string())?;
-                let s = |k: &str| {
-                    j.get(k)
-                        .and_then(|v| v.as_str())
-                        .map(str::to_string)
-                        .ok_or(format!("{k} missing"))
-                };
+                let j: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+                let s = |k: &str| j.get(k).and_then(|v| v.as_str()).map(str::to_string).ok_or(format!("{k} missing"));
                 Ok(StoredDeadLetter {
-                    at: DateTime::parse_from_rfc3339(&s("at")?)
-                        .map_err(|e| e.to_string())?
-                        .with_timezone(&Utc),
+                    at: DateTime::parse_from_rfc3339(&s("at")?).map_err(|e| e.to_string())?.with_timezone(&Utc),
                     pipeline: s("pipeline")?,
                     sink: s("sink")?,
                     reason: s("reason")?,

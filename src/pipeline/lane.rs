@@ -58,19 +58,14 @@ pub async fn run(mut inp: LaneInputs) {
         for env in batch.drain(..) {
             let change = &env.change;
             let key = (Arc::clone(&change.source), Arc::clone(&change.relation));
-            let idx = matches
-                .entry(key)
-                .or_insert_with(|| current.matching(&change.source, &change.relation));
+            let idx = matches.entry(key).or_insert_with(|| current.matching(&change.source, &change.relation));
             for &i in idx.iter() {
                 let rp = current.get(i);
                 let def = &rp.def;
                 if !def.ops.contains(change.op) {
                     continue;
                 }
-                let scope = ChangeScope {
-                    change,
-                    event: None,
-                };
+                let scope = ChangeScope { change, event: None };
                 for (bound, sink) in def.actions.iter().zip(&rp.sinks) {
                     payloads.clear();
                     match bound.action.render(&scope, change, &mut payloads) {
@@ -95,15 +90,8 @@ pub async fn run(mut inp: LaneInputs) {
                         }
                         Err(reason) => {
                             let reason = format!("{} ({}): {reason}", def.name, def.file.display());
-                            if !record_dead_letter(
-                                &inp.dlq,
-                                &def.name,
-                                &bound.target,
-                                &reason,
-                                change,
-                                &inp.hard_stop,
-                            )
-                            .await
+                            if !record_dead_letter(&inp.dlq, &def.name, &bound.target, &reason, change, &inp.hard_stop)
+                                .await
                             {
                                 return;
                             }

@@ -52,10 +52,7 @@ struct RawMatch {
 
 /// Every `*.toml` in `dir`, sorted, so load order (and error order) is stable.
 pub fn pipeline_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-    let rd = std::fs::read_dir(dir).map_err(|source| ConfigError::Read {
-        path: dir.to_owned(),
-        source,
-    })?;
+    let rd = std::fs::read_dir(dir).map_err(|source| ConfigError::Read { path: dir.to_owned(), source })?;
     let mut files: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
@@ -90,10 +87,7 @@ pub fn load_all(cfg: &Config) -> Result<Vec<Arc<Pipeline>>, ConfigError> {
 
 /// Load one pipeline file.
 pub fn load_file(path: &Path, cfg: &Config) -> Result<Pipeline, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     compile(path, &text, cfg)
 }
 
@@ -101,31 +95,20 @@ pub fn load_file(path: &Path, cfg: &Config) -> Result<Pipeline, ConfigError> {
 fn locate(text: &str, span: std::ops::Range<usize>, needle: &str) -> usize {
     let start = span.start.min(text.len());
     let end = span.end.min(text.len()).max(start);
-    text[start..end]
-        .find(needle)
-        .map(|i| start + i)
-        .unwrap_or(start)
+    text[start..end].find(needle).map(|i| start + i).unwrap_or(start)
 }
 
 /// Compile pipeline text read from `path`.
 pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, ConfigError> {
-    let raw: RawPipeline =
-        toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, &e))?;
+    let raw: RawPipeline = toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, &e))?;
     let at = |offset: usize, msg: String| ConfigError::at(path, text, offset, msg);
     let mut errors = Vec::new();
 
     let name = match &raw.name {
         Some(n) => n.get_ref().clone(),
-        None => path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
     };
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
         errors.push(at(
             raw.name.as_ref().map(|n| n.span().start).unwrap_or(0),
             format!("pipeline name {name:?} must be letters, digits, '_' or '-'"),
@@ -135,18 +118,12 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
     let source = raw.source.get_ref();
     if !cfg.sources.contains_key(source) {
         let known: Vec<&str> = cfg.sources.keys().map(String::as_str).collect();
-        errors.push(at(
-            raw.source.span().start,
-            format!("unknown source {source:?}; the config defines {known:?}"),
-        ));
+        errors.push(at(raw.source.span().start, format!("unknown source {source:?}; the config defines {known:?}")));
     }
 
     let mut relations = Vec::new();
     if raw.matches.get_ref().relations.is_empty() {
-        errors.push(at(
-            raw.matches.span().start,
-            "match.relations is empty; name at least one relation".into(),
-        ));
+        errors.push(at(raw.matches.span().start, "match.relations is empty; name at least one relation".into()));
     }
     for r in &raw.matches.get_ref().relations {
         match RelationPattern::parse(r.get_ref()) {
@@ -163,10 +140,7 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
                     Some(op) => ops.push(op),
                     None => errors.push(at(
                         o.span().start,
-                        format!(
-                            "unknown op {:?}; use insert, update, delete, truncate or read",
-                            o.get_ref()
-                        ),
+                        format!("unknown op {:?}; use insert, update, delete, truncate or read", o.get_ref()),
                     )),
                 }
             }
@@ -176,10 +150,7 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
 
     for (what, prog) in [("filter", &raw.filter), ("transform", &raw.transform)] {
         if let Some(p) = prog {
-            errors.push(at(
-                p.span().start,
-                format!("{what}: VRL programs are not supported by this build yet"),
-            ));
+            errors.push(at(p.span().start, format!("{what}: VRL programs are not supported by this build yet")));
         }
     }
 
@@ -190,25 +161,15 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
     for (i, s) in raw.sinks.iter().enumerate() {
         let span = s.span();
         let table = s.get_ref().clone();
-        let Some(target) = table
-            .get("target")
-            .and_then(|t| t.as_str())
-            .map(str::to_string)
-        else {
-            errors.push(at(
-                span.start,
-                format!("sink #{}: target = \"<sink name>\" is required", i + 1),
-            ));
+        let Some(target) = table.get("target").and_then(|t| t.as_str()).map(str::to_string) else {
+            errors.push(at(span.start, format!("sink #{}: target = \"<sink name>\" is required", i + 1)));
             continue;
         };
         let Some(sink_cfg) = cfg.sinks.get(&target) else {
             let known: Vec<&str> = cfg.sinks.keys().map(String::as_str).collect();
             errors.push(at(
                 locate(text, span.clone(), &format!("\"{target}\"")),
-                format!(
-                    "sink #{}: unknown sink target {target:?}; the config defines {known:?}",
-                    i + 1
-                ),
+                format!("sink #{}: unknown sink target {target:?}; the config defines {known:?}", i + 1),
             ));
             continue;
         };
@@ -217,17 +178,12 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
                 target: Name::from(target.as_str()),
                 kind: sink_cfg.kind(),
                 action,
-                outputs: crate::telemetry::metrics()
-                    .pipeline_outputs
-                    .with_label_values(&[&name, &target]),
+                outputs: crate::telemetry::metrics().pipeline_outputs.with_label_values(&[&name, &target]),
             }),
             Err(msg) => {
                 // Point at the offending template when the message quotes one.
-                let offset = msg
-                    .split('"')
-                    .nth(1)
-                    .map(|needle| locate(text, span.clone(), needle))
-                    .unwrap_or(span.start);
+                let offset =
+                    msg.split('"').nth(1).map(|needle| locate(text, span.clone(), needle)).unwrap_or(span.start);
                 errors.push(at(offset, format!("sink #{} ({target}): {msg}", i + 1)));
             }
         }

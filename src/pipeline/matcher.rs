@@ -23,15 +23,9 @@ impl RelationPattern {
             return Err(format!("relation {s:?} is not a name"));
         }
         match s.strip_suffix('*') {
-            Some(prefix) if !prefix.contains('*') => {
-                Ok(RelationPattern::Prefix(prefix.to_string()))
-            }
-            Some(_) => Err(format!(
-                "relation pattern {s:?}: only a trailing * is supported"
-            )),
-            None if s.contains('*') => Err(format!(
-                "relation pattern {s:?}: only a trailing * is supported"
-            )),
+            Some(prefix) if !prefix.contains('*') => Ok(RelationPattern::Prefix(prefix.to_string())),
+            Some(_) => Err(format!("relation pattern {s:?}: only a trailing * is supported")),
+            None if s.contains('*') => Err(format!("relation pattern {s:?}: only a trailing * is supported")),
             None => Ok(RelationPattern::Exact(s.to_string())),
         }
     }
@@ -90,16 +84,8 @@ mod tests {
 
     #[test]
     fn patterns() {
-        assert!(
-            RelationPattern::parse("public.*")
-                .unwrap()
-                .matches("public.orders")
-        );
-        assert!(
-            !RelationPattern::parse("public.*")
-                .unwrap()
-                .matches("audit.orders")
-        );
+        assert!(RelationPattern::parse("public.*").unwrap().matches("public.orders"));
+        assert!(!RelationPattern::parse("public.*").unwrap().matches("audit.orders"));
         assert!(RelationPattern::parse("*").unwrap().matches("x"));
         assert!(RelationPattern::parse("pub*lic.x").is_err());
         let s = OpSet::from_ops([Op::Insert, Op::Delete]);

@@ -82,12 +82,7 @@ impl Pipeline {
             self.ops.names().join(", ")
         )];
         for a in &self.actions {
-            lines.push(format!(
-                "  -> {} sink {}: {}",
-                a.kind,
-                a.target,
-                a.action.describe()
-            ));
+            lines.push(format!("  -> sink {} ({}): {}", a.target, a.kind, a.action.describe()));
         }
         lines
     }

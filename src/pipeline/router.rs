@@ -53,9 +53,7 @@ fn hash_value(v: &Value, h: &mut FxHasher) {
 impl Router {
     /// Router over lane senders.
     pub fn new(lanes: Vec<mpsc::Sender<Envelope>>) -> Router {
-        Router {
-            lanes: lanes.into(),
-        }
+        Router { lanes: lanes.into() }
     }
 
     /// Number of lanes.
@@ -78,10 +76,7 @@ impl Router {
 
     /// An emitter feeding these lanes under a source's acknowledgement window.
     pub fn emitter(&self, window: Arc<AckWindow>) -> Emitter {
-        Emitter {
-            router: self.clone(),
-            window,
-        }
+        Emitter { router: self.clone(), window }
     }
 }
 
@@ -112,14 +107,8 @@ impl Emitter {
     /// [`Reservation::send`].
     pub async fn reserve(&self, lane: usize) -> Result<Reservation<'_>, Closed> {
         self.window.wait_for_space().await;
-        let permit = self.router.lanes[lane]
-            .reserve()
-            .await
-            .map_err(|_| Closed)?;
-        Ok(Reservation {
-            permit,
-            window: &self.window,
-        })
+        let permit = self.router.lanes[lane].reserve().await.map_err(|_| Closed)?;
+        Ok(Reservation { permit, window: &self.window })
     }
 }
 
@@ -127,13 +116,7 @@ impl Reservation<'_> {
     /// Hand the change over. Only the emitter's source issues tickets from its window, and the
     /// window had room when reserved, so this cannot fail.
     pub fn send(self, change: Change) {
-        let ticket = self
-            .window
-            .try_issue()
-            .expect("window had room at reservation");
-        self.permit.send(Envelope {
-            change: Arc::new(change),
-            ticket,
-        });
+        let ticket = self.window.try_issue().expect("window had room at reservation");
+        self.permit.send(Envelope { change: Arc::new(change), ticket });
     }
 }

@@ -27,20 +27,12 @@ impl Scope for ChangeScope<'_> {
             Root::Relation => return Some(Cow::Owned(Value::Text(c.relation.to_string()))),
             Root::Schema => {
                 return Some(Cow::Owned(Value::Text(
-                    c.relation
-                        .rsplit_once('.')
-                        .map(|(s, _)| s)
-                        .unwrap_or("")
-                        .to_string(),
+                    c.relation.rsplit_once('.').map(|(s, _)| s).unwrap_or("").to_string(),
                 )));
             }
             Root::Table => {
                 return Some(Cow::Owned(Value::Text(
-                    c.relation
-                        .rsplit_once('.')
-                        .map(|(_, t)| t)
-                        .unwrap_or(&c.relation)
-                        .to_string(),
+                    c.relation.rsplit_once('.').map(|(_, t)| t).unwrap_or(&c.relation).to_string(),
                 )));
             }
             Root::Op => return Some(Cow::Owned(Value::Text(c.op.as_str().to_string()))),

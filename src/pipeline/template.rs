@@ -62,10 +62,7 @@ impl Root {
 
     /// True for roots that hold fields (and so need a field name after them).
     pub fn has_fields(self) -> bool {
-        matches!(
-            self,
-            Root::Key | Root::Before | Root::After | Root::Row | Root::Event
-        )
+        matches!(self, Root::Key | Root::Before | Root::After | Root::Row | Root::Event)
     }
 }
 
@@ -112,23 +109,15 @@ impl Path {
             if let Some(r) = rest.strip_prefix('.') {
                 let end = r.find(['.', '[']).unwrap_or(r.len());
                 let name = &r[..end];
-                if name.is_empty()
-                    || !name
-                        .chars()
-                        .all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '$')
-                {
+                if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-' || c == '$') {
                     return Err(format!("bad field name {name:?} in {{{{ {text} }}}}"));
                 }
                 steps.push(Step::Field(name.to_string()));
                 rest = &r[end..];
             } else if let Some(r) = rest.strip_prefix('[') {
-                let end = r
-                    .find(']')
-                    .ok_or_else(|| format!("missing ] in {{{{ {text} }}}}"))?;
-                let n = r[..end]
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("bad index [{}] in {{{{ {text} }}}}", &r[..end]))?;
+                let end = r.find(']').ok_or_else(|| format!("missing ] in {{{{ {text} }}}}"))?;
+                let n =
+                    r[..end].trim().parse().map_err(|_| format!("bad index [{}] in {{{{ {text} }}}}", &r[..end]))?;
                 steps.push(Step::Index(n));
                 rest = &r[end + 1..];
             } else {
@@ -136,18 +125,12 @@ impl Path {
             }
         }
         if root.has_fields() && steps.is_empty() && root != Root::Event {
-            return Err(format!(
-                "{{{{ {text} }}}} names a whole row; name a field, e.g. {{{{ {text}.id }}}}"
-            ));
+            return Err(format!("{{{{ {text} }}}} names a whole row; name a field, e.g. {{{{ {text}.id }}}}"));
         }
         if !root.has_fields() && !steps.is_empty() {
             return Err(format!("{{{{ {text} }}}}: {root_word} has no fields"));
         }
-        Ok(Path {
-            root,
-            steps,
-            text: text.to_string(),
-        })
+        Ok(Path { root, steps, text: text.to_string() })
     }
 
     /// The first field after a row root (`after.user_id` → `user_id`), for checking column names.
@@ -278,38 +261,24 @@ impl Template {
                 parts.push(Part::Lit(rest[..open].to_string()));
             }
             let after = &rest[open + 2..];
-            let close = after.find("}}").ok_or_else(|| TemplateError {
-                offset: offset + open,
-                msg: "unclosed {{".into(),
-            })?;
-            let path = Path::parse(&after[..close]).map_err(|msg| TemplateError {
-                offset: offset + open,
-                msg,
-            })?;
+            let close =
+                after.find("}}").ok_or_else(|| TemplateError { offset: offset + open, msg: "unclosed {{".into() })?;
+            let path = Path::parse(&after[..close]).map_err(|msg| TemplateError { offset: offset + open, msg })?;
             parts.push(Part::Field(path));
             let consumed = open + 2 + close + 2;
             rest = &rest[consumed..];
             offset += consumed;
         }
         if rest.contains("}}") {
-            return Err(TemplateError {
-                offset: offset + rest.find("}}").unwrap_or(0),
-                msg: "}} without {{".into(),
-            });
+            return Err(TemplateError { offset: offset + rest.find("}}").unwrap_or(0), msg: "}} without {{".into() });
         }
         if !rest.is_empty() {
             parts.push(Part::Lit(rest.to_string()));
         }
         if parts.is_empty() {
-            return Err(TemplateError {
-                offset: 0,
-                msg: "empty template".into(),
-            });
+            return Err(TemplateError { offset: 0, msg: "empty template".into() });
         }
-        Ok(Template {
-            parts,
-            source: s.to_string(),
-        })
+        Ok(Template { parts, source: s.to_string() })
     }
 
     /// The paths the template reads.
@@ -331,13 +300,10 @@ impl Template {
             match p {
                 Part::Lit(s) => out.push_str(s),
                 Part::Field(path) => {
-                    let v = scope.resolve(path).ok_or_else(|| RenderError::Missing {
-                        path: path.to_string(),
-                    })?;
-                    let text = v.template_text().ok_or_else(|| RenderError::NotText {
-                        path: path.to_string(),
-                        kind: v.type_word(),
-                    })?;
+                    let v = scope.resolve(path).ok_or_else(|| RenderError::Missing { path: path.to_string() })?;
+                    let text = v
+                        .template_text()
+                        .ok_or_else(|| RenderError::NotText { path: path.to_string(), kind: v.type_word() })?;
                     out.push_str(&text);
                 }
             }
@@ -362,9 +328,7 @@ mod tests {
         fn resolve(&self, p: &Path) -> Option<Cow<'_, Value>> {
             let v = match (p.root, p.steps.first()) {
                 (Root::After, Some(Step::Field(f))) if f == "user_id" => Value::Int(7),
-                (Root::After, Some(Step::Field(f))) if f == "doc" => {
-                    Value::Json(r#"{"a":{"b":[10,"x"]}}"#.into())
-                }
+                (Root::After, Some(Step::Field(f))) if f == "doc" => Value::Json(r#"{"a":{"b":[10,"x"]}}"#.into()),
                 (Root::After, Some(Step::Field(f))) if f == "gone" => Value::Null,
                 (Root::Table, None) => Value::Text("carts".into()),
                 _ => return None,
@@ -384,40 +348,17 @@ mod tests {
     #[test]
     fn missing_and_null_are_errors_not_text() {
         let t = Template::parse("k:{{ after.nope }}").unwrap();
-        assert_eq!(
-            t.render(&S),
-            Err(RenderError::Missing {
-                path: "after.nope".into()
-            })
-        );
+        assert_eq!(t.render(&S), Err(RenderError::Missing { path: "after.nope".into() }));
         let t = Template::parse("k:{{ after.gone }}").unwrap();
-        assert!(matches!(
-            t.render(&S),
-            Err(RenderError::NotText { kind: "null", .. })
-        ));
+        assert!(matches!(t.render(&S), Err(RenderError::NotText { kind: "null", .. })));
     }
 
     #[test]
     fn syntax_errors_have_offsets() {
         assert_eq!(Template::parse("ab{{ bogus.x }}").unwrap_err().offset, 2);
-        assert!(
-            Template::parse("ab{{ after.x")
-                .unwrap_err()
-                .msg
-                .contains("unclosed")
-        );
-        assert!(
-            Template::parse("{{ after }}")
-                .unwrap_err()
-                .msg
-                .contains("whole row")
-        );
-        assert!(
-            Template::parse("{{ op.x }}")
-                .unwrap_err()
-                .msg
-                .contains("no fields")
-        );
+        assert!(Template::parse("ab{{ after.x").unwrap_err().msg.contains("unclosed"));
+        assert!(Template::parse("{{ after }}").unwrap_err().msg.contains("whole row"));
+        assert!(Template::parse("{{ op.x }}").unwrap_err().msg.contains("no fields"));
         assert!(Template::parse("x }}").is_err());
     }
 }

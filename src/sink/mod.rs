@@ -49,11 +49,7 @@ impl SinkConfig {
     }
 
     /// Compile a pipeline's `[[sink]]` table for this target.
-    pub fn compile_action(
-        &self,
-        target: &str,
-        table: toml::Table,
-    ) -> Result<Arc<dyn Action>, String> {
+    pub fn compile_action(&self, target: &str, table: toml::Table) -> Result<Arc<dyn Action>, String> {
         match self {
             SinkConfig::Cache(c) => cache::action::compile(c, target, table),
             SinkConfig::Noop(_) => noop::compile(table),
@@ -149,10 +145,7 @@ pub trait Sink: Send + Sync + 'static {
     /// Batch bounds.
     fn limits(&self) -> BatchLimits;
     /// Write a batch.
-    fn write<'a>(
-        &'a self,
-        batch: &'a [Record],
-    ) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>>;
+    fn write<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>>;
     /// Cheap reachability check for readiness.
     fn check(&self) -> BoxFuture<'_, Result<(), SinkError>>;
 }
@@ -161,12 +154,7 @@ pub trait Sink: Send + Sync + 'static {
 pub trait Action: Send + Sync {
     /// Render the payloads of one change (appending to `out`). An error sends the change to
     /// the DLQ for this sink with the message as reason.
-    fn render(
-        &self,
-        scope: &dyn Scope,
-        change: &Change,
-        out: &mut Vec<Payload>,
-    ) -> Result<(), String>;
+    fn render(&self, scope: &dyn Scope, change: &Change, out: &mut Vec<Payload>) -> Result<(), String>;
     /// Template paths the action reads (checked against table columns at start-up).
     fn paths(&self) -> Vec<&Path>;
     /// One line for `polysync check`'s plan.

@@ -31,10 +31,7 @@ impl NoopSink {
     pub fn new(name: &str, cfg: &NoopSinkConfig) -> NoopSink {
         NoopSink {
             name: name.to_string(),
-            limits: BatchLimits {
-                max_records: cfg.batch_size.unwrap_or(1024),
-                linger: Duration::ZERO,
-            },
+            limits: BatchLimits { max_records: cfg.batch_size.unwrap_or(1024), linger: Duration::ZERO },
         }
     }
 }
@@ -49,10 +46,7 @@ impl Sink for NoopSink {
     fn limits(&self) -> BatchLimits {
         self.limits
     }
-    fn write<'a>(
-        &'a self,
-        batch: &'a [Record],
-    ) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
+    fn write<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
         Box::pin(async move { Ok(vec![ItemOutcome::Applied; batch.len()]) })
     }
     fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {

@@ -90,10 +90,7 @@ pub fn start(
                     Ok(Err(e)) => Err(e.msg),
                     Err(_) => Err(format!("no answer within {CHECK_INTERVAL:?}")),
                 };
-                metrics()
-                    .sink_up
-                    .with_label_values(&[sink.name()])
-                    .set(i64::from(state.is_ok()));
+                metrics().sink_up.with_label_values(&[sink.name()]).set(i64::from(state.is_ok()));
                 health.set(&component, state);
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -104,13 +101,7 @@ pub fn start(
         });
     }
     tasks.close();
-    SinkHandle {
-        name: Name::from(name),
-        config,
-        lanes: senders,
-        tasks,
-        checker,
-    }
+    SinkHandle { name: Name::from(name), config, lanes: senders, tasks, checker }
 }
 
 fn backoff() -> impl Iterator<Item = Duration> {
@@ -178,23 +169,14 @@ async fn deliver(
         let started = Instant::now();
         let result = sink.write(&pending).await;
         tracing::trace!(sink = %name, records = pending.len(), ok = result.is_ok(), "sink write");
-        m.sink_request_duration
-            .with_label_values(&[&name])
-            .observe(started.elapsed().as_secs_f64());
-        m.sink_batch_size
-            .with_label_values(&[&name])
-            .observe(pending.len() as f64);
+        m.sink_request_duration.with_label_values(&[&name]).observe(started.elapsed().as_secs_f64());
+        m.sink_batch_size.with_label_values(&[&name]).observe(pending.len() as f64);
         let outcomes = match result {
             Ok(o) if o.len() == pending.len() => o,
             Ok(o) => {
                 tracing::error!(sink = %name, expected = pending.len(), got = o.len(), "sink returned the wrong number of outcomes; retrying the batch");
                 m.sink_errors.with_label_values(&[&name, "transient"]).inc();
-                if !pause(
-                    delays.next().unwrap_or(Duration::from_secs(30)),
-                    &ctx.hard_stop,
-                )
-                .await
-                {
+                if !pause(delays.next().unwrap_or(Duration::from_secs(30)), &ctx.hard_stop).await {
                     return false;
                 }
                 continue;
@@ -246,34 +228,21 @@ async fn deliver(
             }
         }
         if applied > 0 {
-            m.sink_records
-                .with_label_values(&[&name, "applied"])
-                .inc_by(applied);
+            m.sink_records.with_label_values(&[&name, "applied"]).inc_by(applied);
         }
         if retry.is_empty() {
             return true;
         }
         pending = retry;
-        if !pause(
-            delays.next().unwrap_or(Duration::from_secs(30)),
-            &ctx.hard_stop,
-        )
-        .await
-        {
+        if !pause(delays.next().unwrap_or(Duration::from_secs(30)), &ctx.hard_stop).await {
             return false;
         }
     }
 }
 
-fn observe_lag(
-    lags: &mut HashMap<Name, prometheus::Histogram>,
-    rec: &Record,
-    now: chrono::DateTime<Utc>,
-) {
+fn observe_lag(lags: &mut HashMap<Name, prometheus::Histogram>, rec: &Record, now: chrono::DateTime<Utc>) {
     if let Some(t) = rec.change.commit_time {
-        let h = lags
-            .entry(Arc::clone(&rec.pipeline))
-            .or_insert_with(|| metrics().lag_for(&rec.pipeline));
+        let h = lags.entry(Arc::clone(&rec.pipeline)).or_insert_with(|| metrics().lag_for(&rec.pipeline));
         h.observe(((now - t).num_microseconds().unwrap_or(0).max(0) as f64) / 1e6);
     }
 }
@@ -281,15 +250,7 @@ fn observe_lag(
 /// Record a refused item in the DLQ, retrying the write (disk full) until it succeeds or the
 /// hard stop fires. Returns false on hard stop; the caller must then not acknowledge.
 pub async fn dead_letter(rec: &Record, sink: &str, reason: &str, ctx: &LaneContext) -> bool {
-    record_dead_letter(
-        &ctx.dlq,
-        &rec.pipeline,
-        sink,
-        reason,
-        &rec.change,
-        &ctx.hard_stop,
-    )
-    .await
+    record_dead_letter(&ctx.dlq, &rec.pipeline, sink, reason, &rec.change, &ctx.hard_stop).await
 }
 
 /// Write one DLQ entry durably, retrying with backoff; false if the hard stop fired first.
@@ -305,18 +266,11 @@ pub async fn record_dead_letter(
     let mut delays = backoff();
     let mut logged = false;
     loop {
-        let entry = DeadLetter {
-            pipeline,
-            sink,
-            reason,
-            change,
-        };
+        let entry = DeadLetter { pipeline, sink, reason, change };
         match dlq.write(&entry) {
             Ok(()) => {
                 m.dlq_entries.with_label_values(&[pipeline, sink]).inc();
-                m.sink_records
-                    .with_label_values(&[sink, "dead_lettered"])
-                    .inc();
+                m.sink_records.with_label_values(&[sink, "dead_lettered"]).inc();
                 m.dlq_bytes.set(dlq.total_bytes() as i64);
                 tracing::warn!(pipeline, sink, relation = %change.relation, key = %change.key_display(), position = %change.position, reason, "change dead-lettered");
                 return true;

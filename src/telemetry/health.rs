@@ -17,10 +17,7 @@ pub struct Health {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as i64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
 }
 
 impl Health {
@@ -43,18 +40,12 @@ impl Health {
 
     /// Set a component's state (`source shop`, `sink cache`).
     pub fn set(&self, component: &str, state: Result<(), String>) {
-        self.components
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(component.to_string(), state);
+        self.components.lock().unwrap_or_else(|p| p.into_inner()).insert(component.to_string(), state);
     }
 
     /// Forget a component (a sink removed by reload).
     pub fn remove(&self, component: &str) {
-        self.components
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(component);
+        self.components.lock().unwrap_or_else(|p| p.into_inner()).remove(component);
     }
 
     /// Ready if at least one component is registered and all are OK; otherwise the reasons.
@@ -63,15 +54,9 @@ impl Health {
         if c.is_empty() {
             return Err("starting: no component has reported yet".into());
         }
-        let bad: Vec<String> = c
-            .iter()
-            .filter_map(|(k, v)| v.as_ref().err().map(|e| format!("{k}: {e}")))
-            .collect();
+        let bad: Vec<String> = c.iter().filter_map(|(k, v)| v.as_ref().err().map(|e| format!("{k}: {e}"))).collect();
         if bad.is_empty() {
-            Ok(c.keys()
-                .map(|k| format!("{k}: ok"))
-                .collect::<Vec<_>>()
-                .join("\n"))
+            Ok(c.keys().map(|k| format!("{k}: ok")).collect::<Vec<_>>().join("\n"))
         } else {
             Err(bad.join("\n"))
         }

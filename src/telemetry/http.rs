@@ -42,9 +42,7 @@ pub async fn serve(
         })
     };
     Ok(tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await;
+        let _ = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
         ticker.abort();
     }))
 }
@@ -52,10 +50,7 @@ pub async fn serve(
 async fn healthz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
     let since = h.since_beat();
     if since > STALL {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("event loop stalled for {since:?}\n"),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, format!("event loop stalled for {since:?}\n"))
     } else {
         (StatusCode::OK, "ok\n".into())
     }

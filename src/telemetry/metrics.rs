@@ -7,8 +7,8 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Metric names, so tests and docs refer to the same strings.
@@ -94,15 +94,8 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     g
 }
 
-fn histogram(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-    buckets: Vec<f64>,
-) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-        .expect("valid metric");
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric");
     r.register(Box::new(h.clone())).expect("unique metric");
     h
 }
@@ -111,82 +104,41 @@ impl Metrics {
     fn new() -> Metrics {
         use names::*;
         let r = Registry::new();
-        let latency = vec![
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            60.0, 300.0,
-        ];
+        let latency =
+            vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
         let source_lag = prometheus::GaugeVec::new(
-            Opts::new(
-                SOURCE_LAG,
-                "Seconds between now and the commit time of the newest change read",
-            ),
+            Opts::new(SOURCE_LAG, "Seconds between now and the commit time of the newest change read"),
             &["source"],
         )
         .expect("valid metric");
-        r.register(Box::new(source_lag.clone()))
-            .expect("unique metric");
-        let dlq_bytes =
-            IntGauge::new(DLQ_BYTES, "Bytes held in dead-letter files").expect("valid metric");
-        r.register(Box::new(dlq_bytes.clone()))
-            .expect("unique metric");
-        let dlq_write_failures = IntCounter::new(
-            DLQ_WRITE_FAILURES,
-            "Dead-letter writes that failed; the change was not acknowledged",
-        )
-        .expect("valid metric");
-        r.register(Box::new(dlq_write_failures.clone()))
-            .expect("unique metric");
+        r.register(Box::new(source_lag.clone())).expect("unique metric");
+        let dlq_bytes = IntGauge::new(DLQ_BYTES, "Bytes held in dead-letter files").expect("valid metric");
+        r.register(Box::new(dlq_bytes.clone())).expect("unique metric");
+        let dlq_write_failures =
+            IntCounter::new(DLQ_WRITE_FAILURES, "Dead-letter writes that failed; the change was not acknowledged")
+                .expect("valid metric");
+        r.register(Box::new(dlq_write_failures.clone())).expect("unique metric");
         let m = Metrics {
             build_info: gauge(&r, BUILD_INFO, "Build information", &["version"]),
-            source_changes: counter(
-                &r,
-                SOURCE_CHANGES,
-                "Changes read from a source",
-                &["source", "relation"],
-            ),
+            source_changes: counter(&r, SOURCE_CHANGES, "Changes read from a source", &["source", "relation"]),
             source_lag,
-            source_connected: gauge(
-                &r,
-                SOURCE_CONNECTED,
-                "1 while the source stream is connected",
-                &["source"],
-            ),
-            source_reconnects: counter(
-                &r,
-                SOURCE_RECONNECTS,
-                "Source stream reconnects",
-                &["source"],
-            ),
+            source_connected: gauge(&r, SOURCE_CONNECTED, "1 while the source stream is connected", &["source"]),
+            source_reconnects: counter(&r, SOURCE_RECONNECTS, "Source stream reconnects", &["source"]),
             pg_slot_lag: gauge(
                 &r,
                 PG_SLOT_LAG,
                 "Server WAL position minus the slot's confirmed_flush_lsn",
                 &["source", "slot"],
             ),
-            pg_confirmed_lsn: gauge(
-                &r,
-                PG_CONFIRMED_LSN,
-                "Last LSN confirmed to the server as applied",
-                &["source"],
-            ),
-            in_flight: gauge(
-                &r,
-                IN_FLIGHT,
-                "Changes read but not yet applied by every sink",
-                &["source"],
-            ),
+            pg_confirmed_lsn: gauge(&r, PG_CONFIRMED_LSN, "Last LSN confirmed to the server as applied", &["source"]),
+            in_flight: gauge(&r, IN_FLIGHT, "Changes read but not yet applied by every sink", &["source"]),
             pipeline_outputs: counter(
                 &r,
                 PIPELINE_OUTPUTS,
                 "Sink records produced by a pipeline",
                 &["pipeline", "sink"],
             ),
-            sink_records: counter(
-                &r,
-                SINK_RECORDS,
-                "Records finished by a sink",
-                &["sink", "result"],
-            ),
+            sink_records: counter(&r, SINK_RECORDS, "Records finished by a sink", &["sink", "result"]),
             sink_request_duration: histogram(
                 &r,
                 SINK_REQUEST_DURATION,
@@ -199,18 +151,11 @@ impl Metrics {
                 SINK_BATCH_SIZE,
                 "Records per sink request",
                 &["sink"],
-                vec![
-                    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0,
-                ],
+                vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0],
             ),
             sink_retries: counter(&r, SINK_RETRIES, "Sink retries", &["sink", "kind"]),
             sink_errors: counter(&r, SINK_ERRORS, "Sink errors", &["sink", "kind"]),
-            sink_up: gauge(
-                &r,
-                SINK_UP,
-                "1 when the sink answered its last request or check",
-                &["sink"],
-            ),
+            sink_up: gauge(&r, SINK_UP, "1 when the sink answered its last request or check", &["sink"]),
             end_to_end_lag: histogram(
                 &r,
                 END_TO_END_LAG,
@@ -218,25 +163,13 @@ impl Metrics {
                 &["pipeline"],
                 latency,
             ),
-            dlq_entries: counter(
-                &r,
-                DLQ_ENTRIES,
-                "Dead-letter entries written",
-                &["pipeline", "sink"],
-            ),
+            dlq_entries: counter(&r, DLQ_ENTRIES, "Dead-letter entries written", &["pipeline", "sink"]),
             dlq_bytes,
             dlq_write_failures,
-            config_reloads: counter(
-                &r,
-                CONFIG_RELOADS,
-                "Pipeline/config reloads by result",
-                &["result"],
-            ),
+            config_reloads: counter(&r, CONFIG_RELOADS, "Pipeline/config reloads by result", &["result"]),
             registry: r,
         };
-        m.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         m
     }
 

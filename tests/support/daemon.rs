@@ -14,13 +14,7 @@ pub fn pg_cache_config(db_url: &str, slot: &str, extra: &str) -> String {
 }
 
 /// Like [`pg_cache_config`] with a separate publication name and extra source settings.
-pub fn pg_cache_config_with(
-    db_url: &str,
-    slot: &str,
-    publication: &str,
-    source_extra: &str,
-    extra: &str,
-) -> String {
+pub fn pg_cache_config_with(db_url: &str, slot: &str, publication: &str, source_extra: &str, extra: &str) -> String {
     format!(
         r#"
 state_dir = "state"
@@ -96,11 +90,7 @@ pub struct ChildDaemon {
 
 impl ChildDaemon {
     pub fn spawn(config: &Path, log: &Path) -> ChildDaemon {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_polysync"))
             .arg("run")
             .arg("--config")
@@ -110,10 +100,7 @@ impl ChildDaemon {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn polysync");
-        ChildDaemon {
-            child,
-            log: log.to_owned(),
-        }
+        ChildDaemon { child, log: log.to_owned() }
     }
 
     pub fn pid(&self) -> i32 {
@@ -146,9 +133,7 @@ impl ChildDaemon {
 /// Daemon logs go to the test's captured output (shown when a test fails).
 pub fn init_test_logging() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_test_writer()
         .try_init();
 }

@@ -31,11 +31,7 @@ pub async fn exclusive() -> RwLockWriteGuard<'static, ()> {
 /// A name unique to this test process and call (for databases, slots, key prefixes).
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Repository root.
@@ -78,9 +74,7 @@ pub struct Workspace {
 
 impl Workspace {
     pub fn new() -> Workspace {
-        Workspace {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
+        Workspace { dir: tempfile::tempdir().expect("tempdir") }
     }
 
     pub fn path(&self) -> &Path {
@@ -120,18 +114,12 @@ impl Workspace {
 
     /// Every DLQ entry written so far.
     pub fn dead_letters(&self) -> Vec<polysync::dlq::StoredDeadLetter> {
-        polysync::dlq::read_all(&self.dlq_dir(), |p, l, e| {
-            panic!("bad DLQ line {}:{l}: {e}", p.display())
-        })
-        .expect("read dlq")
+        polysync::dlq::read_all(&self.dlq_dir(), |p, l, e| panic!("bad DLQ line {}:{l}: {e}", p.display()))
+            .expect("read dlq")
     }
 }
 
 /// A free loopback TCP port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }

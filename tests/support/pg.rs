@@ -4,8 +4,7 @@ use tokio_postgres::{Client, NoTls};
 
 /// Admin URL of the test server (`make peers` exports `POLYSYNC_TEST_PG`).
 pub fn admin_url() -> String {
-    std::env::var("POLYSYNC_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:55432/postgres".into())
+    std::env::var("POLYSYNC_TEST_PG").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:55432/postgres".into())
 }
 
 fn with_db(url: &str, db: &str) -> String {
@@ -16,9 +15,7 @@ fn with_db(url: &str, db: &str) -> String {
 
 /// Connect to a URL (no TLS; the test server is on loopback).
 pub async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -36,30 +33,19 @@ impl TestDb {
     pub async fn create(prefix: &str) -> TestDb {
         let name = super::unique(prefix).to_lowercase();
         let admin = connect(&admin_url()).await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
         let url = with_db(&admin_url(), &name);
         let client = connect(&url).await;
         TestDb { name, url, client }
     }
 
     pub async fn exec(&self, sql: &str) {
-        self.client
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        self.client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     }
 
     /// Current WAL position.
     pub async fn current_lsn(&self) -> u64 {
-        let s: String = self
-            .client
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let s: String = self.client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
         s.parse::<polysync::change::Lsn>().unwrap().0
     }
 
@@ -67,10 +53,7 @@ impl TestDb {
     pub async fn confirmed(&self, slot: &str) -> u64 {
         let row = self
             .client
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
+            .query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
             .await
             .unwrap();
         match row.and_then(|r| r.get::<_, Option<String>>(0)) {
@@ -82,11 +65,9 @@ impl TestDb {
     /// Wait until the slot has confirmed everything written so far.
     pub async fn wait_caught_up(&self, slot: &str, timeout: std::time::Duration) {
         let target = self.current_lsn().await;
-        super::wait_for(
-            &format!("slot {slot} to confirm {}", polysync::change::Lsn(target)),
-            timeout,
-            || async { self.confirmed(slot).await >= target },
-        )
+        super::wait_for(&format!("slot {slot} to confirm {}", polysync::change::Lsn(target)), timeout, || async {
+            self.confirmed(slot).await >= target
+        })
         .await;
     }
 
@@ -102,10 +83,7 @@ impl TestDb {
                 ))
                 .await;
             let left: i64 = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
-                    &[&self.name],
-                )
+                .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = $1", &[&self.name])
                 .await
                 .unwrap()
                 .get(0);
@@ -115,11 +93,6 @@ impl TestDb {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         drop(self.client);
-        let _ = admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await;
+        let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await;
     }
 }

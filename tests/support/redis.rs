@@ -12,19 +12,13 @@ pub struct TestRedis {
 
 impl TestRedis {
     pub async fn connect() -> TestRedis {
-        let client = Builder::from_config(Config::from_url(&url()).unwrap())
-            .build()
-            .unwrap();
+        let client = Builder::from_config(Config::from_url(&url()).unwrap()).build().unwrap();
         client.init().await.expect("connect to test redis");
         TestRedis { client }
     }
 
     pub async fn set(&self, key: &str, value: &str) {
-        let _: () = self
-            .client
-            .set(key, value, None, None, false)
-            .await
-            .unwrap();
+        let _: () = self.client.set(key, value, None, None, false).await.unwrap();
     }
 
     pub async fn get(&self, key: &str) -> Option<String> {
@@ -44,10 +38,7 @@ impl TestRedis {
     pub async fn keys(&self, pattern: &str) -> Vec<String> {
         let v: Vec<String> = self
             .client
-            .custom(
-                fred::types::CustomCommand::new_static("KEYS", None, false),
-                vec![pattern.to_string()],
-            )
+            .custom(fred::types::CustomCommand::new_static("KEYS", None, false), vec![pattern.to_string()])
             .await
             .unwrap();
         v

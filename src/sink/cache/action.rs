@@ -125,25 +125,15 @@ pub struct Set {
 }
 
 /// Compile a `[[sink]]` table aimed at a cache target.
-pub fn compile(
-    _cfg: &CacheSinkConfig,
-    target: &str,
-    table: toml::Table,
-) -> Result<Arc<dyn Action>, String> {
-    let raw: RawAction = table
-        .try_into()
-        .map_err(|e: toml::de::Error| e.message().to_string())?;
+pub fn compile(_cfg: &CacheSinkConfig, target: &str, table: toml::Table) -> Result<Arc<dyn Action>, String> {
+    let raw: RawAction = table.try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
     let tpl = |s: &str| Template::parse(s).map_err(|e| format!("template {s:?}: {}", e.msg));
     match raw.action.as_str() {
         "invalidate" => {
             if raw.keys.is_empty() {
                 return Err("action \"invalidate\" needs keys = [\"…{{ key.id }}\"]".into());
             }
-            if raw.key.is_some()
-                || raw.format.is_some()
-                || raw.columns.is_some()
-                || raw.ttl.is_some()
-            {
+            if raw.key.is_some() || raw.format.is_some() || raw.columns.is_some() || raw.ttl.is_some() {
                 return Err("action \"invalidate\" takes keys (and truncate_pattern) only".into());
             }
             Ok(Arc::new(Invalidate {
@@ -153,10 +143,7 @@ pub fn compile(
             }))
         }
         "set" => {
-            let key = raw
-                .key
-                .as_deref()
-                .ok_or("action \"set\" needs key = \"…{{ key.id }}\"")?;
+            let key = raw.key.as_deref().ok_or("action \"set\" needs key = \"…{{ key.id }}\"")?;
             if !raw.keys.is_empty() {
                 return Err("action \"set\" takes one key, not keys".into());
             }
@@ -174,18 +161,13 @@ pub fn compile(
                 truncate_pattern: raw.truncate_pattern,
             }))
         }
-        other => Err(format!(
-            "unknown cache action {other:?}; use \"invalidate\" or \"set\""
-        )),
+        other => Err(format!("unknown cache action {other:?}; use \"invalidate\" or \"set\"")),
     }
 }
 
 fn check_key(k: String) -> Result<String, String> {
     if k.len() > MAX_KEY_BYTES {
-        return Err(format!(
-            "cache key is {} bytes, over the {MAX_KEY_BYTES}-byte limit",
-            k.len()
-        ));
+        return Err(format!("cache key is {} bytes, over the {MAX_KEY_BYTES}-byte limit", k.len()));
     }
     Ok(k)
 }
@@ -193,28 +175,14 @@ fn check_key(k: String) -> Result<String, String> {
 /// The key that holds `key`'s version. It must hash to the same cluster slot: if `key` has a
 /// hash tag (`{…}`), appending keeps it; otherwise the whole key becomes the tag.
 pub fn version_key(key: &str) -> String {
-    let has_tag = key
-        .find('{')
-        .and_then(|open| key[open + 1..].find('}').map(|close| close > 0))
-        .unwrap_or(false);
-    if has_tag {
-        format!("{key}:__version")
-    } else {
-        format!("{{{key}}}:__version")
-    }
+    let has_tag = key.find('{').and_then(|open| key[open + 1..].find('}').map(|close| close > 0)).unwrap_or(false);
+    if has_tag { format!("{key}:__version") } else { format!("{{{key}}}:__version") }
 }
 
-fn truncate(
-    pattern: &Option<String>,
-    target: &str,
-    change: &Change,
-    out: &mut Vec<Payload>,
-) -> Result<(), String> {
+fn truncate(pattern: &Option<String>, target: &str, change: &Change, out: &mut Vec<Payload>) -> Result<(), String> {
     match pattern {
         Some(p) => {
-            out.push(Payload::Cache(CacheOp::DeletePattern {
-                pattern: p.clone(),
-            }));
+            out.push(Payload::Cache(CacheOp::DeletePattern { pattern: p.clone() }));
             Ok(())
         }
         None => Err(format!(
@@ -225,12 +193,7 @@ fn truncate(
 }
 
 impl Action for Invalidate {
-    fn render(
-        &self,
-        scope: &dyn Scope,
-        change: &Change,
-        out: &mut Vec<Payload>,
-    ) -> Result<(), String> {
+    fn render(&self, scope: &dyn Scope, change: &Change, out: &mut Vec<Payload>) -> Result<(), String> {
         if change.op == Op::Truncate {
             return truncate(&self.truncate_pattern, &self.target, change, out);
         }
@@ -265,32 +228,20 @@ fn hash_bytes(v: &Value, field: &str) -> Result<Option<Vec<u8>>, String> {
             return Err(format!("{field}: float {f} cannot be cached"));
         }
         Value::Decimal(d)
-            if !d.bytes().all(|b| {
-                b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'e' || b == b'E' || b == b'+'
-            }) =>
+            if !d
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'e' || b == b'E' || b == b'+') =>
         {
             return Err(format!("{field}: numeric {d} cannot be cached"));
         }
-        other => other
-            .template_text()
-            .map(|t| t.into_owned().into_bytes())
-            .unwrap_or_default(),
+        other => other.template_text().map(|t| t.into_owned().into_bytes()).unwrap_or_default(),
     }))
 }
 
 impl Set {
     fn value(&self, change: &Change, row: &Row) -> Result<Option<SetValue>, String> {
-        let wanted = |name: &str| {
-            self.columns
-                .as_ref()
-                .is_none_or(|c| c.iter().any(|x| x == name))
-        };
-        let unchanged: Vec<&str> = change
-            .unchanged
-            .iter()
-            .map(|n| &**n)
-            .filter(|n| wanted(n))
-            .collect();
+        let wanted = |name: &str| self.columns.as_ref().is_none_or(|c| c.iter().any(|x| x == name));
+        let unchanged: Vec<&str> = change.unchanged.iter().map(|n| &**n).filter(|n| wanted(n)).collect();
         match self.format {
             Format::Json => {
                 if unchanged.is_empty() {
@@ -314,9 +265,7 @@ impl Set {
                         None => return Ok(None),
                     }
                 }
-                Ok(Some(SetValue::Json(
-                    row_to_natural(&full, self.columns.as_deref()).map_err(|e| e.to_string())?,
-                )))
+                Ok(Some(SetValue::Json(row_to_natural(&full, self.columns.as_deref()).map_err(|e| e.to_string())?)))
             }
             Format::Hash => {
                 let mut fields = Vec::with_capacity(row.len());
@@ -330,23 +279,14 @@ impl Set {
                         None => remove.push(n.to_string()),
                     }
                 }
-                Ok(Some(SetValue::Hash {
-                    replace: unchanged.is_empty(),
-                    fields,
-                    remove,
-                }))
+                Ok(Some(SetValue::Hash { replace: unchanged.is_empty(), fields, remove }))
             }
         }
     }
 }
 
 impl Action for Set {
-    fn render(
-        &self,
-        scope: &dyn Scope,
-        change: &Change,
-        out: &mut Vec<Payload>,
-    ) -> Result<(), String> {
+    fn render(&self, scope: &dyn Scope, change: &Change, out: &mut Vec<Payload>) -> Result<(), String> {
         if change.op == Op::Truncate {
             return truncate(&self.truncate_pattern, &self.target, change, out);
         }
@@ -358,24 +298,10 @@ impl Action for Set {
             _ => change.after.as_ref(),
         };
         let op = match row {
-            None => CacheOp::Delete {
-                key,
-                version_key,
-                version,
-            },
+            None => CacheOp::Delete { key, version_key, version },
             Some(row) => match self.value(change, row)? {
-                Some(value) => CacheOp::Set {
-                    key,
-                    version_key,
-                    version,
-                    value,
-                    ttl: self.ttl,
-                },
-                None => CacheOp::Delete {
-                    key,
-                    version_key,
-                    version,
-                },
+                Some(value) => CacheOp::Set { key, version_key, version, value, ttl: self.ttl },
+                None => CacheOp::Delete { key, version_key, version },
             },
         };
         out.push(Payload::Cache(op));
@@ -391,10 +317,7 @@ impl Action for Set {
             Format::Json => "json",
             Format::Hash => "hash",
         };
-        format!(
-            "set {} ({fmt}, version-guarded) in cache {}",
-            self.key, self.target
-        )
+        format!("set {} ({fmt}, version-guarded)", self.key)
     }
 }
 

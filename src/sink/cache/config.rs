@@ -51,14 +51,11 @@ pub struct CacheSinkConfig {
 impl CacheSinkConfig {
     /// Pure validation.
     pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
-        let bad = |msg: String| ConfigError::Invalid {
-            what: format!("sink {name:?}"),
-            msg,
-        };
+        let bad = |msg: String| ConfigError::Invalid { what: format!("sink {name:?}"), msg };
         let u = url::Url::parse(self.url.expose()).map_err(|e| bad(format!("url: {e}")))?;
         match u.scheme() {
-            "redis" | "rediss" | "redis-cluster" | "rediss-cluster" | "valkey" | "valkeys"
-            | "valkey-cluster" | "valkeys-cluster" => {}
+            "redis" | "rediss" | "redis-cluster" | "rediss-cluster" | "valkey" | "valkeys" | "valkey-cluster"
+            | "valkeys-cluster" => {}
             s => {
                 return Err(bad(format!(
                     "url scheme {s}:// is not redis://, rediss://, redis-cluster:// or rediss-cluster://"

@@ -73,12 +73,7 @@ pub struct CacheSink {
 }
 
 fn err(name: &str, endpoint: &str, kind: SinkErrorKind, e: impl std::fmt::Display) -> SinkError {
-    SinkError {
-        sink: name.to_string(),
-        endpoint: endpoint.to_string(),
-        kind,
-        msg: e.to_string(),
-    }
+    SinkError { sink: name.to_string(), endpoint: endpoint.to_string(), kind, msg: e.to_string() }
 }
 
 impl CacheSink {
@@ -98,10 +93,7 @@ impl CacheSink {
             let tls = crate::tls::client_config(mode, cfg.tls_ca_file.as_deref())
                 .map_err(|e| fatal(&e))?
                 .ok_or_else(|| fatal(&"rediss:// with tls = \"disable\" is contradictory"))?;
-            config.tls = Some(TlsConfig {
-                connector: TlsConnector::from(tls),
-                hostnames: TlsHostMapping::None,
-            });
+            config.tls = Some(TlsConfig { connector: TlsConnector::from(tls), hostnames: TlsHostMapping::None });
         }
         let timeout = cfg.timeout.unwrap_or(Duration::from_secs(5));
         let pool = Builder::from_config(config)
@@ -116,10 +108,7 @@ impl CacheSink {
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             .build_pool(cfg.connections.unwrap_or(2))
             .map_err(|e| fatal(&e))?;
-        let _connection_task = pool
-            .init()
-            .await
-            .map_err(|e| err(name, &endpoint, SinkErrorKind::Transient, e))?;
+        let _connection_task = pool.init().await.map_err(|e| err(name, &endpoint, SinkErrorKind::Transient, e))?;
         let cluster = cfg.is_cluster();
         let sha: String = if cluster {
             pool.next().script_load_cluster(GUARDED_WRITE).await
@@ -158,30 +147,16 @@ impl CacheSink {
     fn guarded_args(&self, op: &CacheOp) -> Option<(Vec<Key>, Vec<RValue>)> {
         let s = |x: &str| RValue::from(x.to_string());
         match op {
-            CacheOp::Set {
-                key,
-                version_key,
-                version,
-                value,
-                ttl,
-            } => {
+            CacheOp::Set { key, version_key, version, value, ttl } => {
                 let keys = vec![Key::from(key.as_str()), Key::from(version_key.as_str())];
                 let ttl = ttl.map(|t| t.as_secs().max(1)).unwrap_or(0);
-                let mut args = vec![
-                    s(version),
-                    s("j"),
-                    RValue::from(ttl as i64),
-                    RValue::from(self.tombstone_secs as i64),
-                ];
+                let mut args =
+                    vec![s(version), s("j"), RValue::from(ttl as i64), RValue::from(self.tombstone_secs as i64)];
                 match value {
                     SetValue::Json(j) => {
                         args.push(s(j));
                     }
-                    SetValue::Hash {
-                        replace,
-                        fields,
-                        remove,
-                    } => {
+                    SetValue::Hash { replace, fields, remove } => {
                         args[1] = s(if *replace { "h" } else { "m" });
                         args.push(RValue::from(fields.len() as i64));
                         for (f, v) in fields {
@@ -195,19 +170,9 @@ impl CacheSink {
                 }
                 Some((keys, args))
             }
-            CacheOp::Delete {
-                key,
-                version_key,
-                version,
-            } => Some((
+            CacheOp::Delete { key, version_key, version } => Some((
                 vec![Key::from(key.as_str()), Key::from(version_key.as_str())],
-                vec![
-                    s(version),
-                    s("d"),
-                    RValue::from(0i64),
-                    RValue::from(self.tombstone_secs as i64),
-                    s("0"),
-                ],
+                vec![s(version), s("d"), RValue::from(0i64), RValue::from(self.tombstone_secs as i64), s("0")],
             )),
             _ => None,
         }
@@ -228,23 +193,13 @@ impl CacheSink {
             let (next, keys): (String, Vec<String>) = client
                 .custom(
                     CustomCommand::new_static("SCAN", None, false),
-                    vec![
-                        cursor.clone(),
-                        "MATCH".into(),
-                        pattern.to_string(),
-                        "COUNT".into(),
-                        "1000".into(),
-                    ],
+                    vec![cursor.clone(), "MATCH".into(), pattern.to_string(), "COUNT".into(), "1000".into()],
                 )
                 .await
                 .map_err(|e| self.transient(e))?;
             if !keys.is_empty() {
-                let _: i64 = if self.unlink {
-                    client.unlink(keys).await
-                } else {
-                    client.del(keys).await
-                }
-                .map_err(|e| self.transient(e))?;
+                let _: i64 = if self.unlink { client.unlink(keys).await } else { client.del(keys).await }
+                    .map_err(|e| self.transient(e))?;
             }
             if next == "0" {
                 return Ok(());
@@ -258,32 +213,30 @@ impl CacheSink {
         // Which records each queued command answers for.
         let mut owners: Vec<Vec<usize>> = Vec::new();
         let mut pending_keys: Vec<(String, usize)> = Vec::new();
-        let flush_keys = |pending: &mut Vec<(String, usize)>,
-                          owners: &mut Vec<Vec<usize>>,
-                          cmds: &mut Vec<Vec<String>>| {
-            if pending.is_empty() {
-                return;
-            }
-            if self.cluster {
-                let mut by_slot: std::collections::BTreeMap<u16, (Vec<String>, Vec<usize>)> =
-                    Default::default();
-                for (k, i) in pending.drain(..) {
-                    let e = by_slot.entry(redis_slot(k.as_bytes())).or_default();
-                    e.0.push(k);
-                    e.1.push(i);
+        let flush_keys =
+            |pending: &mut Vec<(String, usize)>, owners: &mut Vec<Vec<usize>>, cmds: &mut Vec<Vec<String>>| {
+                if pending.is_empty() {
+                    return;
                 }
-                for (_, (keys, idx)) in by_slot {
-                    cmds.push(keys);
-                    owners.push(idx);
+                if self.cluster {
+                    let mut by_slot: std::collections::BTreeMap<u16, (Vec<String>, Vec<usize>)> = Default::default();
+                    for (k, i) in pending.drain(..) {
+                        let e = by_slot.entry(redis_slot(k.as_bytes())).or_default();
+                        e.0.push(k);
+                        e.1.push(i);
+                    }
+                    for (_, (keys, idx)) in by_slot {
+                        cmds.push(keys);
+                        owners.push(idx);
+                    }
+                } else {
+                    for chunk in pending.chunks(KEYS_PER_COMMAND) {
+                        cmds.push(chunk.iter().map(|(k, _)| k.clone()).collect());
+                        owners.push(chunk.iter().map(|(_, i)| *i).collect());
+                    }
+                    pending.clear();
                 }
-            } else {
-                for chunk in pending.chunks(KEYS_PER_COMMAND) {
-                    cmds.push(chunk.iter().map(|(k, _)| k.clone()).collect());
-                    owners.push(chunk.iter().map(|(_, i)| *i).collect());
-                }
-                pending.clear();
-            }
-        };
+            };
         let mut cmds: Vec<Cmd> = Vec::new();
         let mut key_cmds: Vec<Vec<String>> = Vec::new();
         for (i, rec) in batch.iter().enumerate() {
@@ -355,27 +308,16 @@ impl CacheSink {
                     let mut a: Vec<RValue> = Vec::with_capacity(3 + args.len());
                     a.push(RValue::from(self.script_sha.as_str()));
                     a.push(RValue::from(keys.len() as i64));
-                    a.extend(
-                        keys.iter()
-                            .map(|k| RValue::Bytes(k.as_bytes().to_vec().into())),
-                    );
+                    a.extend(keys.iter().map(|k| RValue::Bytes(k.as_bytes().to_vec().into())));
                     a.extend(args.iter().cloned());
-                    pipe.custom::<(), _>(
-                        CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false),
-                        a,
-                    )
-                    .await
+                    pipe.custom::<(), _>(CustomCommand::new_static("EVALSHA", ClusterHash::Offset(2), false), a).await
                 }
             };
             queued.map_err(|e| self.transient(e))?;
         }
         let results: Vec<Result<RValue, fred::error::Error>> = pipe.try_all().await;
         if results.len() != cmds.len() {
-            return Err(self.transient(format!(
-                "pipeline answered {} of {} commands",
-                results.len(),
-                cmds.len()
-            )));
+            return Err(self.transient(format!("pipeline answered {} of {} commands", results.len(), cmds.len())));
         }
         let mut noscript = false;
         for (r, idx) in results.into_iter().zip(owners.iter()) {
@@ -399,9 +341,7 @@ impl CacheSink {
             // The server lost its script cache (restart or SCRIPT FLUSH): load it again
             // and let the runner retry the batch; every command in it is idempotent.
             self.reload_script().await?;
-            return Err(
-                self.transient("script cache was empty (server restarted?); script reloaded")
-            );
+            return Err(self.transient("script cache was empty (server restarted?); script reloaded"));
         }
         Ok(())
     }
@@ -410,21 +350,8 @@ impl CacheSink {
 fn is_transient_error(e: &fred::error::Error) -> bool {
     use fred::error::ErrorKind as K;
     match e.kind() {
-        K::IO
-        | K::Timeout
-        | K::Canceled
-        | K::Backpressure
-        | K::Cluster
-        | K::Routing
-        | K::Unknown => true,
-        K::Auth
-        | K::Config
-        | K::Url
-        | K::Tls
-        | K::Protocol
-        | K::Parse
-        | K::InvalidArgument
-        | K::InvalidCommand => {
+        K::IO | K::Timeout | K::Canceled | K::Backpressure | K::Cluster | K::Routing | K::Unknown => true,
+        K::Auth | K::Config | K::Url | K::Tls | K::Protocol | K::Parse | K::InvalidArgument | K::InvalidCommand => {
             // A server-side error reply for one command (WRONGTYPE, script error) is permanent
             // for that item; connection-level protocol problems are not.
             let t = e.details();
@@ -455,11 +382,7 @@ pub fn redis_slot(key: &[u8]) -> u16 {
     for &b in k {
         crc ^= (b as u16) << 8;
         for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
         }
     }
     crc % 16384
@@ -478,10 +401,7 @@ impl Sink for CacheSink {
         self.limits
     }
 
-    fn write<'a>(
-        &'a self,
-        batch: &'a [Record],
-    ) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
+    fn write<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
         Box::pin(self.write_batch(batch))
     }
 

@@ -128,16 +128,11 @@ impl PostgresSourceConfig {
 
     /// Pure validation (no network): names, URL, TLS words.
     pub fn validate(&self, source: &str) -> Result<ConnInfo, ConfigError> {
-        let bad = |msg: String| ConfigError::Invalid {
-            what: format!("source {source:?}"),
-            msg,
-        };
+        let bad = |msg: String| ConfigError::Invalid { what: format!("source {source:?}"), msg };
         for (what, name) in [("slot", &self.slot), ("publication", &self.publication)] {
             if name.is_empty()
                 || name.len() > 63
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
             {
                 return Err(bad(format!(
                     "{what} name {name:?} must be 1-63 characters of a-z, 0-9 and _ (PostgreSQL slot rules)"
@@ -157,10 +152,7 @@ impl PostgresSourceConfig {
         if let Some(url) = &self.url {
             let u = url::Url::parse(url.expose()).map_err(|e| bad(format!("url: {e}")))?;
             if u.scheme() != "postgres" && u.scheme() != "postgresql" {
-                return Err(bad(format!(
-                    "url scheme must be postgres://, not {}://",
-                    u.scheme()
-                )));
+                return Err(bad(format!("url scheme must be postgres://, not {}://", u.scheme())));
             }
             if let Some(h) = u.host_str() {
                 info.host = h.trim_start_matches('[').trim_end_matches(']').to_string();
@@ -181,14 +173,13 @@ impl PostgresSourceConfig {
             for (k, v) in u.query_pairs() {
                 match &*k {
                     "sslmode" => {
-                        info.tls = TlsMode::parse(&v)
-                            .ok_or_else(|| bad(format!("url: unknown sslmode {v:?}")))?
+                        info.tls = TlsMode::parse(&v).ok_or_else(|| bad(format!("url: unknown sslmode {v:?}")))?
                     }
                     "sslrootcert" => info.ca_file = Some(PathBuf::from(&*v)),
                     "connect_timeout" => {
-                        info.connect_timeout = Duration::from_secs(v.parse().map_err(|_| {
-                            bad(format!("url: connect_timeout {v:?} is not seconds"))
-                        })?)
+                        info.connect_timeout = Duration::from_secs(
+                            v.parse().map_err(|_| bad(format!("url: connect_timeout {v:?} is not seconds")))?,
+                        )
                     }
                     "application_name" => {}
                     other => return Err(bad(format!("url: unsupported parameter {other:?}"))),
@@ -212,9 +203,7 @@ impl PostgresSourceConfig {
         }
         if let Some(m) = &self.sslmode {
             info.tls = TlsMode::parse(m).ok_or_else(|| {
-                bad(format!(
-                    "sslmode {m:?} is not one of disable, prefer, require, verify-ca, verify-full"
-                ))
+                bad(format!("sslmode {m:?} is not one of disable, prefer, require, verify-ca, verify-full"))
             })?;
         }
         if let Some(ca) = &self.sslrootcert {
@@ -225,9 +214,7 @@ impl PostgresSourceConfig {
         }
         for t in &self.tables {
             if !t.contains('.') {
-                return Err(bad(format!(
-                    "table {t:?} must be schema-qualified (e.g. public.{t})"
-                )));
+                return Err(bad(format!("table {t:?} must be schema-qualified (e.g. public.{t})")));
             }
         }
         Ok(info)
@@ -235,7 +222,5 @@ impl PostgresSourceConfig {
 }
 
 fn pct_decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
 }

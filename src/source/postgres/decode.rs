@@ -145,17 +145,11 @@ struct Reader {
 
 impl Reader {
     fn err(&self, reason: impl Into<String>) -> DecodeError {
-        DecodeError {
-            message: self.message,
-            reason: reason.into(),
-        }
+        DecodeError { message: self.message, reason: reason.into() }
     }
     fn need(&self, n: usize) -> Result<(), DecodeError> {
         if self.b.remaining() < n {
-            Err(self.err(format!(
-                "truncated: need {n} more bytes, have {}",
-                self.b.remaining()
-            )))
+            Err(self.err(format!("truncated: need {n} more bytes, have {}", self.b.remaining())))
         } else {
             Ok(())
         }
@@ -188,9 +182,7 @@ impl Reader {
         let Some(end) = self.b.iter().position(|&c| c == 0) else {
             return Err(self.err("unterminated string"));
         };
-        let s = std::str::from_utf8(&self.b[..end])
-            .map_err(|_| self.err("string is not UTF-8"))?
-            .to_string();
+        let s = std::str::from_utf8(&self.b[..end]).map_err(|_| self.err("string is not UTF-8"))?.to_string();
         self.b.advance(end + 1);
         Ok(s)
     }
@@ -214,11 +206,7 @@ impl Reader {
                         return Err(self.err(format!("negative value length {len}")));
                     }
                     let data = self.bytes(len as usize)?;
-                    if kind == b't' {
-                        TupleValue::Text(data)
-                    } else {
-                        TupleValue::Binary(data)
-                    }
+                    if kind == b't' { TupleValue::Text(data) } else { TupleValue::Binary(data) }
                 }
                 other => return Err(self.err(format!("unknown tuple column kind {other:#04x}"))),
             });
@@ -230,10 +218,7 @@ impl Reader {
 /// Decode one pgoutput message (the payload of an XLogData frame).
 pub fn decode(data: Bytes) -> Result<PgOutput, DecodeError> {
     if data.is_empty() {
-        return Err(DecodeError {
-            message: "message",
-            reason: "empty".into(),
-        });
+        return Err(DecodeError { message: "message", reason: "empty".into() });
     }
     let tag = data[0];
     let message = match tag {
@@ -248,32 +233,14 @@ pub fn decode(data: Bytes) -> Result<PgOutput, DecodeError> {
         b'T' => "Truncate",
         b'M' => "Message",
         other => {
-            return Err(DecodeError {
-                message: "message",
-                reason: format!("unknown message type {other:#04x}"),
-            });
+            return Err(DecodeError { message: "message", reason: format!("unknown message type {other:#04x}") });
         }
     };
-    let mut r = Reader {
-        b: data.slice(1..),
-        message,
-    };
+    let mut r = Reader { b: data.slice(1..), message };
     let out = match tag {
-        b'B' => PgOutput::Begin {
-            final_lsn: r.u64()?,
-            commit_time: r.i64()?,
-            xid: r.u32()?,
-        },
-        b'C' => PgOutput::Commit {
-            flags: r.u8()?,
-            commit_lsn: r.u64()?,
-            end_lsn: r.u64()?,
-            commit_time: r.i64()?,
-        },
-        b'O' => PgOutput::Origin {
-            lsn: r.u64()?,
-            name: r.cstr()?,
-        },
+        b'B' => PgOutput::Begin { final_lsn: r.u64()?, commit_time: r.i64()?, xid: r.u32()? },
+        b'C' => PgOutput::Commit { flags: r.u8()?, commit_lsn: r.u64()?, end_lsn: r.u64()?, commit_time: r.i64()? },
+        b'O' => PgOutput::Origin { lsn: r.u64()?, name: r.cstr()? },
         b'R' => {
             let oid = r.u32()?;
             let namespace = r.cstr()?;
@@ -289,26 +256,13 @@ pub fn decode(data: Bytes) -> Result<PgOutput, DecodeError> {
                     type_modifier: r.i32()?,
                 });
             }
-            PgOutput::Relation {
-                oid,
-                namespace,
-                name,
-                replica_identity,
-                columns,
-            }
+            PgOutput::Relation { oid, namespace, name, replica_identity, columns }
         }
-        b'Y' => PgOutput::Type {
-            oid: r.u32()?,
-            namespace: r.cstr()?,
-            name: r.cstr()?,
-        },
+        b'Y' => PgOutput::Type { oid: r.u32()?, namespace: r.cstr()?, name: r.cstr()? },
         b'I' => {
             let relation = r.u32()?;
             match r.u8()? {
-                b'N' => PgOutput::Insert {
-                    relation,
-                    new: r.tuple()?,
-                },
+                b'N' => PgOutput::Insert { relation, new: r.tuple()? },
                 other => return Err(r.err(format!("expected 'N', got {other:#04x}"))),
             }
         }
@@ -323,11 +277,7 @@ pub fn decode(data: Bytes) -> Result<PgOutput, DecodeError> {
             if kind != b'N' {
                 return Err(r.err(format!("expected 'N', got {kind:#04x}")));
             }
-            PgOutput::Update {
-                relation,
-                old,
-                new: r.tuple()?,
-            }
+            PgOutput::Update { relation, old, new: r.tuple()? }
         }
         b'D' => {
             let relation = r.u32()?;
@@ -335,10 +285,7 @@ pub fn decode(data: Bytes) -> Result<PgOutput, DecodeError> {
             if kind != b'K' && kind != b'O' {
                 return Err(r.err(format!("expected 'K' or 'O', got {kind:#04x}")));
             }
-            PgOutput::Delete {
-                relation,
-                old: (kind, r.tuple()?),
-            }
+            PgOutput::Delete { relation, old: (kind, r.tuple()?) }
         }
         b'T' => {
             let n = r.u32()?;
@@ -357,12 +304,7 @@ pub fn decode(data: Bytes) -> Result<PgOutput, DecodeError> {
             if len < 0 {
                 return Err(r.err("negative content length"));
             }
-            PgOutput::Message {
-                transactional,
-                lsn,
-                prefix,
-                content: r.bytes(len as usize)?,
-            }
+            PgOutput::Message { transactional, lsn, prefix, content: r.bytes(len as usize)? }
         }
         _ => unreachable!("tag checked above"),
     };

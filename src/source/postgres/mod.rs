@@ -49,24 +49,14 @@ impl PostgresSource {
         wanted: &BTreeSet<String>,
         columns: &BTreeMap<String, Vec<(String, String)>>,
     ) -> Result<PostgresSource, SourceError> {
-        let info = cfg.validate(name).map_err(|e| SourceError::Setup {
-            source_name: name.into(),
-            msg: e.to_string(),
-        })?;
+        let info =
+            cfg.validate(name).map_err(|e| SourceError::Setup { source_name: name.into(), msg: e.to_string() })?;
         let mut tables = wanted.clone();
         tables.extend(cfg.tables.iter().cloned());
         let client = setup::connect_sql(&info, name).await?;
         let catalog = setup::prepare(&client, name, cfg, &info, &tables).await?;
-        setup::check_columns(&catalog, columns).map_err(|msg| SourceError::Setup {
-            source_name: name.into(),
-            msg,
-        })?;
-        Ok(PostgresSource {
-            name: Name::from(name),
-            cfg: cfg.clone(),
-            info,
-            catalog,
-        })
+        setup::check_columns(&catalog, columns).map_err(|msg| SourceError::Setup { source_name: name.into(), msg })?;
+        Ok(PostgresSource { name: Name::from(name), cfg: cfg.clone(), info, catalog })
     }
 
     /// Source name.
@@ -103,21 +93,14 @@ impl PostgresSource {
         };
         let mut delays = new_backoff();
         let publication = self.cfg.publication.clone();
-        let options = [
-            ("proto_version", "1"),
-            ("publication_names", publication.as_str()),
-        ];
+        let options = [("proto_version", "1"), ("publication_names", publication.as_str())];
         let result = loop {
             if cancel.is_cancelled() {
                 break Ok(());
             }
-            let started = async {
-                ReplConnection::connect(&self.info)
-                    .await?
-                    .start_logical(&self.cfg.slot, 0, &options)
-                    .await
-            }
-            .await;
+            let started =
+                async { ReplConnection::connect(&self.info).await?.start_logical(&self.cfg.slot, 0, &options).await }
+                    .await;
             let mut stream = match started {
                 Ok(s) => s,
                 Err(e) if e.is_transient() => {
@@ -132,10 +115,7 @@ impl PostgresSource {
                 }
                 Err(e) => {
                     health.set(&component, Err(e.to_string()));
-                    break Err(SourceError::Stream {
-                        source_name: self.name.to_string(),
-                        msg: e.to_string(),
-                    });
+                    break Err(SourceError::Stream { source_name: self.name.to_string(), msg: e.to_string() });
                 }
             };
             tracing::info!(source = %self.name, endpoint = %self.info.endpoint(), slot = %self.cfg.slot, "streaming");
@@ -164,10 +144,7 @@ impl PostgresSource {
                 }
                 StreamEnd::Failed(e) => {
                     health.set(&component, Err(e.to_string()));
-                    break Err(SourceError::Stream {
-                        source_name: self.name.to_string(),
-                        msg: e.to_string(),
-                    });
+                    break Err(SourceError::Stream { source_name: self.name.to_string(), msg: e.to_string() });
                 }
                 StreamEnd::Corrupt(msg) => {
                     health.set(&component, Err(msg.clone()));
@@ -189,13 +166,7 @@ impl PostgresSource {
 
 /// Heartbeats (so an idle database's slot advances) and slot-lag readings, on the SQL
 /// connection, reconnecting quietly when it drops.
-async fn maintenance(
-    name: String,
-    info: ConnInfo,
-    slot: String,
-    heartbeat: Duration,
-    cancel: CancellationToken,
-) {
+async fn maintenance(name: String, info: ConnInfo, slot: String, heartbeat: Duration, cancel: CancellationToken) {
     let lag_gauge = metrics().pg_slot_lag.with_label_values(&[&name, &slot]);
     let mut client: Option<tokio_postgres::Client> = None;
     let mut heartbeat_tick = tokio::time::interval(heartbeat);
@@ -215,13 +186,7 @@ async fn maintenance(
         }
         let Some(c) = &client else { continue };
         if beat {
-            if let Err(e) = c
-                .execute(
-                    "SELECT pg_logical_emit_message(false, 'polysync.heartbeat', '')",
-                    &[],
-                )
-                .await
-            {
+            if let Err(e) = c.execute("SELECT pg_logical_emit_message(false, 'polysync.heartbeat', '')", &[]).await {
                 if e.code().map(|c| c.code()) == Some("42501") {
                     heartbeat_enabled = false;
                     tracing::warn!(source = %name, "heartbeat disabled: the role may not call pg_logical_emit_message ({}); an idle database's slot then advances only with other WAL traffic", setup::pg_error_text(&e));

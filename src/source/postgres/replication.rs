@@ -128,11 +128,7 @@ pub enum MaybeTls {
 }
 
 impl AsyncRead for MaybeTls {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -141,11 +137,7 @@ impl AsyncRead for MaybeTls {
 }
 
 impl AsyncWrite for MaybeTls {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -198,10 +190,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let tag = self.buf[0];
         let mut frame = self.buf.split_to(len + 1);
         frame.advance(5);
-        Ok(Some(Frame {
-            tag,
-            body: frame.freeze(),
-        }))
+        Ok(Some(Frame { tag, body: frame.freeze() }))
     }
 
     async fn next(&mut self) -> Result<Frame, ReplError> {
@@ -216,17 +205,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 .io
                 .read_buf(&mut self.buf)
                 .await
-                .map_err(|source| ReplError::Io {
-                    endpoint: self.endpoint.clone(),
-                    source,
-                })?;
+                .map_err(|source| ReplError::Io { endpoint: self.endpoint.clone(), source })?;
             if n == 0 {
                 return Err(ReplError::Io {
                     endpoint: self.endpoint.clone(),
-                    source: io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "server closed the connection",
-                    ),
+                    source: io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection"),
                 });
             }
         }
@@ -259,13 +242,7 @@ fn parse_error(endpoint: &str, body: &[u8]) -> ReplError {
             None => format!("hint: {h}"),
         });
     }
-    ReplError::Server {
-        endpoint: endpoint.to_string(),
-        severity,
-        code,
-        message,
-        detail,
-    }
+    ReplError::Server { endpoint: endpoint.to_string(), severity, code, message, detail }
 }
 
 /// An authenticated connection in replication mode, ready for commands.
@@ -280,33 +257,20 @@ impl ReplConnection {
     /// Connect, negotiate TLS per the mode, authenticate, and wait for ReadyForQuery.
     pub async fn connect(info: &ConnInfo) -> Result<ReplConnection, ReplError> {
         let endpoint = info.endpoint();
-        match tokio::time::timeout(info.connect_timeout, Self::connect_inner(info, &endpoint)).await
-        {
+        match tokio::time::timeout(info.connect_timeout, Self::connect_inner(info, &endpoint)).await {
             Ok(r) => r,
-            Err(_) => Err(ReplError::Timeout {
-                endpoint,
-                after: info.connect_timeout,
-            }),
+            Err(_) => Err(ReplError::Timeout { endpoint, after: info.connect_timeout }),
         }
     }
 
     async fn connect_inner(info: &ConnInfo, endpoint: &str) -> Result<ReplConnection, ReplError> {
-        let io_err = |source| ReplError::Io {
-            endpoint: endpoint.to_string(),
-            source,
-        };
-        let tcp = TcpStream::connect((info.host.as_str(), info.port))
-            .await
-            .map_err(io_err)?;
+        let io_err = |source| ReplError::Io { endpoint: endpoint.to_string(), source };
+        let tcp = TcpStream::connect((info.host.as_str(), info.port)).await.map_err(io_err)?;
         tcp.set_nodelay(true).map_err(io_err)?;
         let stream = negotiate_tls(tcp, info, endpoint).await?;
         let (r, w) = tokio::io::split(stream);
         let mut conn = ReplConnection {
-            reader: FrameReader {
-                io: r,
-                buf: BytesMut::with_capacity(256 * 1024),
-                endpoint: endpoint.to_string(),
-            },
+            reader: FrameReader { io: r, buf: BytesMut::with_capacity(256 * 1024), endpoint: endpoint.to_string() },
             writer: w,
             out: BytesMut::with_capacity(1024),
             endpoint: endpoint.to_string(),
@@ -343,28 +307,16 @@ impl ReplConnection {
         self.writer
             .write_all(&self.out)
             .await
-            .map_err(|source| ReplError::Io {
-                endpoint: endpoint.clone(),
-                source,
-            })?;
-        self.writer.flush().await.map_err(|source| ReplError::Io {
-            endpoint: endpoint.clone(),
-            source,
-        })?;
+            .map_err(|source| ReplError::Io { endpoint: endpoint.clone(), source })?;
+        self.writer.flush().await.map_err(|source| ReplError::Io { endpoint: endpoint.clone(), source })?;
         self.out.clear();
         Ok(())
     }
 
     async fn authenticate(&mut self, info: &ConnInfo) -> Result<(), ReplError> {
         let endpoint = self.endpoint.clone();
-        let auth_err = |msg: &str| ReplError::Auth {
-            endpoint: endpoint.clone(),
-            msg: msg.to_string(),
-        };
-        let io_err = |source| ReplError::Io {
-            endpoint: endpoint.clone(),
-            source,
-        };
+        let auth_err = |msg: &str| ReplError::Auth { endpoint: endpoint.clone(), msg: msg.to_string() };
+        let io_err = |source| ReplError::Io { endpoint: endpoint.clone(), source };
         let password = || {
             info.password
                 .as_ref()
@@ -385,8 +337,7 @@ impl ReplConnection {
                     match kind {
                         0 => return Ok(()),
                         3 => {
-                            frontend::password_message(&password()?, &mut self.out)
-                                .map_err(io_err)?;
+                            frontend::password_message(&password()?, &mut self.out).map_err(io_err)?;
                             self.flush().await?;
                         }
                         5 => {
@@ -394,60 +345,41 @@ impl ReplConnection {
                                 return Err(auth_err("short md5 salt"));
                             }
                             let salt = [body[0], body[1], body[2], body[3]];
-                            let hash = postgres_protocol::authentication::md5_hash(
-                                info.user.as_bytes(),
-                                &password()?,
-                                salt,
-                            );
-                            frontend::password_message(hash.as_bytes(), &mut self.out)
-                                .map_err(io_err)?;
+                            let hash =
+                                postgres_protocol::authentication::md5_hash(info.user.as_bytes(), &password()?, salt);
+                            frontend::password_message(hash.as_bytes(), &mut self.out).map_err(io_err)?;
                             self.flush().await?;
                         }
                         10 => {
-                            let mechs: Vec<&[u8]> =
-                                body.split(|b| *b == 0).filter(|m| !m.is_empty()).collect();
+                            let mechs: Vec<&[u8]> = body.split(|b| *b == 0).filter(|m| !m.is_empty()).collect();
                             if !mechs.contains(&sasl::SCRAM_SHA_256.as_bytes()) {
                                 return Err(auth_err("server offers no SCRAM-SHA-256"));
                             }
                             let s = ScramSha256::new(&password()?, ChannelBinding::unsupported());
-                            frontend::sasl_initial_response(
-                                sasl::SCRAM_SHA_256,
-                                s.message(),
-                                &mut self.out,
-                            )
-                            .map_err(io_err)?;
+                            frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.out)
+                                .map_err(io_err)?;
                             scram = Some(s);
                             self.flush().await?;
                         }
                         11 => {
-                            let s = scram
-                                .as_mut()
-                                .ok_or_else(|| auth_err("SASL continue without start"))?;
+                            let s = scram.as_mut().ok_or_else(|| auth_err("SASL continue without start"))?;
                             s.update(&body).map_err(|e| auth_err(&e.to_string()))?;
                             frontend::sasl_response(s.message(), &mut self.out).map_err(io_err)?;
                             self.flush().await?;
                         }
                         12 => {
-                            let mut s = scram
-                                .take()
-                                .ok_or_else(|| auth_err("SASL final without start"))?;
-                            s.finish(&body)
-                                .map_err(|e| auth_err(&format!("server signature: {e}")))?;
+                            let mut s = scram.take().ok_or_else(|| auth_err("SASL final without start"))?;
+                            s.finish(&body).map_err(|e| auth_err(&format!("server signature: {e}")))?;
                         }
                         other => {
-                            return Err(auth_err(&format!(
-                                "unsupported authentication method {other}"
-                            )));
+                            return Err(auth_err(&format!("unsupported authentication method {other}")));
                         }
                     }
                 }
                 other => {
                     return Err(ReplError::Protocol {
                         endpoint: endpoint.clone(),
-                        msg: format!(
-                            "unexpected message {:?} during authentication",
-                            other as char
-                        ),
+                        msg: format!("unexpected message {:?} during authentication", other as char),
                     });
                 }
             }
@@ -457,10 +389,8 @@ impl ReplConnection {
     /// Run a simple-protocol command and return its rows as text (replication commands such as
     /// `IDENTIFY_SYSTEM` and `CREATE_REPLICATION_SLOT` answer this way).
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ReplError> {
-        frontend::query(sql, &mut self.out).map_err(|source| ReplError::Io {
-            endpoint: self.endpoint.clone(),
-            source,
-        })?;
+        frontend::query(sql, &mut self.out)
+            .map_err(|source| ReplError::Io { endpoint: self.endpoint.clone(), source })?;
         self.flush().await?;
         let mut rows = Vec::new();
         let mut error = None;
@@ -496,10 +426,8 @@ impl ReplConnection {
             slot.replace('"', ""),
             crate::change::Lsn(start_lsn)
         );
-        frontend::query(&sql, &mut self.out).map_err(|source| ReplError::Io {
-            endpoint: self.endpoint.clone(),
-            source,
-        })?;
+        frontend::query(&sql, &mut self.out)
+            .map_err(|source| ReplError::Io { endpoint: self.endpoint.clone(), source })?;
         self.flush().await?;
         loop {
             let f = self.reader.next().await?;
@@ -510,10 +438,7 @@ impl ReplConnection {
                 other => {
                     return Err(ReplError::Protocol {
                         endpoint: self.endpoint.clone(),
-                        msg: format!(
-                            "unexpected message {:?} after START_REPLICATION",
-                            other as char
-                        ),
+                        msg: format!("unexpected message {:?} after START_REPLICATION", other as char),
                     });
                 }
             }
@@ -545,19 +470,9 @@ fn parse_data_row(body: &[u8]) -> Vec<Option<String>> {
     out
 }
 
-async fn negotiate_tls(
-    tcp: TcpStream,
-    info: &ConnInfo,
-    endpoint: &str,
-) -> Result<MaybeTls, ReplError> {
-    let tls_err = |msg: String| ReplError::Tls {
-        endpoint: endpoint.to_string(),
-        msg,
-    };
-    let io_err = |source| ReplError::Io {
-        endpoint: endpoint.to_string(),
-        source,
-    };
+async fn negotiate_tls(tcp: TcpStream, info: &ConnInfo, endpoint: &str) -> Result<MaybeTls, ReplError> {
+    let tls_err = |msg: String| ReplError::Tls { endpoint: endpoint.to_string(), msg };
+    let io_err = |source| ReplError::Io { endpoint: endpoint.to_string(), source };
     if info.tls == TlsMode::Disable {
         return Ok(MaybeTls::Plain(tcp));
     }
@@ -579,16 +494,9 @@ async fn negotiate_tls(
     let config = crate::tls::client_config(info.tls, info.ca_file.as_deref())
         .map_err(|e| tls_err(e.to_string()))?
         .expect("TLS mode is not disable");
-    let name = rustls::pki_types::ServerName::try_from(info.host.clone()).map_err(|e| {
-        tls_err(format!(
-            "host {:?} is not a valid TLS server name: {e}",
-            info.host
-        ))
-    })?;
-    let stream = TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| tls_err(e.to_string()))?;
+    let name = rustls::pki_types::ServerName::try_from(info.host.clone())
+        .map_err(|e| tls_err(format!("host {:?} is not a valid TLS server name: {e}", info.host)))?;
+    let stream = TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| tls_err(e.to_string()))?;
     Ok(MaybeTls::Tls(Box::new(stream)))
 }
 
@@ -634,20 +542,13 @@ impl ReplicationStream {
                             let wal_start = b.get_u64();
                             let wal_end = b.get_u64();
                             let _send_time = b.get_i64();
-                            return Ok(ReplMessage::XLogData {
-                                wal_start,
-                                wal_end,
-                                data: b,
-                            });
+                            return Ok(ReplMessage::XLogData { wal_start, wal_end, data: b });
                         }
                         b'k' if b.len() >= 17 => {
                             let wal_end = b.get_u64();
                             let _t = b.get_i64();
                             let reply_requested = b.get_u8() == 1;
-                            return Ok(ReplMessage::Keepalive {
-                                wal_end,
-                                reply_requested,
-                            });
+                            return Ok(ReplMessage::Keepalive { wal_end, reply_requested });
                         }
                         other => {
                             return Err(ReplError::Protocol {
@@ -661,10 +562,7 @@ impl ReplicationStream {
                 b'c' => {
                     return Err(ReplError::Io {
                         endpoint: self.conn.endpoint.clone(),
-                        source: io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "server ended the replication stream",
-                        ),
+                        source: io::Error::new(io::ErrorKind::UnexpectedEof, "server ended the replication stream"),
                     });
                 }
                 _ => {}
@@ -674,12 +572,7 @@ impl ReplicationStream {
 
     /// Standby status update: received (`write`), durably applied (`flush`, the checkpoint) and
     /// applied positions.
-    pub async fn send_status(
-        &mut self,
-        write: u64,
-        flush: u64,
-        reply: bool,
-    ) -> Result<(), ReplError> {
+    pub async fn send_status(&mut self, write: u64, flush: u64, reply: bool) -> Result<(), ReplError> {
         let mut msg = BytesMut::with_capacity(34);
         msg.put_u8(b'r');
         msg.put_u64(write);
@@ -688,10 +581,7 @@ impl ReplicationStream {
         msg.put_i64(pg_now_micros());
         msg.put_u8(u8::from(reply));
         frontend::CopyData::new(msg.freeze())
-            .map_err(|source| ReplError::Io {
-                endpoint: self.conn.endpoint.clone(),
-                source,
-            })?
+            .map_err(|source| ReplError::Io { endpoint: self.conn.endpoint.clone(), source })?
             .write(&mut self.conn.out);
         self.conn.flush().await
     }
@@ -707,9 +597,6 @@ impl ReplicationStream {
 }
 
 fn pg_now_micros() -> i64 {
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as i64;
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as i64;
     unix - PG_EPOCH_OFFSET_MICROS
 }

@@ -36,10 +36,7 @@ pub async fn connect_sql(info: &ConnInfo, source: &str) -> Result<Client, Source
                 transient: false,
             })?
             .expect("mode is not disable");
-        let (client, conn) = cfg
-            .connect(MakeRustlsConnect::new(tls))
-            .await
-            .map_err(net)?;
+        let (client, conn) = cfg.connect(MakeRustlsConnect::new(tls)).await.map_err(net)?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -78,11 +75,7 @@ pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
         None => true,
         Some(c) => {
             let c = c.code();
-            c.starts_with("08")
-                || c.starts_with("57P")
-                || c == "53300"
-                || c == "40001"
-                || c == "40P01"
+            c.starts_with("08") || c.starts_with("57P") || c == "53300" || c == "40001" || c == "40P01"
         }
     }
 }
@@ -123,20 +116,10 @@ pub async fn prepare(
     info: &ConnInfo,
     wanted: &BTreeSet<String>,
 ) -> Result<Catalog, SourceError> {
-    let refuse = |msg: String| SourceError::Setup {
-        source_name: name.to_string(),
-        msg,
-    };
-    let sql = |e: tokio_postgres::Error| SourceError::Setup {
-        source_name: name.to_string(),
-        msg: pg_error_text(&e),
-    };
+    let refuse = |msg: String| SourceError::Setup { source_name: name.to_string(), msg };
+    let sql = |e: tokio_postgres::Error| SourceError::Setup { source_name: name.to_string(), msg: pg_error_text(&e) };
 
-    let wal_level: String = client
-        .query_one("SHOW wal_level", &[])
-        .await
-        .map_err(sql)?
-        .get(0);
+    let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(sql)?.get(0);
     if wal_level != "logical" {
         return Err(refuse(format!(
             "wal_level is {wal_level:?} on {}; logical replication needs wal_level=logical (self-managed: set it in postgresql.conf and restart; RDS/Aurora: set rds.logical_replication=1 in the parameter group and reboot)",
@@ -165,11 +148,8 @@ pub async fn prepare(
     // Tables that must exist.
     let mut missing_tables = Vec::new();
     for t in wanted {
-        let exists: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quote_relation(t)])
-            .await
-            .map_err(sql)?
-            .get(0);
+        let exists: bool =
+            client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&quote_relation(t)]).await.map_err(sql)?.get(0);
         if !exists {
             missing_tables.push(t.clone());
         }
@@ -185,10 +165,7 @@ pub async fn prepare(
     // Publication.
     let publication = &cfg.publication;
     let pub_row = client
-        .query_opt(
-            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
-            &[publication],
-        )
+        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[publication])
         .await
         .map_err(sql)?;
     match pub_row {
@@ -214,11 +191,7 @@ pub async fn prepare(
                 "publication {publication:?} does not exist in database {:?}; create it (CREATE PUBLICATION {} FOR TABLE {}) or set create_if_missing = true",
                 info.dbname,
                 quote_ident(publication),
-                wanted
-                    .iter()
-                    .map(|t| quote_relation(t))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                wanted.iter().map(|t| quote_relation(t)).collect::<Vec<_>>().join(", ")
             )));
         }
         Some(r) => {
@@ -234,8 +207,7 @@ pub async fn prepare(
                     .iter()
                     .map(|r| r.get(0))
                     .collect();
-                let missing: Vec<&String> =
-                    wanted.iter().filter(|t| !published.contains(*t)).collect();
+                let missing: Vec<&String> = wanted.iter().filter(|t| !published.contains(*t)).collect();
                 if !missing.is_empty() {
                     if cfg.create_if_missing {
                         let list: Vec<String> = missing.iter().map(|t| quote_relation(t)).collect();
@@ -251,17 +223,9 @@ pub async fn prepare(
                     } else {
                         return Err(refuse(format!(
                             "publication {publication:?} does not include {}; ALTER PUBLICATION {} ADD TABLE {} (or set create_if_missing = true)",
-                            missing
-                                .iter()
-                                .map(|s| s.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", "),
+                            missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
                             quote_ident(publication),
-                            missing
-                                .iter()
-                                .map(|t| quote_relation(t))
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            missing.iter().map(|t| quote_relation(t)).collect::<Vec<_>>().join(", ")
                         )));
                     }
                 }
@@ -271,10 +235,7 @@ pub async fn prepare(
 
     let mut catalog = Catalog::default();
     catalog.published = client
-        .query(
-            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
-            &[publication],
-        )
+        .query("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1", &[publication])
         .await
         .map_err(sql)?
         .iter()
@@ -346,11 +307,7 @@ pub async fn prepare(
     {
         catalog.columns.entry(r.get(0)).or_default().push(r.get(1));
     }
-    for r in client
-        .query("SELECT oid, typname::text FROM pg_type", &[])
-        .await
-        .map_err(sql)?
-    {
+    for r in client.query("SELECT oid, typname::text FROM pg_type", &[]).await.map_err(sql)? {
         let oid: u32 = r.get(0);
         catalog.type_names.insert(oid, r.get(1));
     }
@@ -358,19 +315,13 @@ pub async fn prepare(
     // Slot.
     let slot = &cfg.slot;
     let slot_row = client
-        .query_opt(
-            "SELECT plugin, database, slot_type FROM pg_replication_slots WHERE slot_name = $1",
-            &[slot],
-        )
+        .query_opt("SELECT plugin, database, slot_type FROM pg_replication_slots WHERE slot_name = $1", &[slot])
         .await
         .map_err(sql)?;
     match slot_row {
         None if cfg.create_if_missing => {
             client
-                .query_one(
-                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[slot],
-                )
+                .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[slot])
                 .await
                 .map_err(sql)?;
             tracing::info!(source = name, slot = %slot, "created replication slot");
@@ -390,10 +341,7 @@ pub async fn prepare(
                 )));
             }
             if database.as_deref() != Some(info.dbname.as_str()) {
-                return Err(refuse(format!(
-                    "slot {slot:?} belongs to database {database:?}, not {:?}",
-                    info.dbname
-                )));
+                return Err(refuse(format!("slot {slot:?} belongs to database {database:?}, not {:?}", info.dbname)));
             }
         }
     }
@@ -402,10 +350,7 @@ pub async fn prepare(
 
 /// Check that the columns templates name exist (for pipelines without a transform), so a typo
 /// is a start-up error rather than a dead letter per change.
-pub fn check_columns(
-    catalog: &Catalog,
-    checks: &BTreeMap<String, Vec<(String, String)>>,
-) -> Result<(), String> {
+pub fn check_columns(catalog: &Catalog, checks: &BTreeMap<String, Vec<(String, String)>>) -> Result<(), String> {
     let mut problems = Vec::new();
     for (relation, fields) in checks {
         let Some(cols) = catalog.columns.get(relation) else {
@@ -420,9 +365,5 @@ pub fn check_columns(
             }
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
-    }
+    if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
 }

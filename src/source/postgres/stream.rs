@@ -88,19 +88,9 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn row(
-        &self,
-        rel: &Relation,
-        tuple: &[TupleValue],
-        only_key: bool,
-    ) -> Result<(Row, Vec<Name>), String> {
+    fn row(&self, rel: &Relation, tuple: &[TupleValue], only_key: bool) -> Result<(Row, Vec<Name>), String> {
         if tuple.len() != rel.columns.len() {
-            return Err(format!(
-                "{}: tuple has {} columns, relation has {}",
-                rel.name,
-                tuple.len(),
-                rel.columns.len()
-            ));
+            return Err(format!("{}: tuple has {} columns, relation has {}", rel.name, tuple.len(), rel.columns.len()));
         }
         let mut row = Row::with_capacity(if only_key { rel.key.len() } else { tuple.len() });
         let mut unchanged = Vec::new();
@@ -111,10 +101,9 @@ impl<'a> Session<'a> {
             match v {
                 TupleValue::Null => row.push(Arc::clone(&col.name), crate::change::Value::Null),
                 TupleValue::Unchanged => unchanged.push(Arc::clone(&col.name)),
-                TupleValue::Text(t) | TupleValue::Binary(t) => row.push(
-                    Arc::clone(&col.name),
-                    text_to_value(col.type_oid, &col.type_name, t),
-                ),
+                TupleValue::Text(t) | TupleValue::Binary(t) => {
+                    row.push(Arc::clone(&col.name), text_to_value(col.type_oid, &col.type_name, t))
+                }
             }
         }
         Ok((row, unchanged))
@@ -139,10 +128,7 @@ impl<'a> Session<'a> {
         after: Option<Row>,
         unchanged: Vec<Name>,
     ) -> Result<Change, String> {
-        let rel = self
-            .relations
-            .get(&rel_oid)
-            .ok_or_else(|| format!("change for unknown relation oid {rel_oid}"))?;
+        let rel = self.relations.get(&rel_oid).ok_or_else(|| format!("change for unknown relation oid {rel_oid}"))?;
         let tx = self.tx.as_mut().ok_or("change outside a transaction")?;
         rel.counter.inc();
         let seq = tx.seq;
@@ -155,10 +141,7 @@ impl<'a> Session<'a> {
             before,
             after,
             unchanged,
-            position: Position::Pg {
-                commit_lsn: tx.final_lsn,
-                seq,
-            },
+            position: Position::Pg { commit_lsn: tx.final_lsn, seq },
             version: Version::from_u64(tx.final_lsn),
             commit_time: tx.commit_time,
             tx: Some(tx.xid),
@@ -170,36 +153,20 @@ impl<'a> Session<'a> {
     /// end LSN when the message was a Commit.
     fn handle(&mut self, msg: PgOutput) -> Result<Option<u64>, String> {
         match msg {
-            PgOutput::Begin {
-                final_lsn,
-                commit_time,
-                xid,
-            } => {
+            PgOutput::Begin { final_lsn, commit_time, xid } => {
                 let commit_time = pg_time(commit_time);
                 if let Some(t) = commit_time {
                     let lag = (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
-                    metrics()
-                        .source_lag
-                        .with_label_values(&[&self.source])
-                        .set(lag);
+                    metrics().source_lag.with_label_values(&[&self.source]).set(lag);
                 }
-                self.tx = Some(Tx {
-                    final_lsn,
-                    commit_time,
-                    xid,
-                    seq: 0,
-                });
+                self.tx = Some(Tx { final_lsn, commit_time, xid, seq: 0 });
             }
             PgOutput::Commit { end_lsn, .. } => {
                 self.tx = None;
                 return Ok(Some(end_lsn));
             }
             PgOutput::Origin { .. } | PgOutput::Message { .. } => {}
-            PgOutput::Type {
-                oid,
-                namespace,
-                name,
-            } => {
+            PgOutput::Type { oid, namespace, name } => {
                 let full = if namespace == "pg_catalog" || namespace == "public" {
                     name
                 } else {
@@ -207,13 +174,7 @@ impl<'a> Session<'a> {
                 };
                 self.custom_types.insert(oid, Arc::from(full));
             }
-            PgOutput::Relation {
-                oid,
-                namespace,
-                name,
-                columns: cols,
-                replica_identity,
-            } => {
+            PgOutput::Relation { oid, namespace, name, columns: cols, replica_identity } => {
                 let full = format!("{namespace}.{name}");
                 let mut flagged = Vec::new();
                 let columns: Vec<Column> = cols
@@ -227,44 +188,23 @@ impl<'a> Session<'a> {
                             .custom_types
                             .get(&c.type_oid)
                             .cloned()
-                            .or_else(|| {
-                                self.catalog
-                                    .type_names
-                                    .get(&c.type_oid)
-                                    .map(|s| Arc::from(s.as_str()))
-                            })
+                            .or_else(|| self.catalog.type_names.get(&c.type_oid).map(|s| Arc::from(s.as_str())))
                             .unwrap_or_else(|| Arc::from(format!("oid {}", c.type_oid)));
-                        Column {
-                            name: Name::from(c.name),
-                            type_oid: c.type_oid,
-                            type_name,
-                        }
+                        Column { name: Name::from(c.name), type_oid: c.type_oid, type_name }
                     })
                     .collect();
                 // The key is the replica identity, except for REPLICA IDENTITY FULL, where
                 // every column is flagged and the primary key (if any) is the meaningful key.
                 let key = match (replica_identity, self.catalog.primary_keys.get(&full)) {
                     (b'f', Some(pk)) => {
-                        let pos: Vec<usize> = pk
-                            .iter()
-                            .filter_map(|k| columns.iter().position(|c| &*c.name == k))
-                            .collect();
+                        let pos: Vec<usize> =
+                            pk.iter().filter_map(|k| columns.iter().position(|c| &*c.name == k)).collect();
                         if pos.len() == pk.len() { pos } else { flagged }
                     }
                     _ => flagged,
                 };
-                let counter = metrics()
-                    .source_changes
-                    .with_label_values(&[&*self.source, full.as_str()]);
-                self.relations.insert(
-                    oid,
-                    Relation {
-                        name: Name::from(full),
-                        columns,
-                        key,
-                        counter,
-                    },
-                );
+                let counter = metrics().source_changes.with_label_values(&[&*self.source, full.as_str()]);
+                self.relations.insert(oid, Relation { name: Name::from(full), columns, key, counter });
                 return Ok(None);
             }
             PgOutput::Insert { relation, new } => {
@@ -297,10 +237,7 @@ impl<'a> Session<'a> {
                 let c = self.change(relation, Op::Update, key, before, Some(after), unchanged)?;
                 self.pending.push_back(c);
             }
-            PgOutput::Delete {
-                relation,
-                old: (kind, tuple),
-            } => {
+            PgOutput::Delete { relation, old: (kind, tuple) } => {
                 let rel = self
                     .relations
                     .get(&relation)

@@ -64,19 +64,14 @@ pub fn text_to_value(type_oid: u32, type_name: &str, text: &[u8]) -> Value {
         // The server sends UTF-8 (client_encoding); anything else is kept byte-exact.
         return Value::Bytes(text.to_vec());
     };
-    let other = || Value::Other {
-        type_name: type_name.to_string(),
-        text: s.to_string(),
-    };
+    let other = || Value::Other { type_name: type_name.to_string(), text: s.to_string() };
     match type_oid {
         oid::BOOL => match s {
             "t" => Value::Bool(true),
             "f" => Value::Bool(false),
             _ => other(),
         },
-        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => {
-            s.parse().map(Value::Int).unwrap_or_else(|_| other())
-        }
+        oid::INT2 | oid::INT4 | oid::INT8 | oid::OID => s.parse().map(Value::Int).unwrap_or_else(|_| other()),
         oid::FLOAT4 | oid::FLOAT8 => match s {
             "NaN" => Value::Float(f64::NAN),
             "Infinity" => Value::Float(f64::INFINITY),
@@ -84,28 +79,20 @@ pub fn text_to_value(type_oid: u32, type_name: &str, text: &[u8]) -> Value {
             _ => s.parse().map(Value::Float).unwrap_or_else(|_| other()),
         },
         oid::NUMERIC => Value::Decimal(s.to_string()),
-        oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::CHAR => {
-            Value::Text(s.to_string())
-        }
+        oid::TEXT | oid::VARCHAR | oid::BPCHAR | oid::NAME | oid::CHAR => Value::Text(s.to_string()),
         oid::JSON | oid::JSONB => Value::Json(s.to_string()),
         oid::UUID => Value::Uuid(s.to_string()),
         oid::BYTEA => match s.strip_prefix("\\x").and_then(|h| hex::decode(h).ok()) {
             Some(b) => Value::Bytes(b),
             None => other(),
         },
-        oid::DATE => NaiveDate::parse_from_str(s, "%Y-%m-%d")
-            .map(Value::Date)
-            .unwrap_or_else(|_| other()),
+        oid::DATE => NaiveDate::parse_from_str(s, "%Y-%m-%d").map(Value::Date).unwrap_or_else(|_| other()),
         oid::TIMESTAMP => NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f")
             .map(|t| Value::Timestamp(t.and_utc()))
             .unwrap_or_else(|_| other()),
-        oid::TIMESTAMPTZ => parse_timestamptz(s)
-            .map(Value::Timestamp)
-            .unwrap_or_else(other),
+        oid::TIMESTAMPTZ => parse_timestamptz(s).map(Value::Timestamp).unwrap_or_else(other),
         t => match array_element(t) {
-            Some(elem) => {
-                parse_array(s, elem, type_name.trim_start_matches('_')).unwrap_or_else(other)
-            }
+            Some(elem) => parse_array(s, elem, type_name.trim_start_matches('_')).unwrap_or_else(other),
             None => other(),
         },
     }
@@ -115,14 +102,8 @@ fn parse_timestamptz(s: &str) -> Option<DateTime<Utc>> {
     // ISO output: `2024-01-02 03:04:05.123456+00`; the offset may carry minutes (`+05:30`).
     let sign = s.get(11..)?.rfind(['+', '-'])? + 11;
     let offset = &s[sign + 1..];
-    let full = if offset.len() == 2 {
-        format!("{s}:00")
-    } else {
-        s.to_string()
-    };
-    DateTime::parse_from_str(&full, "%Y-%m-%d %H:%M:%S%.f%:z")
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+    let full = if offset.len() == 2 { format!("{s}:00") } else { s.to_string() };
+    DateTime::parse_from_str(&full, "%Y-%m-%d %H:%M:%S%.f%:z").ok().map(|t| t.with_timezone(&Utc))
 }
 
 /// One-dimensional array literal (`{1,2,NULL,"a \"b\""}`) → list. Multi-dimensional arrays
@@ -179,65 +160,37 @@ mod tests {
     #[test]
     fn numbers_stay_exact() {
         assert_eq!(
-            text_to_value(
-                oid::NUMERIC,
-                "numeric",
-                b"12345678901234567890.000000000001"
-            ),
+            text_to_value(oid::NUMERIC, "numeric", b"12345678901234567890.000000000001"),
             Value::Decimal("12345678901234567890.000000000001".into())
         );
-        assert_eq!(
-            text_to_value(oid::NUMERIC, "numeric", b"NaN"),
-            Value::Decimal("NaN".into())
-        );
-        assert_eq!(
-            text_to_value(oid::INT8, "int8", b"-9223372036854775808"),
-            Value::Int(i64::MIN)
-        );
-        assert!(
-            matches!(text_to_value(oid::FLOAT8, "float8", b"NaN"), Value::Float(f) if f.is_nan())
-        );
+        assert_eq!(text_to_value(oid::NUMERIC, "numeric", b"NaN"), Value::Decimal("NaN".into()));
+        assert_eq!(text_to_value(oid::INT8, "int8", b"-9223372036854775808"), Value::Int(i64::MIN));
+        assert!(matches!(text_to_value(oid::FLOAT8, "float8", b"NaN"), Value::Float(f) if f.is_nan()));
     }
 
     #[test]
     fn times_and_bytes() {
-        let Value::Timestamp(t) = text_to_value(
-            oid::TIMESTAMPTZ,
-            "timestamptz",
-            b"2024-01-02 03:04:05.123456+00",
-        ) else {
+        let Value::Timestamp(t) = text_to_value(oid::TIMESTAMPTZ, "timestamptz", b"2024-01-02 03:04:05.123456+00")
+        else {
             panic!("not a timestamp")
         };
         assert_eq!(t.to_rfc3339(), "2024-01-02T03:04:05.123456+00:00");
-        let Value::Timestamp(t) = text_to_value(
-            oid::TIMESTAMPTZ,
-            "timestamptz",
-            b"2024-01-02 08:34:05+05:30",
-        ) else {
+        let Value::Timestamp(t) = text_to_value(oid::TIMESTAMPTZ, "timestamptz", b"2024-01-02 08:34:05+05:30") else {
             panic!("not a timestamp")
         };
         assert_eq!(t.to_rfc3339(), "2024-01-02T03:04:05+00:00");
         assert_eq!(
             text_to_value(oid::TIMESTAMPTZ, "timestamptz", b"infinity"),
-            Value::Other {
-                type_name: "timestamptz".into(),
-                text: "infinity".into()
-            }
+            Value::Other { type_name: "timestamptz".into(), text: "infinity".into() }
         );
-        assert_eq!(
-            text_to_value(oid::BYTEA, "bytea", b"\\x00ff"),
-            Value::Bytes(vec![0, 255])
-        );
+        assert_eq!(text_to_value(oid::BYTEA, "bytea", b"\\x00ff"), Value::Bytes(vec![0, 255]));
     }
 
     #[test]
     fn unknown_types_keep_their_name() {
         assert_eq!(
             text_to_value(869, "inet", b"10.0.0.1/32"),
-            Value::Other {
-                type_name: "inet".into(),
-                text: "10.0.0.1/32".into()
-            }
+            Value::Other { type_name: "inet".into(), text: "10.0.0.1/32".into() }
         );
     }
 
@@ -256,9 +209,6 @@ mod tests {
                 Value::Text("NULL".into())
             ])
         );
-        assert!(matches!(
-            text_to_value(1007, "_int4", b"{{1,2},{3,4}}"),
-            Value::Other { .. }
-        ));
+        assert!(matches!(text_to_value(1007, "_int4", b"{{1,2},{3,4}}"), Value::Other { .. }));
     }
 }
