@@ -2,4 +2,6 @@
 
 mod support;
 
+mod bad_input;
+mod crash;
 mod pg_cache;

@@ -91,11 +91,11 @@ pub fn load_file(path: &Path, cfg: &Config) -> Result<Pipeline, ConfigError> {
     compile(path, &text, cfg)
 }
 
-/// Find where `needle` (a template or program) sits inside `text[span]`, for precise errors.
+/// Find where `needle` (a template or a target name) first appears at or after the start of a
+/// table, for precise errors (a table's span may cover only its header).
 fn locate(text: &str, span: std::ops::Range<usize>, needle: &str) -> usize {
-    let start = span.start.min(text.len());
-    let end = span.end.min(text.len()).max(start);
-    text[start..end].find(needle).map(|i| start + i).unwrap_or(start)
+    let start = text.floor_char_boundary(span.start.min(text.len()));
+    text[start..].find(needle).map(|i| start + i).unwrap_or(start)
 }
 
 /// Compile pipeline text read from `path`.
