@@ -355,3 +355,85 @@ pub async fn run_session(
     tracing::info!(source = %source, confirmed = %crate::change::Lsn(last_sent), "replication stream drained");
     StreamEnd::Stopped
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::Value;
+    use crate::source::postgres::decode::tests::captured;
+
+    fn changes(catalog: &Catalog) -> Vec<Change> {
+        let mut s = Session::new(Name::from("src"), catalog);
+        let mut out = Vec::new();
+        for (_, data) in captured() {
+            s.handle(decode(data).unwrap()).unwrap();
+            out.extend(s.pending.drain(..));
+        }
+        out
+    }
+
+    #[test]
+    fn captured_stream_becomes_exact_changes() {
+        let mut catalog = Catalog::default();
+        catalog.primary_keys.insert("public.f".into(), vec!["id".into()]);
+        let c = changes(&catalog);
+        let ops: Vec<(Op, &str)> = c.iter().map(|c| (c.op, &*c.relation)).collect();
+        assert_eq!(
+            ops,
+            vec![
+                (Op::Insert, "public.t"),
+                (Op::Update, "public.t"),
+                (Op::Update, "public.t"),
+                (Op::Insert, "public.f"),
+                (Op::Update, "public.f"),
+                (Op::Delete, "public.f"),
+                (Op::Delete, "public.t"),
+                (Op::Insert, "public.t"),
+                (Op::Insert, "public.t"),
+                (Op::Insert, "public.t"),
+                (Op::Truncate, "public.t"),
+                (Op::Truncate, "public.f"),
+            ]
+        );
+        let ins = &c[0];
+        let after = ins.after.as_ref().unwrap();
+        assert_eq!(after.get("n"), Some(&Value::Decimal("12345678901234567890.0001".into())));
+        assert_eq!(
+            after.get("tags"),
+            Some(&Value::List(vec![Value::Text("x".into()), Value::Text("y z".into()), Value::Null]))
+        );
+        // The enum arrives as text tagged with its type name (from the Type message).
+        assert_eq!(after.get("m"), Some(&Value::Other { type_name: "mood".into(), text: "happy".into() }));
+        assert_eq!(
+            ins.version,
+            Version::from_u64(match ins.position {
+                Position::Pg { commit_lsn, .. } => commit_lsn,
+                _ => unreachable!(),
+            })
+        );
+        assert_eq!(ins.key.get("id"), Some(&Value::Int(1)));
+
+        // TOAST: the unchanged column is listed, not present, never NULL.
+        let rename = &c[1];
+        assert_eq!(rename.unchanged.iter().map(|n| &**n).collect::<Vec<_>>(), vec!["big"]);
+        assert!(rename.after.as_ref().unwrap().get("big").is_none());
+
+        // Key change: key is the new key, before holds only the old key.
+        let moved = &c[2];
+        assert_eq!(moved.key.get("id"), Some(&Value::Int(2)));
+        let before = moved.before.as_ref().unwrap();
+        assert_eq!(before.len(), 1);
+        assert_eq!(before.get("id"), Some(&Value::Int(1)));
+
+        // REPLICA IDENTITY FULL with a primary key: key is the primary key only.
+        let full_update = &c[4];
+        assert_eq!(full_update.key.len(), 1);
+        assert_eq!(full_update.before.as_ref().unwrap().get("v"), Some(&Value::Text("full".into())));
+        let full_delete = &c[5];
+        assert_eq!(full_delete.before.as_ref().unwrap().get("v"), Some(&Value::Text("fuller".into())));
+        assert_eq!(c[6].key.get("id"), Some(&Value::Int(2)));
+        assert!(c[10].key.is_empty());
+        // Changes of one transaction share its version; positions order within it.
+        assert!(c.windows(2).all(|w| w[0].version <= w[1].version));
+    }
+}
