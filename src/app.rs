@@ -50,13 +50,13 @@ pub fn check(config: &Config) -> Result<Vec<Arc<Pipeline>>, ConfigError> {
     load::load_all(config)
 }
 
+/// Relation → (pipeline, column) pairs its templates read.
+type ColumnUses = BTreeMap<String, Vec<(String, String)>>;
+
 /// Tables each source's pipelines name, and the columns their templates read.
-fn source_needs(
-    pipelines: &[Arc<Pipeline>],
-    source: &str,
-) -> (BTreeSet<String>, BTreeMap<String, Vec<(String, String)>>) {
+fn source_needs(pipelines: &[Arc<Pipeline>], source: &str) -> (BTreeSet<String>, ColumnUses) {
     let mut tables = BTreeSet::new();
-    let mut columns: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let mut columns = ColumnUses::new();
     for p in pipelines.iter().filter(|p| &*p.source == source) {
         for rel in p.exact_relations() {
             tables.insert(rel.to_string());
@@ -194,9 +194,32 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
         match cfg {
             SourceConfig::Postgres(pg) => {
                 let (tables, columns) = source_needs(&pipelines, name);
-                let src = tokio::select! {
-                    r = PostgresSource::prepare(name, pg, &tables, &columns) => r?,
-                    _ = stop.cancelled() => return Ok(()),
+                let mut delays = ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(10))
+                    .with_jitter()
+                    .without_max_times()
+                    .build();
+                // An unreachable database at start-up is waited for (not ready meanwhile);
+                // anything that needs a person (auth, TLS, missing objects) refuses to start.
+                let src = loop {
+                    let attempt = tokio::select! {
+                        r = PostgresSource::prepare(name, pg, &tables, &columns) => r,
+                        _ = stop.cancelled() => return Ok(()),
+                    };
+                    match attempt {
+                        Ok(src) => break src,
+                        Err(SourceError::Connect { transient: true, ref msg, .. }) => {
+                            let d = delays.next().unwrap_or(Duration::from_secs(10));
+                            health.set(&format!("source {name}"), Err(format!("connecting: {msg}")));
+                            tracing::warn!(source = %name, error = %msg, retry_in = ?d, "source not reachable yet; retrying");
+                            tokio::select! {
+                                _ = stop.cancelled() => return Ok(()),
+                                _ = tokio::time::sleep(d) => {}
+                            }
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 };
                 prepared.push(src);
             }

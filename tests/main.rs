@@ -5,4 +5,6 @@ mod support;
 mod bad_input;
 mod capture;
 mod crash;
+mod examples;
 mod pg_cache;
+mod pg_tls;

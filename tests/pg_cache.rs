@@ -389,3 +389,56 @@ columns = ["id", "name", "price", "stock"]
     daemon.stop().await.expect("clean stop");
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_replication_connection_reconnects_and_loses_nothing() {
+    let _g = shared().await;
+    let db = TestDb::create("cut").await;
+    db.exec("CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL)").await;
+    let p = unique("cut");
+    let slot = unique("s");
+    let ws = Workspace::new();
+    ws.write_config(&pg_cache_config(&db.url, &slot, ""));
+    ws.write_pipeline(
+        "items",
+        &format!(
+            "source = \"db\"\n[match]\nrelations = [\"public.items\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{p}:i:{{{{ key.id }}}}\"\n"
+        ),
+    );
+    let daemon = InProcess::start(&ws.config_path());
+    wait_streaming(&db, &slot).await;
+    let writer = {
+        let url = db.url.clone();
+        tokio::spawn(async move {
+            let c = crate::support::pg::connect(&url).await;
+            for i in 1..=300i64 {
+                // Multi-row transactions, so some cuts land mid-transaction.
+                c.batch_execute(&format!(
+                    "BEGIN; INSERT INTO items VALUES ({a}, 0), ({b}, 0); UPDATE items SET v = v + 1 WHERE id = {a}; COMMIT;",
+                    a = 2 * i - 1,
+                    b = 2 * i
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        db.exec(&format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
+        ))
+        .await;
+    }
+    writer.await.unwrap();
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    let redis = TestRedis::connect().await;
+    let rows = db.client.query("SELECT id, v FROM items ORDER BY id", &[]).await.unwrap();
+    assert_eq!(rows.len(), 600);
+    for r in rows {
+        let (id, v): (i64, i32) = (r.get(0), r.get(1));
+        assert_eq!(redis.get(&format!("{p}:i:{id}")).await, Some(format!(r#"{{"id":{id},"v":{v}}}"#)));
+    }
+    daemon.stop().await.expect("clean stop");
+    db.cleanup().await;
+}

@@ -19,5 +19,6 @@ fi
 for n in "${names[@]}"; do bash "$LOCAL_DIR/$n.sh" start; done
 cat > "$STATE/peers.env" <<ENV
 export POLYSYNC_TEST_PG=postgres://postgres:postgres@127.0.0.1:55432/postgres
+export POLYSYNC_TEST_PG_CA=$STATE/pg-tls/ca.crt
 export POLYSYNC_TEST_REDIS=redis://127.0.0.1:56379
 ENV

@@ -29,12 +29,33 @@ if [ ! -f "$DATA/PG_VERSION" ]; then
     --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8 >"$STATE/pg-initdb.log" 2>&1 \
     || { rm -f "$pwfile"; cat "$STATE/pg-initdb.log" >&2; die "initdb failed"; }
   rm -f "$pwfile"
-  cp "$LOCAL_DIR/postgres/postgresql.local.conf" "$DATA/postgresql.local.conf"
-  echo "include 'postgresql.local.conf'" >> "$DATA/postgresql.conf"
   cp "$LOCAL_DIR/postgres/pg_hba.conf" "$DATA/pg_hba.conf"
-  chown postgres:postgres "$DATA/postgresql.local.conf" "$DATA/pg_hba.conf"
+  chown postgres:postgres "$DATA/pg_hba.conf"
   fresh=1
 fi
+# A test CA and a server certificate for "localhost" (not 127.0.0.1, so tests can tell
+# verify-full from verify-ca). Generated once per machine state, never committed.
+TLS="$STATE/pg-tls"
+if [ ! -f "$TLS/server.crt" ]; then
+  command -v openssl >/dev/null || apt_ensure openssl
+  mkdir -p "$TLS"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=polysync test CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -keyout "$TLS/ca.key" -out "$TLS/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$TLS/server.key" -out "$TLS/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' > "$TLS/ext.cnf"
+  openssl x509 -req -in "$TLS/server.csr" -CA "$TLS/ca.crt" -CAkey "$TLS/ca.key" -CAcreateserial -days 3650 \
+    -extfile "$TLS/ext.cnf" -out "$TLS/server.crt" 2>/dev/null
+  chown postgres:postgres "$TLS/server.key" "$TLS/server.crt"; chmod 600 "$TLS/server.key"
+fi
+# Settings are re-applied on every start so edits to the shipped file take effect.
+{ cat "$LOCAL_DIR/postgres/postgresql.local.conf"
+  echo "ssl = on"
+  echo "ssl_cert_file = '$TLS/server.crt'"
+  echo "ssl_key_file = '$TLS/server.key'"
+} > "$DATA/postgresql.local.conf"
+grep -q "include 'postgresql.local.conf'" "$DATA/postgresql.conf" || echo "include 'postgresql.local.conf'" >> "$DATA/postgresql.conf"
+chown postgres:postgres "$DATA/postgresql.local.conf"
 touch "$LOG"; chown postgres "$LOG"
 rm -f "$DATA/postmaster.pid"
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$DATA" -l "$LOG" -o "-p $PORT -k /tmp" -w -t 60 start >/dev/null \

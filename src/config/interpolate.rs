@@ -17,9 +17,9 @@ pub fn interpolate(path: &Path, text: &str, lookup: impl Fn(&str) -> Option<Stri
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let after = &rest[i + 1..];
-        if after.starts_with("${") {
+        if let Some(escaped) = after.strip_prefix("${") {
             out.push_str("${");
-            rest = &after[2..];
+            rest = escaped;
             consumed += i + 3;
             continue;
         }

@@ -104,10 +104,8 @@ pub fn files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
         let e = e?;
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        if let Some(n) = name.strip_prefix(PREFIX).and_then(|r| r.strip_suffix(SUFFIX)) {
-            if let Ok(i) = n.parse() {
-                out.push((i, e.path()));
-            }
+        if let Some(Ok(i)) = name.strip_prefix(PREFIX).and_then(|r| r.strip_suffix(SUFFIX)).map(str::parse) {
+            out.push((i, e.path()));
         }
     }
     out.sort();

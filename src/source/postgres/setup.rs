@@ -72,7 +72,11 @@ pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
 /// Network-ish failures heal; SQL errors about privileges or objects do not.
 pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
     match e.code() {
-        None => true,
+        // Certificate and TLS failures are configuration, not weather.
+        None => {
+            let text = pg_error_text(e).to_lowercase();
+            !(text.contains("tls") || text.contains("certificate") || text.contains("password"))
+        }
         Some(c) => {
             let c = c.code();
             c.starts_with("08") || c.starts_with("57P") || c == "53300" || c == "40001" || c == "40P01"
@@ -233,7 +237,7 @@ pub async fn prepare(
         }
     }
 
-    let mut catalog = Catalog::default();
+    let mut catalog = Catalog { published: BTreeSet::new(), ..Catalog::default() };
     catalog.published = client
         .query("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1", &[publication])
         .await
