@@ -28,6 +28,113 @@ enum Command {
         #[arg(long, short, env = "POLYSYNC_CONFIG", default_value = "config/polysync.toml")]
         config: PathBuf,
     },
+    /// Inspect or replay the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters (not yet replayed unless --all).
+    List {
+        /// Config file.
+        #[arg(long, short, env = "POLYSYNC_CONFIG", default_value = "config/polysync.toml")]
+        config: PathBuf,
+        /// Only this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Only entries since a time (RFC 3339) or age (`2h`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Include entries already replayed.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Deliver dead letters again through the current pipeline definitions.
+    Replay {
+        /// Config file.
+        #[arg(long, short, env = "POLYSYNC_CONFIG", default_value = "config/polysync.toml")]
+        config: PathBuf,
+        /// Only this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Only entries since a time (RFC 3339) or age (`2h`).
+        #[arg(long)]
+        since: Option<String>,
+    },
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn dlq(command: DlqCommand) -> ExitCode {
+    use polysync::dlq::replay::{Selection, parse_since, replay, select};
+    let (config, pipeline, since, all, run_replay) = match command {
+        DlqCommand::List { config, pipeline, since, all } => (config, pipeline, since, all, false),
+        DlqCommand::Replay { config, pipeline, since } => (config, pipeline, since, false, true),
+    };
+    let cfg = match load(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let since = match since.as_deref().map(parse_since).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let sel = Selection { pipeline, since, include_replayed: all };
+    if !run_replay {
+        return match select(&cfg, &sel) {
+            Ok(entries) => {
+                for e in &entries {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{} {} [{}] at {}\t{}",
+                        e.id,
+                        e.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        e.pipeline,
+                        e.sink,
+                        e.change.op,
+                        e.change.relation,
+                        e.change.key_display(),
+                        e.change.position,
+                        e.reason
+                    );
+                }
+                eprintln!("{} dead letter(s)", entries.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    polysync::telemetry::init_logging(&cfg.log);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(replay(&cfg, &sel)) {
+        Ok(report) => {
+            for (id, reason) in &report.failed {
+                eprintln!("{id}: not delivered: {reason}");
+            }
+            println!("replayed {} dead letter(s), {} failed (still in the DLQ)", report.delivered, report.failed.len());
+            if report.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -40,6 +147,7 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Dlq { command } => dlq(command),
         Command::Check { config } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
@@ -73,12 +181,9 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             polysync::telemetry::init_logging(&cfg.log);
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             match rt.block_on(polysync::app::run(cfg, CancellationToken::new())) {
                 Ok(()) => ExitCode::SUCCESS,

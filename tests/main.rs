@@ -8,3 +8,4 @@ mod crash;
 mod examples;
 mod pg_cache;
 mod pg_tls;
+mod pipelines;

@@ -41,6 +41,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Dead-letter queue.
     pub dlq: DlqConfig,
+    /// Live reload.
+    pub reload: ReloadConfig,
     /// Sources by name.
     pub sources: BTreeMap<String, SourceConfig>,
     /// Sink targets by name.
@@ -62,6 +64,8 @@ struct RawConfig {
     log: LogConfig,
     #[serde(default)]
     dlq: DlqConfig,
+    #[serde(default)]
+    reload: ReloadConfig,
     #[serde(default)]
     sources: BTreeMap<String, toml::Spanned<SourceConfig>>,
     #[serde(default)]
@@ -136,6 +140,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// Live reload (SIGHUP always works).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// Also reload when the config file or a pipeline file changes.
+    pub watch: bool,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig { watch: true }
+    }
+}
+
 /// Dead-letter queue settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -146,11 +164,25 @@ pub struct DlqConfig {
     pub max_file_bytes: ByteSize,
     /// Total size of all DLQ files; when reached, the affected pipeline stops and says so.
     pub max_total_bytes: ByteSize,
+    /// Also copy every entry to a Redis stream (for consumers and alerting); the files stay
+    /// the record `dlq replay` works from.
+    pub redis_url: Option<Secret>,
+    /// Stream key for the copy.
+    pub redis_stream: String,
+    /// Approximate cap on the stream's length (XADD MAXLEN ~).
+    pub redis_maxlen: u64,
 }
 
 impl Default for DlqConfig {
     fn default() -> Self {
-        DlqConfig { dir: PathBuf::from("dlq"), max_file_bytes: ByteSize(64 << 20), max_total_bytes: ByteSize(1 << 30) }
+        DlqConfig {
+            dir: PathBuf::from("dlq"),
+            max_file_bytes: ByteSize(64 << 20),
+            max_total_bytes: ByteSize(1 << 30),
+            redis_url: None,
+            redis_stream: "polysync:dlq".into(),
+            redis_maxlen: 100_000,
+        }
     }
 }
 
@@ -216,6 +248,7 @@ impl Config {
             metrics: raw.metrics,
             log: raw.log,
             dlq: raw.dlq,
+            reload: raw.reload,
             sources,
             sinks,
         })

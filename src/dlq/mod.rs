@@ -7,6 +7,9 @@
 //! it cannot be written (disk full, total bound reached) the caller must not acknowledge, and
 //! the lane stalls loudly instead of losing the change.
 
+pub mod mirror;
+pub mod replay;
+
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -56,6 +59,8 @@ pub struct DeadLetter<'a> {
 /// One entry as read back.
 #[derive(Debug, Clone)]
 pub struct StoredDeadLetter {
+    /// Unique id (time-ordered), used to mark the entry replayed.
+    pub id: String,
     /// When it was written.
     pub at: DateTime<Utc>,
     /// Pipeline name.
@@ -83,9 +88,13 @@ pub struct DeadLetterQueue {
     max_file: u64,
     max_total: u64,
     active: Mutex<Active>,
+    mirror: Option<tokio::sync::mpsc::Sender<String>>,
 }
 
 const PREFIX: &str = "dlq-";
+/// Ids of entries delivered by `polysync dlq replay`, one per line (append-only, so replay is
+/// safe while the daemon is writing new entries).
+pub const REPLAYED: &str = "replayed.ids";
 const SUFFIX: &str = ".jsonl";
 
 fn file_name(index: u64) -> String {
@@ -131,6 +140,7 @@ impl DeadLetterQueue {
             max_file: max_file.max(4096),
             max_total: max_total.max(4096),
             active: Mutex::new(Active { file: None, index, size, total }),
+            mirror: None,
         })
     }
 
@@ -141,8 +151,11 @@ impl DeadLetterQueue {
 
     /// Append an entry durably. Only after `Ok` may the change be acknowledged.
     pub fn write(&self, entry: &DeadLetter<'_>) -> Result<(), DlqError> {
+        let now = Utc::now();
+        let id = format!("{}-{:08x}", now.timestamp_micros(), rand::random::<u32>());
         let line = json!({
-            "at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            "id": id,
+            "at": now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             "pipeline": entry.pipeline,
             "sink": entry.sink,
             "reason": entry.reason,
@@ -183,7 +196,19 @@ impl DeadLetterQueue {
         }
         a.size += len;
         a.total += len;
+        drop(a);
+        if let Some(m) = &self.mirror
+            && m.try_send(line).is_err()
+        {
+            crate::telemetry::metrics().dlq_mirror_dropped.inc();
+        }
         Ok(())
+    }
+
+    /// Also send every entry (best effort; the files stay authoritative) to this channel,
+    /// drained by the Redis-stream mirror.
+    pub fn set_mirror(&mut self, tx: tokio::sync::mpsc::Sender<String>) {
+        self.mirror = Some(tx);
     }
 
     /// Bytes currently held.
@@ -207,6 +232,7 @@ pub fn read_all(dir: &Path, mut bad: impl FnMut(&Path, usize, String)) -> std::i
                 let j: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
                 let s = |k: &str| j.get(k).and_then(|v| v.as_str()).map(str::to_string).ok_or(format!("{k} missing"));
                 Ok(StoredDeadLetter {
+                    id: s("id")?,
                     at: DateTime::parse_from_rfc3339(&s("at")?).map_err(|e| e.to_string())?.with_timezone(&Utc),
                     pipeline: s("pipeline")?,
                     sink: s("sink")?,
@@ -222,4 +248,98 @@ pub fn read_all(dir: &Path, mut bad: impl FnMut(&Path, usize, String)) -> std::i
         }
     }
     Ok(out)
+}
+
+/// Ids already replayed.
+pub fn replayed_ids(dir: &Path) -> std::io::Result<std::collections::HashSet<String>> {
+    match std::fs::read_to_string(dir.join(REPLAYED)) {
+        Ok(s) => Ok(s.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Record entries as replayed (fsynced).
+pub fn mark_replayed(dir: &Path, ids: &[String]) -> std::io::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut opts = OpenOptions::new();
+    opts.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(dir.join(REPLAYED))?;
+    let mut text = ids.join("\n");
+    text.push('\n');
+    f.write_all(text.as_bytes())?;
+    f.sync_data()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::{Op, Position, Row, Version};
+
+    fn change(i: i64) -> Change {
+        let mut key = Row::default();
+        key.push("id".into(), crate::change::Value::Int(i));
+        Change {
+            source: "s".into(),
+            relation: "public.t".into(),
+            op: Op::Insert,
+            key,
+            before: None,
+            after: None,
+            unchanged: vec![],
+            position: Position::Pg { commit_lsn: 1, seq: 0 },
+            version: Version::from_u64(1),
+            commit_time: None,
+            tx: None,
+            origin: None,
+        }
+    }
+
+    #[test]
+    fn rotates_bounds_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let dlq = DeadLetterQueue::open(dir.path(), 4096, 20_000).unwrap();
+        let mut written = 0;
+        let full = loop {
+            let c = change(written);
+            match dlq.write(&DeadLetter { pipeline: "p", sink: "cache", reason: &"x".repeat(300), change: &c }) {
+                Ok(()) => written += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(full, DlqError::Full { .. }), "{full}");
+        assert!(full.to_string().contains("is full"), "says so: {full}");
+        assert!(files(dir.path()).unwrap().len() > 1, "rotated");
+        let back = read_all(dir.path(), |_, _, e| panic!("{e}")).unwrap();
+        assert_eq!(back.len() as i64, written, "nothing written was lost; nothing silently dropped");
+        assert!(back.iter().enumerate().all(|(i, e)| e.change.key_display() == format!("id={i}")));
+        // Reopening continues the accounting (still full).
+        let again = DeadLetterQueue::open(dir.path(), 4096, 20_000).unwrap();
+        assert!(
+            again
+                .write(&DeadLetter { pipeline: "p", sink: "c", reason: &"x".repeat(300), change: &change(0) })
+                .is_err()
+        );
+        // Replayed ids are remembered.
+        mark_replayed(dir.path(), &[back[0].id.clone()]).unwrap();
+        assert!(replayed_ids(dir.path()).unwrap().contains(&back[0].id));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let dlq = DeadLetterQueue::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        dlq.write(&DeadLetter { pipeline: "p", sink: "c", reason: "r", change: &change(1) }).unwrap();
+        let (_, f) = &files(dir.path()).unwrap()[0];
+        assert_eq!(std::fs::metadata(f).unwrap().permissions().mode() & 0o777, 0o600);
+    }
 }

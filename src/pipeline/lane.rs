@@ -13,12 +13,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::PipelineSet;
+use super::process::{self, Step};
 use super::router::Envelope;
-use super::scope::ChangeScope;
 use crate::change::Name;
 use crate::dlq::DeadLetterQueue;
+use crate::sink::Record;
 use crate::sink::runner::record_dead_letter;
-use crate::sink::{Payload, Record};
 
 /// What a lane needs.
 pub struct LaneInputs {
@@ -39,7 +39,7 @@ pub async fn run(mut inp: LaneInputs) {
     let mut current = inp.pipelines.load_full();
     let mut matches: HashMap<(Name, Name), Vec<usize>> = HashMap::new();
     let mut batch: Vec<Envelope> = Vec::with_capacity(256);
-    let mut payloads = Vec::with_capacity(4);
+    let mut steps = Vec::with_capacity(4);
     loop {
         let n = tokio::select! {
             n = inp.rx.recv_many(&mut batch, 256) => n,
@@ -65,48 +65,34 @@ pub async fn run(mut inp: LaneInputs) {
                 if !def.ops.contains(change.op) {
                     continue;
                 }
-                let scope = ChangeScope { change, event: None };
-                for (bound, sink) in def.actions.iter().zip(&rp.sinks) {
-                    payloads.clear();
-                    match bound.action.render(&scope, change, &mut payloads) {
-                        Ok(()) => {
-                            bound.outputs.inc_by(payloads.len() as u64);
-                            let lane = &sink.lanes[inp.index % sink.lanes.len()];
-                            for payload in payloads.drain(..) {
-                                let rec = Record {
-                                    ticket: env.ticket.retain(),
-                                    change: Arc::clone(change),
-                                    pipeline: Arc::clone(&def.name),
-                                    payload,
-                                };
-                                let sent = tokio::select! {
-                                    r = lane.send(rec) => r.is_ok(),
-                                    _ = inp.hard_stop.cancelled() => false,
-                                };
-                                if !sent {
-                                    return; // shutting down: nothing more is acknowledged
-                                }
+                process::apply(def, change, None, &mut steps);
+                for step in steps.drain(..) {
+                    match step {
+                        Step::Payload { action, payload } => {
+                            let sink = &rp.sinks[action];
+                            let rec = Record {
+                                ticket: env.ticket.retain(),
+                                change: Arc::clone(change),
+                                pipeline: Arc::clone(&def.name),
+                                payload,
+                            };
+                            let sent = tokio::select! {
+                                r = sink.lanes[inp.index % sink.lanes.len()].send(rec) => r.is_ok(),
+                                _ = inp.hard_stop.cancelled() => false,
+                            };
+                            if !sent {
+                                return; // shutting down: nothing more is acknowledged
                             }
                         }
-                        Err(reason) => {
-                            let reason = format!("{} ({}): {reason}", def.name, def.file.display());
-                            if !record_dead_letter(&inp.dlq, &def.name, &bound.target, &reason, change, &inp.hard_stop)
-                                .await
-                            {
+                        Step::DeadLetter { sink, reason } => {
+                            if !record_dead_letter(&inp.dlq, &def.name, &sink, &reason, change, &inp.hard_stop).await {
                                 return;
                             }
                         }
                     }
                 }
             }
-            drop_payload_buffer(&mut payloads);
             env.ticket.ack();
         }
-    }
-}
-
-fn drop_payload_buffer(p: &mut Vec<Payload>) {
-    if p.capacity() > 64 {
-        *p = Vec::with_capacity(4);
     }
 }

@@ -22,6 +22,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::matcher::{OpSet, RelationPattern};
+use super::vrl::{Role, VrlProgram};
 use super::{BoundAction, Pipeline};
 use crate::change::{Name, Op};
 use crate::config::{Config, ConfigError};
@@ -98,9 +99,37 @@ fn locate(text: &str, span: std::ops::Range<usize>, needle: &str) -> usize {
     text[start..].find(needle).map(|i| start + i).unwrap_or(start)
 }
 
+/// Where the program text of a TOML string starting at `offset` begins: after the opening
+/// quote(s), and after the newline a multi-line string may start with. Offsets inside the
+/// program then map to file positions exactly for literal strings (`'…'`, `\'\'\'…\'\'\'`).
+fn program_start(text: &str, offset: usize) -> usize {
+    let rest = &text[text.floor_char_boundary(offset.min(text.len()))..];
+    let mut start = offset;
+    if rest.starts_with("\'\'\'") || rest.starts_with("\"\"\"") {
+        start += 3;
+        let after = &rest[3..];
+        if after.starts_with("\r\n") {
+            start += 2;
+        } else if after.starts_with('\n') {
+            start += 1;
+        }
+    } else if rest.starts_with('\'') || rest.starts_with('"') {
+        start += 1;
+    }
+    start
+}
+
 /// Compile pipeline text read from `path`.
 pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, ConfigError> {
-    let raw: RawPipeline = toml::from_str(text).map_err(|e| ConfigError::from_toml(path, text, &e))?;
+    let raw: RawPipeline = toml::from_str(text).map_err(|e| {
+        let mut err = ConfigError::from_toml(path, text, &e);
+        if let ConfigError::At { msg, .. } = &mut err
+            && msg.contains("expected `relations` or `ops`")
+        {
+            msg.push_str(" (keys after [match] belong to it: put name, source, filter and transform above [match])");
+        }
+        err
+    })?;
     let at = |offset: usize, msg: String| ConfigError::at(path, text, offset, msg);
     let mut errors = Vec::new();
 
@@ -148,11 +177,22 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
         }
     };
 
-    for (what, prog) in [("filter", &raw.filter), ("transform", &raw.transform)] {
-        if let Some(p) = prog {
-            errors.push(at(p.span().start, format!("{what}: VRL programs are not supported by this build yet")));
+    let mut programs = [None, None];
+    for (slot, (what, role, prog)) in
+        [("filter", Role::Filter, &raw.filter), ("transform", Role::Transform, &raw.transform)].into_iter().enumerate()
+    {
+        let Some(p) = prog else { continue };
+        match VrlProgram::compile(p.get_ref(), role) {
+            Ok(program) => programs[slot] = Some(Arc::new(program)),
+            Err(errs) => {
+                let base = program_start(text, p.span().start);
+                for e in errs {
+                    errors.push(at(base + e.offset, format!("{what}: {}", e.message)));
+                }
+            }
         }
     }
+    let [filter, transform] = programs;
 
     if raw.sinks.is_empty() {
         errors.push(at(0, "pipeline has no [[sink]]; add at least one".into()));
@@ -190,6 +230,8 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
     }
     ConfigError::collect(errors)?;
     Ok(Pipeline {
+        filter,
+        transform,
         name: Name::from(name.as_str()),
         file: path.to_owned(),
         source: Name::from(source.as_str()),

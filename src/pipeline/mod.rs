@@ -7,9 +7,11 @@
 pub mod lane;
 pub mod load;
 pub mod matcher;
+pub mod process;
 pub mod router;
 pub mod scope;
 pub mod template;
+pub mod vrl;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,6 +36,10 @@ pub struct Pipeline {
     pub ops: OpSet,
     /// Sink actions, in file order.
     pub actions: Vec<BoundAction>,
+    /// VRL filter (true keeps the change).
+    pub filter: Option<Arc<vrl::VrlProgram>>,
+    /// VRL transform (reshapes the change; may emit several outputs).
+    pub transform: Option<Arc<vrl::VrlProgram>>,
 }
 
 /// A sink action bound to its target name.
@@ -74,12 +80,14 @@ impl Pipeline {
             })
             .collect();
         let mut lines = vec![format!(
-            "pipeline {} ({}): source {} relations [{}] ops [{}]",
+            "pipeline {} ({}): source {} relations [{}] ops [{}]{}{}",
             self.name,
             self.file.display(),
             self.source,
             rels.join(", "),
-            self.ops.names().join(", ")
+            self.ops.names().join(", "),
+            if self.filter.is_some() { ", filtered (VRL)" } else { "" },
+            if self.transform.is_some() { ", transformed (VRL)" } else { "" },
         )];
         for a in &self.actions {
             lines.push(format!("  -> sink {} ({}): {}", a.target, a.kind, a.action.describe()));

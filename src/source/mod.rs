@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::config::ConfigError;
 
 /// `[sources.<name>]`, by kind.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SourceConfig {
     /// PostgreSQL / Aurora PostgreSQL logical replication.

@@ -23,6 +23,7 @@ pub mod names {
     pub const PG_CONFIRMED_LSN: &str = "polysync_pg_confirmed_flush_lsn";
     pub const IN_FLIGHT: &str = "polysync_in_flight_changes";
     pub const PIPELINE_OUTPUTS: &str = "polysync_pipeline_outputs_total";
+    pub const PIPELINE_SKIPPED: &str = "polysync_pipeline_skipped_total";
     pub const SINK_RECORDS: &str = "polysync_sink_records_total";
     pub const SINK_REQUEST_DURATION: &str = "polysync_sink_request_duration_seconds";
     pub const SINK_BATCH_SIZE: &str = "polysync_sink_batch_records";
@@ -33,6 +34,7 @@ pub mod names {
     pub const DLQ_ENTRIES: &str = "polysync_dlq_entries_total";
     pub const DLQ_BYTES: &str = "polysync_dlq_bytes";
     pub const DLQ_WRITE_FAILURES: &str = "polysync_dlq_write_failures_total";
+    pub const DLQ_MIRROR_DROPPED: &str = "polysync_dlq_mirror_dropped_total";
     pub const CONFIG_RELOADS: &str = "polysync_config_reloads_total";
 }
 
@@ -58,6 +60,8 @@ pub struct Metrics {
     pub in_flight: IntGaugeVec,
     /// Sink records produced, by pipeline and sink.
     pub pipeline_outputs: IntCounterVec,
+    /// Changes a pipeline's filter or transform skipped, by reason (`filtered`, `aborted`).
+    pub pipeline_skipped: IntCounterVec,
     /// Records finished by a sink, by result (`applied`, `dead_lettered`).
     pub sink_records: IntCounterVec,
     /// Duration of one sink request (a batch).
@@ -78,6 +82,8 @@ pub struct Metrics {
     pub dlq_bytes: IntGauge,
     /// DLQ writes that failed (the change was not acknowledged).
     pub dlq_write_failures: IntCounter,
+    /// Entries the Redis-stream mirror could not take (the files still hold them).
+    pub dlq_mirror_dropped: IntCounter,
     /// Config reloads by result (`ok`, `error`).
     pub config_reloads: IntCounterVec,
 }
@@ -118,7 +124,14 @@ impl Metrics {
             IntCounter::new(DLQ_WRITE_FAILURES, "Dead-letter writes that failed; the change was not acknowledged")
                 .expect("valid metric");
         r.register(Box::new(dlq_write_failures.clone())).expect("unique metric");
+        let dlq_mirror_dropped = IntCounter::new(
+            DLQ_MIRROR_DROPPED,
+            "Dead letters not copied to the Redis stream mirror (the DLQ files still hold them)",
+        )
+        .expect("valid metric");
+        r.register(Box::new(dlq_mirror_dropped.clone())).expect("unique metric");
         let m = Metrics {
+            dlq_mirror_dropped,
             build_info: gauge(&r, BUILD_INFO, "Build information", &["version"]),
             source_changes: counter(&r, SOURCE_CHANGES, "Changes read from a source", &["source", "relation"]),
             source_lag,
@@ -137,6 +150,12 @@ impl Metrics {
                 PIPELINE_OUTPUTS,
                 "Sink records produced by a pipeline",
                 &["pipeline", "sink"],
+            ),
+            pipeline_skipped: counter(
+                &r,
+                PIPELINE_SKIPPED,
+                "Changes skipped by a pipeline's filter or an abort in its transform",
+                &["pipeline", "reason"],
             ),
             sink_records: counter(&r, SINK_RECORDS, "Records finished by a sink", &["sink", "result"]),
             sink_request_duration: histogram(

@@ -10,7 +10,7 @@ use crate::config::{ConfigError, Secret, duration_opt};
 use crate::tls::TlsMode;
 
 /// Settings of one PostgreSQL / Aurora PostgreSQL source.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSourceConfig {
     /// libpq-style URI (`postgres://user:pass@host:port/db?sslmode=verify-full`). Fields below

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
@@ -36,8 +37,41 @@ pub struct PostgresSource {
     name: Name,
     cfg: PostgresSourceConfig,
     info: ConnInfo,
-    catalog: Catalog,
+    catalog: Arc<ArcSwap<Catalog>>,
 }
+
+/// What a reload needs to check a source for new pipelines: a fresh SQL connection runs the
+/// same start-up checks (adding tables to the publication when allowed) and refreshes the
+/// catalog the stream reads primary keys and type names from.
+#[derive(Clone)]
+pub struct PgAdmin {
+    name: Name,
+    cfg: PostgresSourceConfig,
+    info: ConnInfo,
+    catalog: Arc<ArcSwap<Catalog>>,
+}
+
+impl PgAdmin {
+    /// Re-run the start-up checks for a new set of tables and columns.
+    pub async fn recheck(&self, wanted: &BTreeSet<String>, columns: &ColumnUses) -> Result<(), SourceError> {
+        let mut tables = wanted.clone();
+        tables.extend(self.cfg.tables.iter().cloned());
+        let client = setup::connect_sql(&self.info, &self.name).await?;
+        let catalog = setup::prepare(&client, &self.name, &self.cfg, &self.info, &tables).await?;
+        setup::check_columns(&catalog, columns)
+            .map_err(|msg| SourceError::Setup { source_name: self.name.to_string(), msg })?;
+        self.catalog.store(Arc::new(catalog));
+        Ok(())
+    }
+
+    /// The source config this admin was built from (reload compares it).
+    pub fn config(&self) -> &PostgresSourceConfig {
+        &self.cfg
+    }
+}
+
+/// Relation → (pipeline, column) pairs its templates read.
+pub type ColumnUses = BTreeMap<String, Vec<(String, String)>>;
 
 impl PostgresSource {
     /// Connect the SQL connection and run every start-up check (creating publication and
@@ -47,7 +81,7 @@ impl PostgresSource {
         name: &str,
         cfg: &PostgresSourceConfig,
         wanted: &BTreeSet<String>,
-        columns: &BTreeMap<String, Vec<(String, String)>>,
+        columns: &ColumnUses,
     ) -> Result<PostgresSource, SourceError> {
         let info =
             cfg.validate(name).map_err(|e| SourceError::Setup { source_name: name.into(), msg: e.to_string() })?;
@@ -56,7 +90,22 @@ impl PostgresSource {
         let client = setup::connect_sql(&info, name).await?;
         let catalog = setup::prepare(&client, name, cfg, &info, &tables).await?;
         setup::check_columns(&catalog, columns).map_err(|msg| SourceError::Setup { source_name: name.into(), msg })?;
-        Ok(PostgresSource { name: Name::from(name), cfg: cfg.clone(), info, catalog })
+        Ok(PostgresSource {
+            name: Name::from(name),
+            cfg: cfg.clone(),
+            info,
+            catalog: Arc::new(ArcSwap::from_pointee(catalog)),
+        })
+    }
+
+    /// A handle for reload-time checks.
+    pub fn admin(&self) -> PgAdmin {
+        PgAdmin {
+            name: Arc::clone(&self.name),
+            cfg: self.cfg.clone(),
+            info: self.info.clone(),
+            catalog: Arc::clone(&self.catalog),
+        }
     }
 
     /// Source name.
@@ -122,7 +171,7 @@ impl PostgresSource {
             health.set(&component, Ok(()));
             connected.set(1);
             delays = new_backoff();
-            let mut session = Session::new(Arc::clone(&self.name), &self.catalog);
+            let mut session = Session::new(Arc::clone(&self.name), Arc::clone(&self.catalog));
             let end = stream::run_session(
                 &mut session,
                 &mut stream,

@@ -16,6 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
@@ -60,9 +61,9 @@ struct Tx {
 }
 
 /// State of one streaming session.
-pub struct Session<'a> {
+pub struct Session {
     source: Name,
-    catalog: &'a Catalog,
+    catalog: Arc<ArcSwap<Catalog>>,
     relations: HashMap<u32, Relation>,
     custom_types: HashMap<u32, Arc<str>>,
     tx: Option<Tx>,
@@ -74,9 +75,9 @@ fn pg_time(micros: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_micros(micros + PG_EPOCH_OFFSET_MICROS)
 }
 
-impl<'a> Session<'a> {
+impl Session {
     /// A fresh session (relation cache empty: the server re-sends Relation messages).
-    pub fn new(source: Name, catalog: &'a Catalog) -> Session<'a> {
+    pub fn new(source: Name, catalog: Arc<ArcSwap<Catalog>>) -> Session {
         Session {
             source,
             catalog,
@@ -176,6 +177,7 @@ impl<'a> Session<'a> {
             }
             PgOutput::Relation { oid, namespace, name, columns: cols, replica_identity } => {
                 let full = format!("{namespace}.{name}");
+                let catalog = self.catalog.load();
                 let mut flagged = Vec::new();
                 let columns: Vec<Column> = cols
                     .into_iter()
@@ -188,14 +190,14 @@ impl<'a> Session<'a> {
                             .custom_types
                             .get(&c.type_oid)
                             .cloned()
-                            .or_else(|| self.catalog.type_names.get(&c.type_oid).map(|s| Arc::from(s.as_str())))
+                            .or_else(|| catalog.type_names.get(&c.type_oid).map(|s| Arc::from(s.as_str())))
                             .unwrap_or_else(|| Arc::from(format!("oid {}", c.type_oid)));
                         Column { name: Name::from(c.name), type_oid: c.type_oid, type_name }
                     })
                     .collect();
                 // The key is the replica identity, except for REPLICA IDENTITY FULL, where
                 // every column is flagged and the primary key (if any) is the meaningful key.
-                let key = match (replica_identity, self.catalog.primary_keys.get(&full)) {
+                let key = match (replica_identity, catalog.primary_keys.get(&full)) {
                     (b'f', Some(pk)) => {
                         let pos: Vec<usize> =
                             pk.iter().filter_map(|k| columns.iter().position(|c| &*c.name == k)).collect();
@@ -260,7 +262,7 @@ impl<'a> Session<'a> {
 
 /// Run one streaming session until shutdown or failure.
 pub async fn run_session(
-    session: &mut Session<'_>,
+    session: &mut Session,
     stream: &mut ReplicationStream,
     emitter: &Emitter,
     status_interval: Duration,
@@ -362,8 +364,8 @@ mod tests {
     use crate::change::Value;
     use crate::source::postgres::decode::tests::captured;
 
-    fn changes(catalog: &Catalog) -> Vec<Change> {
-        let mut s = Session::new(Name::from("src"), catalog);
+    fn changes(catalog: Catalog) -> Vec<Change> {
+        let mut s = Session::new(Name::from("src"), Arc::new(ArcSwap::from_pointee(catalog)));
         let mut out = Vec::new();
         for (_, data) in captured() {
             s.handle(decode(data).unwrap()).unwrap();
@@ -376,7 +378,7 @@ mod tests {
     fn captured_stream_becomes_exact_changes() {
         let mut catalog = Catalog::default();
         catalog.primary_keys.insert("public.f".into(), vec!["id".into()]);
-        let c = changes(&catalog);
+        let c = changes(catalog);
         let ops: Vec<(Op, &str)> = c.iter().map(|c| (c.op, &*c.relation)).collect();
         assert_eq!(
             ops,

@@ -1,0 +1,146 @@
+//! `polysync dlq list` and `polysync dlq replay`: look at dead letters, and deliver them again
+//! through the *current* pipeline definitions (so fixing a pipeline and replaying is the whole
+//! recovery). Replay writes straight to the sinks, which are idempotent or version-guarded, so
+//! it is safe while the daemon runs; delivered entries are recorded in `replayed.ids` and not
+//! shown or replayed again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::{StoredDeadLetter, mark_replayed, read_all, replayed_ids};
+use crate::checkpoint::AckWindow;
+use crate::config::Config;
+use crate::pipeline::process::{self, Step};
+use crate::pipeline::{Pipeline, load};
+use crate::sink::{ItemOutcome, Record, Sink};
+
+/// Which entries.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Only this pipeline.
+    pub pipeline: Option<String>,
+    /// Only entries written at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Include entries already replayed (list only).
+    pub include_replayed: bool,
+}
+
+/// Parse `--since`: RFC 3339 (`2026-11-24T10:00:00Z`) or an age (`2h`, `30m`).
+pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let age = humantime::parse_duration(s).map_err(|_| format!("--since {s:?}: use RFC 3339 or an age like 2h"))?;
+    Ok(Utc::now() - chrono::Duration::from_std(age).map_err(|e| e.to_string())?)
+}
+
+/// Entries matching the selection, oldest first.
+pub fn select(config: &Config, sel: &Selection) -> Result<Vec<StoredDeadLetter>, String> {
+    let dir = config.dlq_dir();
+    let done = replayed_ids(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let entries = read_all(&dir, |p, line, e| eprintln!("{}:{line}: unreadable entry skipped: {e}", p.display()))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(entries
+        .into_iter()
+        .filter(|e| sel.include_replayed || !done.contains(&e.id))
+        .filter(|e| sel.pipeline.as_ref().is_none_or(|p| *p == e.pipeline))
+        .filter(|e| sel.since.is_none_or(|t| e.at >= t))
+        .collect())
+}
+
+/// Result of a replay.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Entries delivered (or deliberately skipped by the current filter).
+    pub delivered: usize,
+    /// Entries that failed again, with the reason; they stay in the DLQ.
+    pub failed: Vec<(String, String)>,
+}
+
+async fn write_one(sink: &dyn Sink, rec: Record) -> Result<(), String> {
+    let batch = [rec];
+    let mut result = Err("gave up".to_string());
+    for attempt in 0..6u32 {
+        match sink.write(&batch).await {
+            Ok(o) => match o.into_iter().next() {
+                Some(ItemOutcome::Applied) => {
+                    result = Ok(());
+                    break;
+                }
+                Some(ItemOutcome::Rejected(r)) => {
+                    result = Err(r);
+                    break;
+                }
+                Some(ItemOutcome::Retry(r)) => result = Err(r),
+                None => result = Err("no outcome".into()),
+            },
+            Err(e) => result = Err(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+    }
+    let [rec] = batch;
+    rec.ticket.ack();
+    result
+}
+
+/// Replay the selected entries.
+pub async fn replay(config: &Config, sel: &Selection) -> Result<Report, String> {
+    let pipelines: Vec<Arc<Pipeline>> = load::load_all(config).map_err(|e| e.to_string())?;
+    let by_name: HashMap<&str, &Arc<Pipeline>> = pipelines.iter().map(|p| (&*p.name, p)).collect();
+    let entries = select(config, sel)?;
+    let mut sinks: HashMap<String, Arc<dyn Sink>> = HashMap::new();
+    let window = AckWindow::new("replay", 1 << 16, 0);
+    let mut report = Report::default();
+    let mut delivered_ids = Vec::new();
+    for entry in entries {
+        let Some(def) = by_name.get(entry.pipeline.as_str()) else {
+            report.failed.push((entry.id, format!("pipeline {} no longer exists", entry.pipeline)));
+            continue;
+        };
+        let only = (entry.sink != "-").then_some(entry.sink.as_str());
+        if let Some(s) = only
+            && !def.actions.iter().any(|a| &*a.target == s)
+        {
+            report.failed.push((entry.id, format!("pipeline {} no longer writes to sink {s}", def.name)));
+            continue;
+        }
+        let change = Arc::new(entry.change.clone());
+        let mut steps = Vec::new();
+        process::apply(def, &change, only, &mut steps);
+        let mut result = Ok(());
+        for step in steps {
+            match step {
+                Step::DeadLetter { reason, .. } => {
+                    result = Err(reason);
+                    break;
+                }
+                Step::Payload { action, payload } => {
+                    let target = def.actions[action].target.to_string();
+                    if !sinks.contains_key(&target) {
+                        let cfg = config.sinks.get(&target).ok_or_else(|| format!("sink {target} is not defined"))?;
+                        let s = cfg.build(&target).await.map_err(|e| e.to_string())?;
+                        sinks.insert(target.clone(), s);
+                    }
+                    let Some(ticket) = window.try_issue() else { return Err("replay window full".into()) };
+                    let rec = Record { ticket, change: Arc::clone(&change), pipeline: Arc::clone(&def.name), payload };
+                    if let Err(e) = write_one(sinks[&target].as_ref(), rec).await {
+                        result = Err(format!("sink {target}: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+        match result {
+            Ok(()) => {
+                report.delivered += 1;
+                delivered_ids.push(entry.id);
+            }
+            Err(e) => report.failed.push((entry.id, e)),
+        }
+    }
+    mark_replayed(&config.dlq_dir(), &delivered_ids).map_err(|e| format!("{}: {e}", config.dlq_dir().display()))?;
+    Ok(report)
+}

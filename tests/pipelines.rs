@@ -1,0 +1,291 @@
+//! Pipelines as a language: VRL filters and transforms on real changes, dead letters and
+//! replay, and live reload under load (SIGHUP and file edits).
+
+use std::time::Duration;
+
+use fred::interfaces::ClientLike;
+
+use crate::support::daemon::{ChildDaemon, InProcess, pg_cache_config};
+use crate::support::pg::{TestDb, connect};
+use crate::support::redis::TestRedis;
+use crate::support::{Workspace, free_port, http_get, metric_value, shared, unique, wait_for};
+
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+async fn wait_slot(db: &TestDb, slot: &str) {
+    wait_for("slot to be active", CATCH_UP, || async {
+        db.client
+            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot])
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn vrl_filters_drops_fields_and_splits_one_change_into_two_documents() {
+    let _g = shared().await;
+    let db = TestDb::create("vrl").await;
+    db.exec(
+        "CREATE TABLE products (id bigint PRIMARY KEY, sku text NOT NULL, name text, price numeric(12,2), secret text, active bool NOT NULL);
+         ALTER TABLE products REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let p = unique("vrl");
+    let slot = unique("s");
+    let ws = Workspace::new();
+    ws.write_config(&pg_cache_config(&db.url, &slot, ""));
+    ws.write_pipeline(
+        "catalog",
+        &format!(
+            r#"source = "db"
+# Inactive products are not cached (deletes always pass).
+filter = '.op == "delete" || .after.active == true'
+# Never cache the secret; index each product by id and by SKU.
+transform = '''
+del(.after.secret)
+row = if .after != null {{ .after }} else {{ .before }}
+by_id = merge(., {{"kind": "id", "ref": to_string!(.key.id)}})
+by_sku = merge(., {{"kind": "sku", "ref": row.sku}})
+. = [by_id, by_sku]
+'''
+[match]
+relations = ["public.products"]
+[[sink]]
+target = "cache"
+action = "set"
+key = "{p}:{{{{ event.kind }}}}:{{{{ event.ref }}}}"
+columns = ["id", "sku", "name", "price"]
+"#
+        ),
+    );
+    let d = InProcess::start(&ws.config_path());
+    wait_slot(&db, &slot).await;
+    db.exec(
+        "INSERT INTO products VALUES (1, 'SKU-1', 'Lamp', 12.30, 'hunter2', true), (2, 'SKU-2', 'Hidden', 9.99, 'x', false), (3, 'SKU-3', 'Desk', 1234567890.05, 'y', true);
+         UPDATE products SET price = 13.00 WHERE id = 1;
+         DELETE FROM products WHERE id = 3;",
+    )
+    .await;
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    let redis = TestRedis::connect().await;
+    let expected = r#"{"id":1,"sku":"SKU-1","name":"Lamp","price":13.00}"#;
+    assert_eq!(
+        redis.get(&format!("{p}:id:1")).await.as_deref(),
+        Some(expected),
+        "decimal digits exact, secret dropped"
+    );
+    assert_eq!(redis.get(&format!("{p}:sku:SKU-1")).await.as_deref(), Some(expected));
+    assert!(!redis.exists(&format!("{p}:id:2")).await, "filtered out");
+    assert!(!redis.exists(&format!("{p}:id:3")).await && !redis.exists(&format!("{p}:sku:SKU-3")).await, "deleted");
+    assert!(ws.dead_letters().is_empty());
+    d.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+fn cli(args: &[&str], config: &std::path::Path) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_polysync"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_transform_is_dead_lettered_and_replay_delivers_it_after_the_fix() {
+    let _g = shared().await;
+    let db = TestDb::create("replay").await;
+    db.exec("CREATE TABLE codes (id bigint PRIMARY KEY, code text NOT NULL)").await;
+    let p = unique("rp");
+    let slot = unique("s");
+    let ws = Workspace::new();
+    // Dead letters are also copied to a Redis stream.
+    let stream = format!("{p}:dlq");
+    ws.write_config(&pg_cache_config(&db.url, &slot, "").replace(
+        "[log]",
+        &format!("[dlq]\nredis_url = \"{}\"\nredis_stream = \"{stream}\"\n\n[log]", crate::support::redis::url()),
+    ));
+    let pipeline = |transform: &str| {
+        format!(
+            "source = \"db\"\ntransform = '{transform}'\n[match]\nrelations = [\"public.codes\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{p}:code:{{{{ key.id }}}}\"\n"
+        )
+    };
+    ws.write_pipeline("codes", &pipeline(".after.n = to_int!(.after.code)"));
+    let d = InProcess::start(&ws.config_path());
+    wait_slot(&db, &slot).await;
+    db.exec("INSERT INTO codes VALUES (1, '41'), (2, 'forty-two'), (3, '43')").await;
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    let redis = TestRedis::connect().await;
+    assert_eq!(redis.get(&format!("{p}:code:1")).await.as_deref(), Some(r#"{"id":1,"code":"41","n":41}"#));
+    assert!(!redis.exists(&format!("{p}:code:2")).await);
+    assert!(redis.exists(&format!("{p}:code:3")).await, "the stream goes on after a failure");
+    let dl = ws.dead_letters();
+    assert_eq!(dl.len(), 1);
+    assert_eq!((dl[0].pipeline.as_str(), dl[0].sink.as_str()), ("codes", "-"));
+    assert!(dl[0].reason.contains("transform failed") && dl[0].reason.contains("forty-two"), "{}", dl[0].reason);
+    let copies: Vec<(String, Vec<(String, String)>)> = redis
+        .client
+        .custom(
+            fred::types::CustomCommand::new_static("XRANGE", None, false),
+            vec![stream.clone(), "-".into(), "+".into()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(copies.len(), 1, "one dead letter copied to the stream");
+    assert!(copies[0].1[0].1.contains("\"pipeline\":\"codes\""), "{:?}", copies[0]);
+    d.stop().await.unwrap();
+
+    let (ok, out) = cli(&["dlq", "list"], &ws.config_path());
+    assert!(ok && out.contains("codes") && out.contains("id=2") && out.contains("1 dead letter"), "{out}");
+    // Fix the pipeline, replay: delivered through the current definition, then gone from the list.
+    ws.write_pipeline("codes", &pipeline(".after.n = to_int(.after.code) ?? -1"));
+    let (ok, out) = cli(&["dlq", "replay", "--pipeline", "codes"], &ws.config_path());
+    assert!(ok, "{out}");
+    assert!(out.contains("replayed 1 dead letter(s), 0 failed"), "{out}");
+    assert_eq!(redis.get(&format!("{p}:code:2")).await.as_deref(), Some(r#"{"id":2,"code":"forty-two","n":-1}"#));
+    let (ok, out) = cli(&["dlq", "list"], &ws.config_path());
+    assert!(ok && out.contains("0 dead letter"), "{out}");
+    let (_, out) = cli(&["dlq", "replay"], &ws.config_path());
+    assert!(out.contains("replayed 0 dead letter(s)"), "nothing replays twice: {out}");
+    db.cleanup().await;
+}
+
+fn with_metrics(cfg: String, port: u16, watch: bool) -> String {
+    cfg.replace(
+        "[metrics]\nenabled = false",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[reload]\nwatch = {watch}"),
+    )
+}
+
+fn invalidate(p: &str, prefix: &str) -> String {
+    format!(
+        "source = \"db\"\n[match]\nrelations = [\"public.items\"]\nops = [\"insert\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"{p}:{prefix}:{{{{ key.id }}}}\"]\n"
+    )
+}
+
+async fn reloads(port: u16, result: &str) -> f64 {
+    match http_get(&format!("127.0.0.1:{port}"), "/metrics").await {
+        Some((200, body)) => metric_value(&body, "polysync_config_reloads_total", &[("result", result)]),
+        _ => -1.0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vrl_compile_error_is_located_and_the_running_pipelines_keep_delivering() {
+    let _g = shared().await;
+    let db = TestDb::create("vrlerr").await;
+    db.exec("CREATE TABLE items (id bigint PRIMARY KEY)").await;
+    let p = unique("ve");
+    let slot = unique("s");
+    let port = free_port();
+    let ws = Workspace::new();
+    ws.write_config(&with_metrics(pg_cache_config(&db.url, &slot, ""), port, true));
+    ws.write_pipeline("good", &invalidate(&p, "g"));
+    let log = ws.path().join("daemon.log");
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_slot(&db, &slot).await;
+    // Line 2 of the file: `to_int(` called with no argument.
+    let bad = "source = \"db\"\ntransform = '.after.x = to_int()'\n[match]\nrelations = [\"public.items\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"k:{{ key.id }}\"]\n";
+    ws.write_pipeline("bad", bad);
+    let (ok, out) = cli(&["check"], &ws.config_path());
+    assert!(!ok);
+    assert!(out.contains("bad.toml:2:") && out.contains("transform: error[E"), "{out}");
+    wait_for("the failed reload to be counted", CATCH_UP, || async { reloads(port, "error").await >= 1.0 }).await;
+    assert!(std::fs::read_to_string(&log).unwrap().contains("bad.toml:2:"), "the reload error names file and line");
+    let redis = TestRedis::connect().await;
+    redis.set(&format!("{p}:g:1"), "x").await;
+    db.exec("INSERT INTO items VALUES (1)").await;
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    assert!(!redis.exists(&format!("{p}:g:1")).await, "the old pipelines keep delivering");
+    assert_eq!(reloads(port, "ok").await, 0.0);
+    assert!(d.terminate().await.success());
+    db.cleanup().await;
+}
+
+/// Reload under a running workload: change a key template, remove a pipeline, add one.
+async fn reload_under_load(watch: bool) {
+    let _g = shared().await;
+    let db = TestDb::create(if watch { "rlwatch" } else { "rlhup" }).await;
+    db.exec("CREATE TABLE items (id bigint PRIMARY KEY)").await;
+    let p = unique("rl");
+    let slot = unique("s");
+    let port = free_port();
+    let ws = Workspace::new();
+    ws.write_config(&with_metrics(pg_cache_config(&db.url, &slot, ""), port, watch));
+    ws.write_pipeline("a", &invalidate(&p, "a"));
+    ws.write_pipeline("b", &invalidate(&p, "b"));
+    const N: i64 = 3000;
+    let redis = TestRedis::connect().await;
+    for id in 1..=N {
+        for k in ["a", "a2", "b", "c"] {
+            redis.set(&format!("{p}:{k}:{id}"), "x").await;
+        }
+    }
+    let log = ws.path().join("daemon.log");
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_slot(&db, &slot).await;
+    let inserted = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let writer = {
+        let (url, inserted) = (db.url.clone(), std::sync::Arc::clone(&inserted));
+        tokio::spawn(async move {
+            let c = connect(&url).await;
+            for id in 1..=N {
+                c.batch_execute(&format!("INSERT INTO items VALUES ({id})")).await.unwrap();
+                inserted.store(id, std::sync::atomic::Ordering::SeqCst);
+                if id % 20 == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        })
+    };
+    wait_for("some inserts", CATCH_UP, || async { inserted.load(std::sync::atomic::Ordering::SeqCst) > N / 4 }).await;
+    let before = inserted.load(std::sync::atomic::Ordering::SeqCst);
+    // Change A's template, remove B, add C.
+    ws.write_pipeline("a", &invalidate(&p, "a2"));
+    ws.remove_pipeline("b");
+    ws.write_pipeline("c", &invalidate(&p, "c"));
+    if !watch {
+        d.signal(libc::SIGHUP);
+    }
+    wait_for("the reload", CATCH_UP, || async { reloads(port, "ok").await >= 1.0 }).await;
+    let after = inserted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(after < N, "the reload must land while the workload runs (raise N)");
+    writer.await.unwrap();
+    db.wait_caught_up(&slot, CATCH_UP).await;
+
+    for id in 1..=N {
+        let has = |k: &'static str| {
+            let key = format!("{p}:{k}:{id}");
+            let redis = &redis;
+            async move { redis.exists(&key).await }
+        };
+        // Present before and after: every insert reached A, under the old or the new template.
+        assert!(!has("a").await || !has("a2").await, "insert {id} lost for pipeline a");
+        if id <= before {
+            assert!(!has("a").await && !has("b").await, "insert {id} (before the reload) must reach a and b");
+            assert!(has("c").await, "c did not exist yet for {id}");
+        }
+        if id > after {
+            assert!(!has("a2").await && !has("c").await, "insert {id} (after the reload) must reach a2 and c");
+            assert!(has("a").await && has("b").await, "old template / removed pipeline must not get {id}");
+        }
+    }
+    let ok = reloads(port, "ok").await;
+    assert!(ok >= 1.0, "reloads counted: {ok}");
+    assert_eq!(reloads(port, "error").await, 0.0);
+    assert!(d.terminate().await.success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reload_by_sighup_under_load_loses_nothing() {
+    reload_under_load(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reload_by_file_edit_under_load_loses_nothing() {
+    reload_under_load(true).await;
+}
