@@ -28,6 +28,19 @@ enum Command {
         #[arg(long, short, env = "POLYSYNC_CONFIG", default_value = "config/polysync.toml")]
         config: PathBuf,
     },
+    /// Exit 0 if the running daemon is ready (its /readyz answers 200), for container and
+    /// load-balancer health checks; prints the reason otherwise.
+    Healthcheck {
+        /// Config file (for `metrics.listen`).
+        #[arg(long, short, env = "POLYSYNC_CONFIG", default_value = "config/polysync.toml")]
+        config: PathBuf,
+        /// Address to probe instead of the config's (`127.0.0.1:9464`).
+        #[arg(long)]
+        addr: Option<String>,
+        /// Check liveness (/healthz) instead of readiness (/readyz).
+        #[arg(long)]
+        live: bool,
+    },
     /// Inspect or replay the dead-letter queue.
     Dlq {
         #[command(subcommand)]
@@ -148,6 +161,34 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Dlq { command } => dlq(command),
+        Command::Healthcheck { config, addr, live } => {
+            let addr = match addr {
+                Some(a) => a,
+                None => match load(&config) {
+                    Ok(c) => c.metrics.listen.to_string(),
+                    Err(code) => return code,
+                },
+            };
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            let path = if live { "/healthz" } else { "/readyz" };
+            match rt.block_on(polysync::telemetry::http::probe(&addr, path, std::time::Duration::from_secs(3))) {
+                Ok((200, body)) => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Ok((status, body)) => {
+                    eprint!("not ready ({status}): {body}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("unhealthy: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check { config } => {
             let cfg = match load(&config) {
                 Ok(c) => c,

@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # Shared helpers for the local peer scripts. Source it; do not run it.
+#
+#   STATE  (${POLYSYNC_LOCAL:-<repo>/.local})   data dirs, logs, pidfiles, the python venv
+#   CACHE  (${XDG_CACHE_HOME:-~/.cache}/polysync) pip wheels, resolved Maven classpaths, build output
+#                                                 (Maven's own artifacts stay in ~/.m2)
 set -euo pipefail
 
 LOCAL_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -7,31 +11,98 @@ REPO_ROOT="$(cd "$LOCAL_DIR/../.." && pwd)"
 STATE="${POLYSYNC_LOCAL:-$REPO_ROOT/.local}"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/polysync"
 mkdir -p "$STATE" "$CACHE"
+STATE="$(cd "$STATE" && pwd)"
 
 log() { echo "peers: $*" >&2; }
 die() { echo "peers: ERROR: $*" >&2; exit 1; }
 
-# apt-get install the named packages if any is missing; `apt-get update` at most once per run.
-apt_ensure() {
-  local missing=()
-  for p in "$@"; do
-    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  log "installing ${missing[*]} (apt-get)"
-  if [ ! -f "$STATE/.apt-updated" ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 && touch "$STATE/.apt-updated"
+# fail NAME LOGFILE MESSAGE: print the tail of a server's log and exit non-zero.
+fail() {
+  local name=$1 logfile=$2; shift 2
+  if [ -f "$logfile" ]; then
+    echo "peers: ---- last 40 lines of $logfile ----" >&2
+    tail -n 40 "$logfile" >&2 || true
+    echo "peers: ---- end of $logfile ----" >&2
   fi
-  # Do not let package scripts start their own copies of the servers.
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-  rm -f /usr/sbin/policy-rc.d
+  die "$name: $*"
 }
+
+# with_lock NAME COMMAND...: run COMMAND holding an exclusive machine-wide lock, so peer scripts
+# started in parallel do not run apt/dpkg or Maven against the same local repository at once.
+with_lock() {
+  local name=$1; shift
+  ( flock -w 900 9 || die "timed out waiting for the $name lock"; "$@" ) 9>"$CACHE/$name.lock"
+}
+
+# apt_ensure PACKAGE...: apt-get install the packages that are missing. `apt-get update` runs
+# only when an install is needed, and at most once a day (marker in $CACHE).
+apt_ensure() {
+  local missing=() p
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  with_lock apt _apt_install "$@"
+}
+_apt_install() {
+  local missing=() p
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done   # another script may have won
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "apt-get not found: install ${missing[*]} by hand"
+  [ "$(id -u)" = 0 ] || die "need root to apt-get install ${missing[*]}"
+  local marker="$CACHE/apt-updated" t0=$SECONDS
+  export DEBIAN_FRONTEND=noninteractive
+  if [ -z "$(find "$marker" -mmin -1440 2>/dev/null)" ]; then
+    log "apt-get update"
+    apt-get update -qq >&2 || die "apt-get update failed"
+    touch "$marker"
+  fi
+  log "installing ${missing[*]} (apt-get)"
+  # Keep the packages' maintainer scripts from starting their own copies of the servers.
+  local own_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own_policy=1
+  fi
+  local rc=0
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 </dev/null || rc=$?
+  if [ $rc -ne 0 ]; then   # stale package lists: refresh once and retry
+    apt-get update -qq >&2 && touch "$marker"
+    rc=0; apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 </dev/null || rc=$?
+  fi
+  [ $own_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
+  [ $rc -eq 0 ] || die "apt-get install ${missing[*]} failed"
+  log "installed ${missing[*]} ($((SECONDS - t0))s)"
+}
+
+# Java 17 (the machine default) and Maven, for the JVM peers.
+JAVA17_HOME=/usr/lib/jvm/java-17-openjdk-amd64
+ensure_java_maven() {
+  if [ ! -x "$JAVA17_HOME/bin/javac" ] && ! command -v javac >/dev/null; then apt_ensure openjdk-17-jdk-headless; fi
+  command -v mvn >/dev/null || apt_ensure maven
+  if [ -z "${JAVA_HOME:-}" ] || [ ! -x "$JAVA_HOME/bin/java" ]; then
+    if [ -x "$JAVA17_HOME/bin/java" ]; then JAVA_HOME=$JAVA17_HOME
+    else JAVA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v javac)")")")"; fi
+  fi
+  export JAVA_HOME
+}
+
+# mvn_run ARGS...: batch-mode Maven, serialised machine-wide (shared ~/.m2).
+mvn_run() { with_lock maven mvn -B -q "$@"; }
+
+# classpath_ok FILE: every entry of a saved classpath still exists (the ~/.m2 jars are there).
+classpath_ok() {
+  [ -s "$1" ] || return 1
+  local e
+  while IFS= read -r -d: e || [ -n "$e" ]; do
+    [ -e "$e" ] || return 1
+  done < <(tr -d '\n' < "$1")
+}
+
+# hash_files FILE...: a short content hash, to know when a cached build is stale.
+hash_files() { cat "$@" | sha256sum | cut -c1-16; }
 
 # port_open HOST PORT
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
-# wait_until SECONDS DESCRIPTION COMMAND...
+# wait_until SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.2 s.
 wait_until() {
   local secs=$1 what=$2; shift 2
   local start=$SECONDS
@@ -43,17 +114,56 @@ wait_until() {
   done
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# wait_ready SECONDS PID COMMAND...: like wait_until, but give up as soon as PID has exited.
+wait_ready() {
+  local secs=$1 pid=$2; shift 2
+  local start=$SECONDS
+  while ! "$@" >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || return 2
+    (( SECONDS - start >= secs )) && return 1
+    sleep 0.25
+  done
+}
 
-# stop_pidfile NAME PIDFILE: TERM, wait, then KILL.
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
+
+# spawn PIDFILE LOGFILE COMMAND...: start COMMAND detached (own session, stdin from /dev/null,
+# output appended to LOGFILE), record its pid. Prints the pid.
+spawn() {
+  local pidfile=$1 logfile=$2; shift 2
+  mkdir -p "$(dirname "$logfile")"
+  echo "==== $(date -Is) starting: $*" >> "$logfile"
+  nohup setsid "$@" >>"$logfile" 2>&1 </dev/null &
+  local pid=$!
+  echo "$pid" > "$pidfile"
+  echo "$pid"
+}
+
+# stop_pidfile NAME PIDFILE [SECONDS]: TERM, wait (default 30 s), then KILL.
 stop_pidfile() {
-  local name=$1 pidfile=$2
+  local name=$1 pidfile=$2 secs=${3:-30}
   if pid_alive "$pidfile"; then
-    local pid; pid=$(cat "$pidfile")
+    local pid i
+    pid=$(cat "$pidfile")
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
+    for ((i = 0; i < secs * 10; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "$name did not stop in ${secs}s, killing it"
+      kill -9 "$pid" 2>/dev/null || true
+      for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
     log "$name stopped"
+  else
+    log "$name not running"
   fi
   rm -f "$pidfile"
 }
+
+# http_ok URL: a 2xx answer.
+http_ok() { curl -fsS -m 5 -o /dev/null "$1" 2>/dev/null; }
+
+ensure_curl() { command -v curl >/dev/null || apt_ensure curl; }
+
+# elapsed START: seconds since START ($SECONDS), with one decimal, for the log lines.
+now_ms() { date +%s%3N; }
+elapsed() { local ms=$(( $(now_ms) - $1 )); printf '%d.%ds' $((ms / 1000)) $(((ms % 1000) / 100)); }

@@ -2,10 +2,10 @@
 # Start the local servers tests and the demo use (default: all), or stop them:
 #   peers.sh [name...]          start (idempotent; already running = no-op)
 #   peers.sh --stop [name...]   stop (data kept, so a later start resumes)
-# Names: postgres redis. Writes $STATE/peers.env with the addresses.
+# Names: postgres redis prometheus. Writes $STATE/peers.env with the addresses.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ALL=(postgres redis)
+ALL=(postgres redis prometheus)
 action=start
 if [ "${1:-}" = "--stop" ]; then action=stop; shift; fi
 names=("$@"); [ ${#names[@]} -eq 0 ] && names=("${ALL[@]}")

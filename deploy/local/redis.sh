@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# Redis 7 for tests and the demo on 127.0.0.1:56379, no persistence. `redis.sh stop` stops it.
+# Redis 7 for tests and the demo on 127.0.0.1:56379, no persistence (redis/redis.conf).
+#   redis.sh [start] | stop | status
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PORT=56379
 PIDFILE="$STATE/redis.pid"
-if [ "${1:-start}" = stop ]; then stop_pidfile redis "$PIDFILE"; exit 0; fi
-command -v redis-server >/dev/null || apt_ensure redis-server redis-tools
-command -v redis-cli >/dev/null || apt_ensure redis-tools
-if redis-cli -p $PORT ping >/dev/null 2>&1; then log "redis already running on 127.0.0.1:$PORT"; exit 0; fi
-start=$SECONDS
-redis-server --bind 127.0.0.1 --port $PORT --save '' --appendonly no --daemonize yes \
-  --pidfile "$PIDFILE" --logfile "$STATE/redis.log" --dir "$STATE" >/dev/null
-wait_until 20 redis redis-cli -p $PORT ping || { tail -20 "$STATE/redis.log" >&2; die "redis did not start"; }
-log "redis ready on 127.0.0.1:$PORT ($((SECONDS - start))s)"
+LOG="$STATE/redis.log"
+ready() { redis-cli -h 127.0.0.1 -p $PORT ping 2>/dev/null | grep -qx PONG; }
+
+case "${1:-start}" in
+  stop) stop_pidfile redis "$PIDFILE"; exit 0 ;;
+  status) ready; exit ;;
+  start) ;;
+  *) die "usage: redis.sh [start|stop|status]" ;;
+esac
+
+t0=$(now_ms)
+command -v redis-server >/dev/null && command -v redis-cli >/dev/null || apt_ensure redis-server redis-tools
+if ready; then log "redis already running on 127.0.0.1:$PORT"; exit 0; fi
+echo "==== $(date -Is) redis.sh start" >> "$LOG"
+# daemonize yes: redis-server forks and writes the pidfile itself.
+redis-server "$LOCAL_DIR/redis/redis.conf" --port $PORT --pidfile "$PIDFILE" --logfile "$LOG" --dir "$STATE" \
+  >>"$LOG" 2>&1 </dev/null || fail redis "$LOG" "redis-server failed to start"
+wait_until 20 redis ready || fail redis "$LOG" "does not answer PING on 127.0.0.1:$PORT"
+log "redis ready on 127.0.0.1:$PORT ($(elapsed "$t0"))"

@@ -28,6 +28,7 @@ use crate::pipeline::{Pipeline, load};
 use crate::sink::runner::LaneContext;
 use crate::source::postgres::{ColumnUses, PgAdmin, PostgresSource};
 use crate::source::{SourceConfig, SourceError};
+use crate::telemetry::systemd::Notifier;
 use crate::telemetry::{Health, metrics};
 use reload::Trigger;
 use topology::{Patience, Topology};
@@ -120,6 +121,13 @@ async fn prepare_postgres(
     }
 }
 
+fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
 /// Everything a reload needs to validate and swap.
 struct Reloader {
     config: Config,
@@ -202,6 +210,7 @@ impl Reloader {
 /// Run the daemon until SIGTERM/SIGINT (or `stop`), then shut down in order.
 pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError> {
     let background = CancellationToken::new();
+    let notifier = Notifier::from_env();
     let (reload_tx, mut reload_rx) = mpsc::channel::<Trigger>(1);
     let hup = reload::sighup(reload_tx.clone(), background.clone())
         .map_err(|e| AppError::Local(format!("SIGHUP handler: {e}")))?;
@@ -310,6 +319,35 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
         None
     };
     tracing::info!(pipelines = pipelines.len(), sinks = topology.sinks.len(), lanes, "polysync running");
+    // READY once every source streams and every sink answers; watchdog pings while running.
+    {
+        let (health, notifier, stop) = (Arc::clone(&health), notifier.clone(), background.clone());
+        tokio::spawn(async move {
+            loop {
+                if health.readiness().is_ok() {
+                    notifier.notify("READY=1\nSTATUS=streaming");
+                    tracing::info!("ready: sources streaming, sinks answering");
+                    return;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        });
+    }
+    if let Some(every) = Notifier::watchdog_interval() {
+        let (notifier, stop) = (notifier.clone(), background.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every / 2);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => notifier.notify("WATCHDOG=1"),
+                }
+            }
+        });
+    }
 
     // Serve reloads until a stop request or a fatal source error.
     let mut reloader = Reloader { config: config.clone(), topology, admins, health: Arc::clone(&health) };
@@ -318,16 +356,19 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
             _ = stop.cancelled() => break None,
             e = fail_rx.recv() => break e,
             Some(trigger) = reload_rx.recv() => {
+                notifier.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
                 tokio::select! {
                     _ = reloader.reload(trigger, &stop) => {}
                     _ = stop.cancelled() => break None,
                 }
+                notifier.notify("READY=1");
             }
         }
     };
     if let Some(e) = &failure {
         tracing::error!(error = %e, "source failed; shutting down");
     }
+    notifier.notify("STOPPING=1\nSTATUS=draining in-flight changes");
     background.cancel();
     hup.abort();
 

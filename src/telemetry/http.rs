@@ -62,3 +62,26 @@ async fn readyz(State(h): State<Arc<Health>>) -> (StatusCode, String) {
         Err(body) => (StatusCode::SERVICE_UNAVAILABLE, body + "\n"),
     }
 }
+
+/// A minimal HTTP/1.1 GET for `polysync healthcheck` (container images have no curl):
+/// returns the status code and body.
+pub async fn probe(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("{addr}: {e}"))?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let mut buf = Vec::with_capacity(1024);
+        s.take(1 << 20).read_to_end(&mut buf).await.map_err(|e| format!("{addr}: {e}"))?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("{addr}: not an HTTP answer"))?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
+    };
+    tokio::time::timeout(timeout, fetch).await.map_err(|_| format!("{addr}: no answer within {timeout:?}"))?
+}

@@ -36,6 +36,32 @@ pub mod names {
     pub const DLQ_WRITE_FAILURES: &str = "polysync_dlq_write_failures_total";
     pub const DLQ_MIRROR_DROPPED: &str = "polysync_dlq_mirror_dropped_total";
     pub const CONFIG_RELOADS: &str = "polysync_config_reloads_total";
+
+    /// Every name above (dashboards and docs are checked against it).
+    pub const ALL: &[&str] = &[
+        BUILD_INFO,
+        SOURCE_CHANGES,
+        SOURCE_LAG,
+        SOURCE_CONNECTED,
+        SOURCE_RECONNECTS,
+        PG_SLOT_LAG,
+        PG_CONFIRMED_LSN,
+        IN_FLIGHT,
+        PIPELINE_OUTPUTS,
+        PIPELINE_SKIPPED,
+        SINK_RECORDS,
+        SINK_REQUEST_DURATION,
+        SINK_BATCH_SIZE,
+        SINK_RETRIES,
+        SINK_ERRORS,
+        SINK_UP,
+        END_TO_END_LAG,
+        DLQ_ENTRIES,
+        DLQ_BYTES,
+        DLQ_WRITE_FAILURES,
+        DLQ_MIRROR_DROPPED,
+        CONFIG_RELOADS,
+    ];
 }
 
 /// The registry and every family.

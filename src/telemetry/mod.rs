@@ -3,6 +3,7 @@
 pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod systemd;
 
 pub use health::Health;
 pub use metrics::{Metrics, metrics};

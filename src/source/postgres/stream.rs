@@ -325,6 +325,10 @@ pub async fn run_session(
                     if session.tx.is_none() {
                         // Between transactions: everything decoded before wal_end is received.
                         window.mark(wal_end);
+                        if window.in_flight() == 0 {
+                            // Caught up: nothing read is waiting for a sink.
+                            metrics().source_lag.with_label_values(&[&source]).set(0.0);
+                        }
                     }
                     if reply_requested {
                         send_status!(true);

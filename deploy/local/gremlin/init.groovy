@@ -1,0 +1,3 @@
+// Gremlin Server init script: bind the traversal source `g` to the TinkerGraph `graph`.
+def globals = [:]
+globals << [g : traversal().withEmbedded(graph)]
