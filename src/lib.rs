@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod aws;
 pub mod change;
 pub mod checkpoint;
 pub mod config;

@@ -158,6 +158,9 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // Two rustls crypto providers are linked (ring for our clients, aws-lc-rs via the AWS SDK
+    // and reqwest); name the process default so no library has to guess.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Dlq { command } => dlq(command),

@@ -10,3 +10,4 @@ mod ops;
 mod pg_cache;
 mod pg_tls;
 mod pipelines;
+mod search;

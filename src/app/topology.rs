@@ -16,7 +16,7 @@ use super::AppError;
 use crate::config::Config;
 use crate::pipeline::{Pipeline, PipelineSet, RunningPipeline};
 use crate::sink::runner::{self, LaneContext, SinkHandle};
-use crate::sink::{Sink, SinkConfig, SinkErrorKind};
+use crate::sink::{Sink, SinkConfig, SinkContext, SinkErrorKind};
 use crate::telemetry::Health;
 
 /// How hard to try when connecting a sink.
@@ -54,6 +54,7 @@ pub struct Plan {
 async fn connect_sink(
     name: &str,
     cfg: &SinkConfig,
+    ctx: &SinkContext,
     health: &Health,
     patience: Patience,
     stop: &CancellationToken,
@@ -66,11 +67,11 @@ async fn connect_sink(
         .build();
     loop {
         let attempt = match patience {
-            Patience::Once(t) => match tokio::time::timeout(t, cfg.build(name)).await {
+            Patience::Once(t) => match tokio::time::timeout(t, cfg.build(name, ctx)).await {
                 Ok(r) => r,
                 Err(_) => return Err(AppError::Local(format!("sink {name}: no answer within {t:?}"))),
             },
-            Patience::UntilStopped => cfg.build(name).await,
+            Patience::UntilStopped => cfg.build(name, ctx).await,
         };
         match attempt {
             Ok(s) => return Ok(Some(s)),
@@ -125,7 +126,8 @@ impl Topology {
                     kept.push(name.clone());
                 }
                 _ => {
-                    let Some(sink) = connect_sink(name, &cfg, health, patience, stop).await? else {
+                    let ctx = SinkContext::from_config(config);
+                    let Some(sink) = connect_sink(name, &cfg, &ctx, health, patience, stop).await? else {
                         return Ok(None);
                     };
                     let handle = runner::start(name, cfg, sink, self.lanes, self.lane_capacity, self.lane_ctx.clone());

@@ -43,6 +43,8 @@ pub struct Config {
     pub dlq: DlqConfig,
     /// Live reload.
     pub reload: ReloadConfig,
+    /// AWS region, endpoint override, profile.
+    pub aws: crate::aws::AwsSettings,
     /// Sources by name.
     pub sources: BTreeMap<String, SourceConfig>,
     /// Sink targets by name.
@@ -66,6 +68,8 @@ struct RawConfig {
     dlq: DlqConfig,
     #[serde(default)]
     reload: ReloadConfig,
+    #[serde(default)]
+    aws: crate::aws::AwsSettings,
     #[serde(default)]
     sources: BTreeMap<String, toml::Spanned<SourceConfig>>,
     #[serde(default)]
@@ -249,6 +253,7 @@ impl Config {
             log: raw.log,
             dlq: raw.dlq,
             reload: raw.reload,
+            aws: raw.aws,
             sources,
             sinks,
         })

@@ -121,7 +121,8 @@ pub async fn replay(config: &Config, sel: &Selection) -> Result<Report, String> 
                     let target = def.actions[action].target.to_string();
                     if !sinks.contains_key(&target) {
                         let cfg = config.sinks.get(&target).ok_or_else(|| format!("sink {target} is not defined"))?;
-                        let s = cfg.build(&target).await.map_err(|e| e.to_string())?;
+                        let ctx = crate::sink::SinkContext::from_config(config);
+                        let s = cfg.build(&target, &ctx).await.map_err(|e| e.to_string())?;
                         sinks.insert(target.clone(), s);
                     }
                     let Some(ticket) = window.try_issue() else { return Err("replay window full".into()) };

@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod noop;
 pub mod runner;
+pub mod search;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +28,29 @@ use crate::pipeline::template::{Path, Scope};
 pub enum SinkConfig {
     /// Redis / ElastiCache / Valkey.
     Cache(cache::CacheSinkConfig),
+    /// OpenSearch Service / Serverless.
+    Search(search::SearchSinkConfig),
     /// Accepts and discards (benchmarks, dry runs).
     Noop(noop::NoopSinkConfig),
+}
+
+/// What building a sink needs besides its own config.
+#[derive(Debug, Clone, Default)]
+pub struct SinkContext {
+    /// `[aws]` settings.
+    pub aws: crate::aws::AwsSettings,
+    /// Directory of the config file (relative paths in sink configs start there).
+    pub base_dir: std::path::PathBuf,
+}
+
+impl SinkContext {
+    /// The context a config file gives.
+    pub fn from_config(cfg: &crate::config::Config) -> SinkContext {
+        SinkContext {
+            aws: cfg.aws.clone(),
+            base_dir: cfg.path.parent().map(std::path::Path::to_path_buf).unwrap_or_default(),
+        }
+    }
 }
 
 impl SinkConfig {
@@ -36,6 +58,7 @@ impl SinkConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             SinkConfig::Cache(_) => "cache",
+            SinkConfig::Search(_) => "search",
             SinkConfig::Noop(_) => "noop",
         }
     }
@@ -44,6 +67,7 @@ impl SinkConfig {
     pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
         match self {
             SinkConfig::Cache(c) => c.validate(name),
+            SinkConfig::Search(c) => c.validate(name),
             SinkConfig::Noop(_) => Ok(()),
         }
     }
@@ -52,14 +76,18 @@ impl SinkConfig {
     pub fn compile_action(&self, target: &str, table: toml::Table) -> Result<Arc<dyn Action>, String> {
         match self {
             SinkConfig::Cache(c) => cache::action::compile(c, target, table),
+            SinkConfig::Search(c) => {
+                search::action::compile(table, c.max_document_bytes.map(|b| b.0 as usize).unwrap_or(10 << 20))
+            }
             SinkConfig::Noop(_) => noop::compile(table),
         }
     }
 
     /// Connect and return the running sink.
-    pub async fn build(&self, name: &str) -> Result<Arc<dyn Sink>, SinkError> {
+    pub async fn build(&self, name: &str, ctx: &SinkContext) -> Result<Arc<dyn Sink>, SinkError> {
         match self {
             SinkConfig::Cache(c) => Ok(Arc::new(cache::CacheSink::connect(name, c).await?)),
+            SinkConfig::Search(c) => Ok(Arc::new(search::SearchSink::connect(name, c, &ctx.aws, &ctx.base_dir).await?)),
             SinkConfig::Noop(c) => Ok(Arc::new(noop::NoopSink::new(name, c))),
         }
     }
@@ -70,6 +98,8 @@ impl SinkConfig {
 pub enum Payload {
     /// Cache operation.
     Cache(cache::CacheOp),
+    /// Search index/delete.
+    Search(search::SearchOp),
     /// Nothing to write (noop sink).
     Discard,
 }

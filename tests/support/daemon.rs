@@ -132,6 +132,7 @@ impl ChildDaemon {
 
 /// Daemon logs go to the test's captured output (shown when a test fails).
 pub fn init_test_logging() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_test_writer()

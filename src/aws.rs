@@ -1,0 +1,47 @@
+//! Shared AWS settings (`[aws]` in the config): region, an endpoint override for local
+//! emulators or VPC endpoints, and the SDK config built from the default credential chain
+//! (environment, profile, web identity, ECS task role, instance metadata).
+
+use aws_config::{BehaviorVersion, Region};
+use serde::Deserialize;
+
+/// `[aws]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AwsSettings {
+    /// Region (default: `AWS_REGION` / profile).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint for every AWS service client (a local emulator, a VPC endpoint).
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Named profile from `~/.aws/config`.
+    #[serde(default)]
+    pub profile: Option<String>,
+}
+
+/// Every IAM action polysync's code calls, by the module that calls it. The least-privilege
+/// policy in `deploy/iam/policy.json` is tested against this list.
+pub const IAM_ACTIONS: &[(&str, &str)] = &[
+    ("sink::search", "es:DescribeDomain"),
+    ("sink::search", "es:ESHttpGet"),
+    ("sink::search", "es:ESHttpHead"),
+    ("sink::search", "es:ESHttpPost"),
+    ("sink::search", "es:ESHttpPut"),
+    ("sink::search", "aoss:APIAccessAll"),
+];
+
+/// Load the SDK config once for a component.
+pub async fn sdk_config(settings: &AwsSettings) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(r) = &settings.region {
+        loader = loader.region(Region::new(r.clone()));
+    }
+    if let Some(e) = &settings.endpoint_url {
+        loader = loader.endpoint_url(e);
+    }
+    if let Some(p) = &settings.profile {
+        loader = loader.profile_name(p);
+    }
+    loader.load().await
+}

@@ -1,0 +1,352 @@
+//! PostgreSQL → OpenSearch against a real OpenSearch node: versioned bulk writes that replays
+//! cannot roll back, per-item errors, outages, and SigV4 signing (checked by a wire-level
+//! verifier, since no local peer checks signatures).
+
+use std::time::Duration;
+
+use crate::support::daemon::{ChildDaemon, InProcess, pg_cache_config, pg_cache_config_with};
+use crate::support::pg::TestDb;
+use crate::support::search::{self, call, count, doc, index_total};
+use crate::support::{Workspace, exclusive, shared, unique, wait_for};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn search_sink(extra: &str) -> String {
+    format!("\n[sinks.search]\nkind = \"search\"\nurl = \"{}\"\nlinger = \"2ms\"\n{extra}\n", search::url())
+}
+
+fn pipeline(index: &str, extra: &str) -> String {
+    format!(
+        "source = \"db\"\n[match]\nrelations = [\"public.products\"]\n[[sink]]\ntarget = \"search\"\nindex = \"{index}\"\nid = \"{{{{ key.id }}}}\"\n{extra}"
+    )
+}
+
+async fn wait_slot(db: &TestDb, slot: &str) {
+    wait_for("slot active", WAIT, || async {
+        db.client
+            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot])
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inserts_updates_and_deletes_become_versioned_documents_and_replays_never_roll_back() {
+    let _g = shared().await;
+    let db = TestDb::create("search").await;
+    db.exec("CREATE TABLE products (id bigint PRIMARY KEY, name text NOT NULL, price numeric(12,2) NOT NULL, stock int NOT NULL)")
+        .await;
+    let p = unique("srch").to_lowercase();
+    let index = format!("{p}-catalog");
+    let slot = unique("s");
+    let replay_slot = format!("{slot}_replay");
+    let ws = Workspace::new();
+    ws.write_config(&pg_cache_config(&db.url, &slot, &search_sink("")));
+    ws.write_pipeline("catalog", &pipeline(&index, ""));
+    let d = InProcess::start(&ws.config_path());
+    wait_slot(&db, &slot).await;
+    db.exec(&format!("SELECT pg_create_logical_replication_slot('{replay_slot}', 'pgoutput')")).await;
+    db.exec("INSERT INTO products SELECT i, 'p' || i, i * 1.25, i FROM generate_series(1, 50) i").await;
+    db.exec("UPDATE products SET price = 99.90, name = 'renamed' WHERE id = 7").await;
+    db.exec("BEGIN; UPDATE products SET stock = 1 WHERE id = 8; UPDATE products SET stock = 2 WHERE id = 8; COMMIT;")
+        .await;
+    db.exec("DELETE FROM products WHERE id IN (9, 10)").await;
+    db.wait_caught_up(&slot, WAIT).await;
+
+    let check = || async {
+        assert_eq!(count(&index).await, 48);
+        let (v7, d7) = doc(&index, "7").await.expect("doc 7");
+        assert_eq!(d7, serde_json::json!({"id": 7, "name": "renamed", "price": 99.90, "stock": 7}));
+        let (v6, _) = doc(&index, "6").await.expect("doc 6");
+        assert!(v7 > v6, "the update's commit LSN is newer than the insert's");
+        assert_eq!(doc(&index, "8").await.unwrap().1["stock"], 2, "last change of the transaction wins");
+        assert!(doc(&index, "9").await.is_none() && doc(&index, "10").await.is_none());
+        v7
+    };
+    let v7 = check().await;
+    // The decimal's digits are exact in the stored source.
+    let (_, raw) = crate::support::http("GET", &search::addr(), &format!("/{index}/_source/7"), None).await.unwrap();
+    assert!(raw.contains("\"price\":99.90"), "{raw}");
+    d.stop().await.unwrap();
+
+    // Replay every change from an older slot: the index must not move back, and the deleted
+    // documents must not come back (their tombstones are within index.gc_deletes).
+    let ws2 = Workspace::new();
+    ws2.write_config(&pg_cache_config_with(&db.url, &replay_slot, &slot, "", &search_sink("")));
+    ws2.write_pipeline("catalog", &pipeline(&index, ""));
+    let d = InProcess::start(&ws2.config_path());
+    db.wait_caught_up(&replay_slot, WAIT).await;
+    assert_eq!(check().await, v7);
+    d.stop().await.unwrap();
+    search::delete_index(&index).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_unmappable_document_is_dead_lettered_and_the_rest_are_indexed_once() {
+    let _g = shared().await;
+    let db = TestDb::create("srchbad").await;
+    db.exec(
+        "CREATE TABLE products (id bigint PRIMARY KEY, name text NOT NULL, price text NOT NULL, stock int NOT NULL)",
+    )
+    .await;
+    let p = unique("bad").to_lowercase();
+    let index = format!("{p}-strict");
+    let slot = unique("s");
+    let ws = Workspace::new();
+    std::fs::write(ws.path().join("mapping.json"), r#"{"mappings": {"properties": {"price": {"type": "float"}}}}"#)
+        .unwrap();
+    ws.write_config(&pg_cache_config(
+        &db.url,
+        &slot,
+        &search_sink(&format!("indices = [{{ name = \"{index}\", body = \"mapping.json\", alias = \"{p}-alias\" }}]")),
+    ));
+    ws.write_pipeline("catalog", &pipeline(&format!("{p}-alias"), ""));
+    let d = InProcess::start(&ws.config_path());
+    wait_slot(&db, &slot).await;
+    let (status, mapping) = call("GET", &format!("/{index}/_mapping"), None).await;
+    assert_eq!(status, 200, "index created at start with its mapping");
+    assert_eq!(mapping[&index]["mappings"]["properties"]["price"]["type"], "float");
+    // One transaction, one bulk request: the middle document cannot be mapped.
+    db.exec("INSERT INTO products VALUES (1, 'a', '1.5', 1), (2, 'b', 'not a number', 2), (3, 'c', '3.5', 3)").await;
+    db.wait_caught_up(&slot, WAIT).await;
+    assert_eq!(count(&index).await, 2);
+    assert_eq!(index_total(&index).await, 2, "the good documents were indexed exactly once");
+    let dl = ws.dead_letters();
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].sink, "search");
+    assert_eq!(dl[0].change.key_display(), "id=2");
+    assert!(dl[0].reason.contains("mapper_parsing_exception") && dl[0].reason.contains("price"), "{}", dl[0].reason);
+    d.stop().await.unwrap();
+    search::delete_index(&index).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn opensearch_down_mid_stream_holds_the_slot_and_loses_nothing() {
+    let _x = exclusive().await;
+    let db = TestDb::create("srchdown").await;
+    db.exec("CREATE TABLE products (id bigint PRIMARY KEY, name text NOT NULL, price numeric(12,2) NOT NULL, stock int NOT NULL)")
+        .await;
+    let p = unique("down").to_lowercase();
+    let index = format!("{p}-catalog");
+    let slot = unique("s");
+    let ws = Workspace::new();
+    ws.write_config(&pg_cache_config(&db.url, &slot, &search_sink("timeout = \"3s\"")));
+    ws.write_pipeline("catalog", &pipeline(&index, ""));
+    let d = InProcess::start(&ws.config_path());
+    wait_slot(&db, &slot).await;
+    db.exec("INSERT INTO products SELECT i, 'p' || i, i, i FROM generate_series(1, 20) i").await;
+    db.wait_caught_up(&slot, WAIT).await;
+
+    crate::support::peers(&["--stop", "opensearch"]);
+    db.exec("INSERT INTO products SELECT i, 'p' || i, i, i FROM generate_series(21, 60) i").await;
+    db.exec("UPDATE products SET stock = 0 WHERE id <= 10").await;
+    db.exec("DELETE FROM products WHERE id = 5").await;
+    let written = db.current_lsn().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(db.confirmed(&slot).await < written, "nothing past the unindexed changes is confirmed");
+
+    crate::support::peers(&["opensearch"]);
+    db.wait_caught_up(&slot, WAIT).await;
+    assert_eq!(count(&index).await, 59);
+    assert_eq!(doc(&index, "3").await.unwrap().1["stock"], 0);
+    assert_eq!(doc(&index, "60").await.unwrap().1["name"], "p60");
+    assert!(doc(&index, "5").await.is_none());
+    d.stop().await.unwrap();
+    search::delete_index(&index).await;
+    db.cleanup().await;
+}
+
+/// A wire-level SigV4 verifier standing in for OpenSearch Service (which no local peer can
+/// imitate): it recomputes each request's signature from scratch and answers like `_bulk`.
+mod sigv4_verifier {
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    pub const KEY_ID: &str = "AKIDEXAMPLE";
+    pub const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+
+    fn hmac(key: &[u8], data: &str) -> Vec<u8> {
+        let mut m = Hmac::<Sha256>::new_from_slice(key).unwrap();
+        m.update(data.as_bytes());
+        m.finalize().into_bytes().to_vec()
+    }
+
+    /// What the verifier saw for one request.
+    #[derive(Debug, Clone)]
+    pub struct Seen {
+        pub path: String,
+        pub service: String,
+        pub region: String,
+        pub signed_headers: String,
+        pub valid: bool,
+        pub content_sha256_header: bool,
+    }
+
+    fn verify(method: &str, target: &str, headers: &[(String, String)], body: &[u8]) -> Option<Seen> {
+        let h = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        let auth = h("authorization")?;
+        let rest = auth.strip_prefix("AWS4-HMAC-SHA256 ")?;
+        let mut cred = "";
+        let mut signed = "";
+        let mut sig = "";
+        for part in rest.split(',').map(str::trim) {
+            if let Some(v) = part.strip_prefix("Credential=") {
+                cred = v;
+            } else if let Some(v) = part.strip_prefix("SignedHeaders=") {
+                signed = v;
+            } else if let Some(v) = part.strip_prefix("Signature=") {
+                sig = v;
+            }
+        }
+        let scope: Vec<&str> = cred.split('/').collect();
+        let (key_id, date, region, service) = (scope[0], scope[1], scope[2], scope[3]);
+        let amz_date = h("x-amz-date")?;
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let mut q: Vec<&str> = query.split('&').filter(|s| !s.is_empty()).collect();
+        q.sort();
+        let canonical_headers: String =
+            signed.split(';').map(|name| format!("{name}:{}\n", h(name).unwrap_or("").trim())).collect();
+        let payload = match h("x-amz-content-sha256") {
+            Some(v) => v.to_string(),
+            None => hex::encode(Sha256::digest(body)),
+        };
+        let canonical = format!("{method}\n{path}\n{}\n{canonical_headers}\n{signed}\n{payload}", q.join("&"));
+        let to_sign = format!(
+            "AWS4-HMAC-SHA256\n{amz_date}\n{date}/{region}/{service}/aws4_request\n{}",
+            hex::encode(Sha256::digest(canonical.as_bytes()))
+        );
+        let k = hmac(format!("AWS4{SECRET}").as_bytes(), date);
+        let k = hmac(&k, region);
+        let k = hmac(&k, service);
+        let k = hmac(&k, "aws4_request");
+        let expected = hex::encode(hmac(&k, &to_sign));
+        let body_ok =
+            h("x-amz-content-sha256").is_none_or(|v| v == hex::encode(Sha256::digest(body)) || v == "UNSIGNED-PAYLOAD");
+        Some(Seen {
+            path: path.to_string(),
+            service: service.to_string(),
+            region: region.to_string(),
+            signed_headers: signed.to_string(),
+            valid: key_id == KEY_ID && expected == sig && body_ok,
+            content_sha256_header: h("x-amz-content-sha256").is_some(),
+        })
+    }
+
+    /// Serve until the listener is dropped; every request's verification goes to `seen`.
+    pub async fn serve(listener: tokio::net::TcpListener, seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>) {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { return };
+            let seen = std::sync::Arc::clone(&seen);
+            tokio::spawn(async move {
+                let mut r = BufReader::new(sock);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut parts = line.split_whitespace();
+                    let (method, target) =
+                        (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                    let mut headers = Vec::new();
+                    loop {
+                        let mut l = String::new();
+                        r.read_line(&mut l).await.unwrap();
+                        let l = l.trim_end();
+                        if l.is_empty() {
+                            break;
+                        }
+                        let (k, v) = l.split_once(':').unwrap();
+                        headers.push((k.trim().to_lowercase(), v.trim().to_string()));
+                    }
+                    let len: usize = headers
+                        .iter()
+                        .find(|(k, _)| k == "content-length")
+                        .map(|(_, v)| v.parse().unwrap())
+                        .unwrap_or(0);
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).await.unwrap();
+                    let v = verify(&method, &target, &headers, &body);
+                    let ok = v.as_ref().is_some_and(|s| s.valid);
+                    if let Some(s) = v {
+                        seen.lock().unwrap().push(s);
+                    }
+                    let reply = if !ok {
+                        r#"{"error":"signature does not match"}"#.to_string()
+                    } else if target.starts_with("/_bulk") {
+                        let n = String::from_utf8_lossy(&body).lines().filter(|l| l.contains("\"_index\"")).count();
+                        let items: Vec<String> = (0..n).map(|_| r#"{"index":{"status":201}}"#.to_string()).collect();
+                        format!(r#"{{"took":1,"errors":false,"items":[{}]}}"#, items.join(","))
+                    } else {
+                        "{}".to_string()
+                    };
+                    let status = if ok { "200 OK" } else { "403 Forbidden" };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                        reply.len()
+                    );
+                    if r.get_mut().write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigv4_requests_verify_for_es_and_aoss_on_a_wire_level_verifier() {
+    let _g = shared().await;
+    let db = TestDb::create("sigv4").await;
+    db.exec("CREATE TABLE products (id bigint PRIMARY KEY, name text NOT NULL, price numeric(12,2) NOT NULL, stock int NOT NULL)")
+        .await;
+    for service in ["es", "aoss"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let server = tokio::spawn(sigv4_verifier::serve(listener, std::sync::Arc::clone(&seen)));
+        let slot = unique("s");
+        let ws = Workspace::new();
+        let sink = format!(
+            "\n[sinks.search]\nkind = \"search\"\nurl = \"http://127.0.0.1:{port}\"\nauth = \"sigv4\"\nservice = \"{service}\"\nregion = \"eu-west-1\"\n"
+        );
+        ws.write_config(&pg_cache_config(&db.url, &slot, &sink));
+        ws.write_pipeline("catalog", &pipeline("catalog", ""));
+        // A child process, so the credentials come from its environment (the default chain).
+        let log = ws.path().join("daemon.log");
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_polysync"));
+        cmd.args(["run", "--config"])
+            .arg(ws.config_path())
+            .env("AWS_ACCESS_KEY_ID", sigv4_verifier::KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", sigv4_verifier::SECRET)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_PROFILE")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(ws.path().join("daemon.err")).unwrap())
+            .kill_on_drop(true);
+        let child = cmd.spawn().unwrap();
+        let d = ChildDaemon { child, log: log.clone() };
+        wait_for("slot", WAIT, || async { db.confirmed(&slot).await > 0 }).await;
+        db.exec(&format!("INSERT INTO products VALUES ({0}, 'p', 1.00, 1)", if service == "es" { 1 } else { 2 })).await;
+        db.wait_caught_up(&slot, WAIT).await;
+        let seen = seen.lock().unwrap().clone();
+        let bulk: Vec<_> = seen.iter().filter(|s| s.path == "/_bulk").collect();
+        assert!(!bulk.is_empty(), "{service}: no signed bulk request seen: {seen:?}");
+        for s in &seen {
+            assert!(s.valid, "{service}: signature did not verify: {s:?}");
+            assert_eq!((s.service.as_str(), s.region.as_str()), (service, "eu-west-1"));
+            assert!(s.signed_headers.contains("host") && s.signed_headers.contains("x-amz-date"), "{s:?}");
+        }
+        if service == "aoss" {
+            assert!(bulk.iter().all(|s| s.content_sha256_header), "aoss requires x-amz-content-sha256");
+        }
+        assert!(d.terminate().await.success());
+        server.abort();
+    }
+    db.cleanup().await;
+}
