@@ -38,13 +38,14 @@ with_lock() {
 # only when an install is needed, and at most once a day (marker in $CACHE).
 apt_ensure() {
   local missing=() p
-  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  for p in "$@"; do pkg_installed "$p" || missing+=("$p"); done
   [ ${#missing[@]} -eq 0 ] && return 0
   with_lock apt _apt_install "$@"
 }
+pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 _apt_install() {
   local missing=() p
-  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done   # another script may have won
+  for p in "$@"; do pkg_installed "$p" || missing+=("$p"); done   # another script may have won
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null || die "apt-get not found: install ${missing[*]} by hand"
   [ "$(id -u)" = 0 ] || die "need root to apt-get install ${missing[*]}"
@@ -52,7 +53,7 @@ _apt_install() {
   export DEBIAN_FRONTEND=noninteractive
   if [ -z "$(find "$marker" -mmin -1440 2>/dev/null)" ]; then
     log "apt-get update"
-    apt-get update -qq >&2 || die "apt-get update failed"
+    apt-get update -qq >>"$STATE/apt.log" 2>&1 || fail apt "$STATE/apt.log" "apt-get update failed"
     touch "$marker"
   fi
   log "installing ${missing[*]} (apt-get)"
@@ -61,26 +62,28 @@ _apt_install() {
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && own_policy=1
   fi
-  local rc=0
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 </dev/null || rc=$?
+  local rc=0 aptlog="$STATE/apt.log"
+  echo "==== $(date -Is) apt-get install ${missing[*]}" >> "$aptlog"
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$aptlog" 2>&1 </dev/null 9>&- || rc=$?
   if [ $rc -ne 0 ]; then   # stale package lists: refresh once and retry
-    apt-get update -qq >&2 && touch "$marker"
-    rc=0; apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 </dev/null || rc=$?
+    log "apt-get install failed, retrying after apt-get update"
+    apt-get update -qq >>"$aptlog" 2>&1 && touch "$marker"
+    rc=0; apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$aptlog" 2>&1 </dev/null 9>&- || rc=$?
   fi
-  [ $own_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
-  [ $rc -eq 0 ] || die "apt-get install ${missing[*]} failed"
+  if [ $own_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+  [ $rc -eq 0 ] || fail apt "$aptlog" "apt-get install ${missing[*]} failed"
   log "installed ${missing[*]} ($((SECONDS - t0))s)"
 }
 
-# Java 17 (the machine default) and Maven, for the JVM peers.
+# Java 17 (the machine default) and Maven, for the JVM peers. Java 17 is used even when the
+# caller's JAVA_HOME points elsewhere (OpenSearch 2.x and this Gremlin Server are run on 17);
+# POLYSYNC_JAVA_HOME overrides.
 JAVA17_HOME=/usr/lib/jvm/java-17-openjdk-amd64
 ensure_java_maven() {
-  if [ ! -x "$JAVA17_HOME/bin/javac" ] && ! command -v javac >/dev/null; then apt_ensure openjdk-17-jdk-headless; fi
+  if [ -z "${POLYSYNC_JAVA_HOME:-}" ] && [ ! -x "$JAVA17_HOME/bin/javac" ]; then apt_ensure openjdk-17-jdk-headless; fi
   command -v mvn >/dev/null || apt_ensure maven
-  if [ -z "${JAVA_HOME:-}" ] || [ ! -x "$JAVA_HOME/bin/java" ]; then
-    if [ -x "$JAVA17_HOME/bin/java" ]; then JAVA_HOME=$JAVA17_HOME
-    else JAVA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v javac)")")")"; fi
-  fi
+  JAVA_HOME=${POLYSYNC_JAVA_HOME:-$JAVA17_HOME}
+  [ -x "$JAVA_HOME/bin/java" ] || die "no java in $JAVA_HOME"
   export JAVA_HOME
 }
 
@@ -102,9 +105,20 @@ hash_files() { cat "$@" | sha256sum | cut -c1-16; }
 # port_open HOST PORT
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
+# need_free_port NAME PORT...: die if something that is not our server already listens there.
+need_free_port() {
+  local name=$1 port; shift
+  for port in "$@"; do
+    if port_open 127.0.0.1 "$port"; then
+      local who; who=$(ss -ltnpH "sport = :$port" 2>/dev/null | grep -o 'users:.*' | head -1 || true)
+      die "$name: 127.0.0.1:$port is taken by another program that does not answer like $name ${who:+($who)}"
+    fi
+  done
+}
+
 # wait_until SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.2 s.
 wait_until() {
-  local secs=$1 what=$2; shift 2
+  local secs=$1; shift 2   # $2 names what is awaited, for the reader
   local start=$SECONDS
   while ! "$@" >/dev/null 2>&1; do
     if (( SECONDS - start >= secs )); then
@@ -125,7 +139,14 @@ wait_ready() {
   done
 }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
+# pid_alive PIDFILE [PATTERN]: the pid in PIDFILE is alive (and its command line contains
+# PATTERN, so a stale pidfile whose pid was reused by another program is not mistaken for ours).
+pid_alive() {
+  local pid
+  [ -f "$1" ] || return 1
+  pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  [ -z "${2:-}" ] || tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$2"
+}
 
 # spawn PIDFILE LOGFILE COMMAND...: start COMMAND detached (own session, stdin from /dev/null,
 # output appended to LOGFILE), record its pid. Prints the pid.
@@ -139,10 +160,10 @@ spawn() {
   echo "$pid"
 }
 
-# stop_pidfile NAME PIDFILE [SECONDS]: TERM, wait (default 30 s), then KILL.
+# stop_pidfile NAME PIDFILE [SECONDS [PATTERN]]: TERM, wait (default 30 s), then KILL.
 stop_pidfile() {
-  local name=$1 pidfile=$2 secs=${3:-30}
-  if pid_alive "$pidfile"; then
+  local name=$1 pidfile=$2 secs=${3:-30} pattern=${4:-}
+  if pid_alive "$pidfile" "$pattern"; then
     local pid i
     pid=$(cat "$pidfile")
     kill "$pid" 2>/dev/null || true
@@ -164,6 +185,6 @@ http_ok() { curl -fsS -m 5 -o /dev/null "$1" 2>/dev/null; }
 
 ensure_curl() { command -v curl >/dev/null || apt_ensure curl; }
 
-# elapsed START: seconds since START ($SECONDS), with one decimal, for the log lines.
+# elapsed START_MS: time since START_MS (from now_ms), e.g. "2.1s", for the log lines.
 now_ms() { date +%s%3N; }
 elapsed() { local ms=$(( $(now_ms) - $1 )); printf '%d.%ds' $((ms / 1000)) $(((ms % 1000) / 100)); }

@@ -11,8 +11,9 @@ DATA="$STATE/pg"
 PGBIN=/usr/lib/postgresql/15/bin
 LOG="$STATE/pg.log"
 TLS="$STATE/pg-tls"
+SOCKET_DIR="${POLYSYNC_PG_SOCKET_DIR:-/tmp}"   # local (unix socket) connections: trust
 export PGPASSWORD=postgres PGCONNECT_TIMEOUT=5
-PSQL=("$PGBIN/psql" -h 127.0.0.1 -p $PORT -U postgres -d postgres -X -v ON_ERROR_STOP=1 -Atq)
+PSQL=("$PGBIN/psql" -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -X -v ON_ERROR_STOP=1 -Atq)
 
 ready() {
   "$PGBIN/pg_isready" -q -h 127.0.0.1 -p $PORT -t 2 && "${PSQL[@]}" -c 'SELECT 1' >/dev/null 2>&1
@@ -36,8 +37,19 @@ case "${1:-start}" in
     fi
     exit 0 ;;
   status) ready; exit ;;
+  check)
+    wal=$("${PSQL[@]}" -c 'SHOW wal_level') && [ "$wal" = logical ] || die "postgres check: wal_level is '${wal:-?}'"
+    slots=$("${PSQL[@]}" -c 'SHOW max_replication_slots')
+    # The polysync role over TLS (verify-full against the test CA), and a replication connection.
+    PGPASSWORD=polysync "$PGBIN/psql" -X -Atq -v ON_ERROR_STOP=1 \
+      "host=localhost port=$PORT user=polysync dbname=polysync sslmode=verify-full sslrootcert=$TLS/ca.crt" \
+      -c 'SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()' | grep -qx t || die "postgres check: TLS login as polysync failed"
+    PGPASSWORD=polysync "$PGBIN/psql" -X -Atq "host=127.0.0.1 port=$PORT user=polysync dbname=polysync replication=database" \
+      -c 'IDENTIFY_SYSTEM' >/dev/null || die "postgres check: replication connection failed"
+    log "postgres check ok: wal_level=logical, max_replication_slots=$slots, TLS and replication logins"
+    exit 0 ;;
   start) ;;
-  *) die "usage: postgres.sh [start|stop|status]" ;;
+  *) die "usage: postgres.sh [start|stop|status|check]" ;;
 esac
 
 t0=$(now_ms)
@@ -74,7 +86,7 @@ fi
 # Settings and pg_hba are re-applied on every start so edits to the shipped files take effect.
 { cat "$LOCAL_DIR/postgres/postgresql.local.conf"
   echo "port = $PORT"
-  echo "unix_socket_directories = '/tmp'"
+  echo "unix_socket_directories = '$SOCKET_DIR'"
   echo "ssl = on"
   echo "ssl_cert_file = '$TLS/server.crt'"
   echo "ssl_key_file = '$TLS/server.key'"
@@ -83,10 +95,12 @@ cp "$LOCAL_DIR/postgres/pg_hba.conf" "$DATA/pg_hba.conf"
 grep -q "^include 'postgresql.local.conf'" "$DATA/postgresql.conf" || echo "include 'postgresql.local.conf'" >> "$DATA/postgresql.conf"
 chown postgres:postgres "$DATA/postgresql.local.conf" "$DATA/pg_hba.conf"
 touch "$LOG"; chown postgres "$LOG"
+if [ "$SOCKET_DIR" != /tmp ]; then mkdir -p "$SOCKET_DIR" && chown postgres "$SOCKET_DIR"; fi
 
 if pid=$(running_pid); then
   log "postgres: postmaster $pid is up but not answering yet, waiting"
 else
+  need_free_port postgres $PORT
   rm -f "$DATA/postmaster.pid"   # stale (no live postgres with that pid)
   echo "==== $(date -Is) postgres.sh start" >> "$LOG"
   # pg_ctl forks the postmaster in its own session; -w waits until it accepts connections.
