@@ -6,6 +6,7 @@ mod bad_input;
 mod capture;
 mod crash;
 mod examples;
+mod graph;
 mod ops;
 mod pg_cache;
 mod pg_tls;

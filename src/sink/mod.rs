@@ -7,6 +7,7 @@
 //! sink only has to say what happened to each item.
 
 pub mod cache;
+pub mod graph;
 pub mod noop;
 pub mod runner;
 pub mod search;
@@ -30,6 +31,8 @@ pub enum SinkConfig {
     Cache(cache::CacheSinkConfig),
     /// OpenSearch Service / Serverless.
     Search(search::SearchSinkConfig),
+    /// Neptune / Gremlin Server.
+    Graph(graph::GraphSinkConfig),
     /// Accepts and discards (benchmarks, dry runs).
     Noop(noop::NoopSinkConfig),
 }
@@ -59,6 +62,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Cache(_) => "cache",
             SinkConfig::Search(_) => "search",
+            SinkConfig::Graph(_) => "graph",
             SinkConfig::Noop(_) => "noop",
         }
     }
@@ -68,6 +72,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Cache(c) => c.validate(name),
             SinkConfig::Search(c) => c.validate(name),
+            SinkConfig::Graph(c) => c.validate(name),
             SinkConfig::Noop(_) => Ok(()),
         }
     }
@@ -79,6 +84,7 @@ impl SinkConfig {
             SinkConfig::Search(c) => {
                 search::action::compile(table, c.max_document_bytes.map(|b| b.0 as usize).unwrap_or(10 << 20))
             }
+            SinkConfig::Graph(_) => graph::action::compile(table),
             SinkConfig::Noop(_) => noop::compile(table),
         }
     }
@@ -88,6 +94,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Cache(c) => Ok(Arc::new(cache::CacheSink::connect(name, c).await?)),
             SinkConfig::Search(c) => Ok(Arc::new(search::SearchSink::connect(name, c, &ctx.aws, &ctx.base_dir).await?)),
+            SinkConfig::Graph(c) => Ok(Arc::new(graph::GraphSink::connect(name, c, &ctx.aws, &ctx.base_dir).await?)),
             SinkConfig::Noop(c) => Ok(Arc::new(noop::NoopSink::new(name, c))),
         }
     }
@@ -100,6 +107,8 @@ pub enum Payload {
     Cache(cache::CacheOp),
     /// Search index/delete.
     Search(search::SearchOp),
+    /// Graph writes of one change.
+    Graph(Vec<graph::GraphOp>),
     /// Nothing to write (noop sink).
     Discard,
 }

@@ -134,7 +134,9 @@ impl ChildDaemon {
 pub fn init_test_logging() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,notify=error".into()),
+        )
         .with_test_writer()
         .try_init();
 }

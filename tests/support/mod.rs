@@ -4,9 +4,11 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod graph;
 pub mod pg;
 pub mod redis;
 pub mod search;
+pub mod sigv4;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
