@@ -320,11 +320,10 @@ impl Action for GraphMapping {
             let (id, from, to) = e.ends(scope)?;
             if change.op == Op::Update {
                 match old_scope.as_ref().map(|s| e.ends(s)) {
-                    Some(Ok((old_id, old_from, old_to))) => {
-                        if old_id != id || old_from != from || old_to != to {
-                            ops.push(GraphOp::DropEdge { id: old_id, from: Some(old_from.1) });
-                        }
+                    Some(Ok((old_id, old_from, old_to))) if old_id != id || old_from != from || old_to != to => {
+                        ops.push(GraphOp::DropEdge { id: old_id, from: Some(old_from.1) });
                     }
+                    Some(Ok(_)) => {}
                     // No usable old image: the endpoints may have moved unless they are keys.
                     _ if !e.key_only => ops.push(GraphOp::DropEdge { id: id.clone(), from: None }),
                     _ => {}

@@ -209,6 +209,10 @@ fn request_id() -> String {
     format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
 }
 
+/// Produces the extra handshake headers for a URL (SigV4 for Neptune IAM).
+pub type HandshakeSigner =
+    Arc<dyn Fn(&str) -> futures::future::BoxFuture<'static, Result<Vec<(String, String)>, String>> + Send + Sync>;
+
 /// Where and how to connect.
 #[derive(Clone)]
 pub struct Endpoint {
@@ -219,9 +223,7 @@ pub struct Endpoint {
     /// SASL PLAIN credentials (Gremlin Server).
     pub plain: Option<(String, String)>,
     /// Extra handshake headers (SigV4), produced fresh per connection.
-    pub sign: Option<
-        Arc<dyn Fn(&str) -> futures::future::BoxFuture<'static, Result<Vec<(String, String)>, String>> + Send + Sync>,
-    >,
+    pub sign: Option<HandshakeSigner>,
     /// Per-request timeout.
     pub timeout: Duration,
 }

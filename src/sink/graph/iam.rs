@@ -1,13 +1,11 @@
 //! Neptune IAM authentication: the WebSocket handshake (`GET /gremlin`) is signed with SigV4
 //! for the `neptune-db` service, with fresh credentials from the default chain per connection.
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
-use futures::future::BoxFuture;
 
 /// The headers to add to the handshake of `ws_url`, signed at `now`.
 pub fn sign_handshake(
@@ -44,11 +42,7 @@ pub fn sign_handshake(
 }
 
 /// A signer for [`super::gremlin::Endpoint::sign`].
-#[allow(clippy::type_complexity)]
-pub fn signer(
-    provider: SharedCredentialsProvider,
-    region: String,
-) -> Arc<dyn Fn(&str) -> BoxFuture<'static, Result<Vec<(String, String)>, String>> + Send + Sync> {
+pub fn signer(provider: SharedCredentialsProvider, region: String) -> super::gremlin::HandshakeSigner {
     Arc::new(move |url: &str| {
         let (provider, region, url) = (provider.clone(), region.clone(), url.to_string());
         Box::pin(async move {
