@@ -1,6 +1,7 @@
 //! Neptune IAM authentication: the WebSocket handshake (`GET /gremlin`) is signed with SigV4
 //! for the `neptune-db` service, with fresh credentials from the default chain per connection.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
