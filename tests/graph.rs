@@ -230,6 +230,7 @@ async fn coalesce_mode_gives_the_same_graph() {
 
 /// A wire-level stand-in for Neptune with IAM auth: it verifies the SigV4 signature of the
 /// WebSocket handshake, then answers every traversal with 204.
+#[allow(clippy::result_large_err)] // the callback type is tungstenite's
 async fn fake_neptune(
     listener: tokio::net::TcpListener,
     seen: std::sync::Arc<std::sync::Mutex<Vec<crate::support::sigv4::Seen>>>,
