@@ -23,8 +23,9 @@ stop-peers:
 build:
 	cargo build --bins
 
+# The servers' addresses and the emulator's credentials come from .local/peers.env.
 test: peers
-	cargo test --all-targets
+	set -a && . ./.local/peers.env && set +a && cargo test --all-targets
 
 demo: peers build
 	bash deploy/local/demo.sh

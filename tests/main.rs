@@ -12,3 +12,4 @@ mod pg_cache;
 mod pg_tls;
 mod pipelines;
 mod search;
+mod timeseries;

@@ -11,6 +11,8 @@ pub mod graph;
 pub mod noop;
 pub mod runner;
 pub mod search;
+pub mod timeseries;
+pub mod version;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +35,8 @@ pub enum SinkConfig {
     Search(search::SearchSinkConfig),
     /// Neptune / Gremlin Server.
     Graph(graph::GraphSinkConfig),
+    /// Timestream for LiveAnalytics or InfluxDB.
+    Timeseries(timeseries::TimeseriesSinkConfig),
     /// Accepts and discards (benchmarks, dry runs).
     Noop(noop::NoopSinkConfig),
 }
@@ -63,6 +67,7 @@ impl SinkConfig {
             SinkConfig::Cache(_) => "cache",
             SinkConfig::Search(_) => "search",
             SinkConfig::Graph(_) => "graph",
+            SinkConfig::Timeseries(_) => "timeseries",
             SinkConfig::Noop(_) => "noop",
         }
     }
@@ -73,6 +78,7 @@ impl SinkConfig {
             SinkConfig::Cache(c) => c.validate(name),
             SinkConfig::Search(c) => c.validate(name),
             SinkConfig::Graph(c) => c.validate(name),
+            SinkConfig::Timeseries(c) => c.validate(name),
             SinkConfig::Noop(_) => Ok(()),
         }
     }
@@ -85,6 +91,7 @@ impl SinkConfig {
                 search::action::compile(table, c.max_document_bytes.map(|b| b.0 as usize).unwrap_or(10 << 20))
             }
             SinkConfig::Graph(_) => graph::action::compile(table),
+            SinkConfig::Timeseries(_) => timeseries::action::compile(table),
             SinkConfig::Noop(_) => noop::compile(table),
         }
     }
@@ -95,6 +102,14 @@ impl SinkConfig {
             SinkConfig::Cache(c) => Ok(Arc::new(cache::CacheSink::connect(name, c).await?)),
             SinkConfig::Search(c) => Ok(Arc::new(search::SearchSink::connect(name, c, &ctx.aws, &ctx.base_dir).await?)),
             SinkConfig::Graph(c) => Ok(Arc::new(graph::GraphSink::connect(name, c, &ctx.aws, &ctx.base_dir).await?)),
+            SinkConfig::Timeseries(c) => match c.engine {
+                timeseries::Engine::Timestream => {
+                    Ok(Arc::new(timeseries::timestream::TimestreamSink::connect(name, c, &ctx.aws).await?))
+                }
+                timeseries::Engine::Influxdb => {
+                    Ok(Arc::new(timeseries::influx::InfluxSink::connect(name, c, &ctx.base_dir).await?))
+                }
+            },
             SinkConfig::Noop(c) => Ok(Arc::new(noop::NoopSink::new(name, c))),
         }
     }
@@ -109,6 +124,8 @@ pub enum Payload {
     Search(search::SearchOp),
     /// Graph writes of one change.
     Graph(Vec<graph::GraphOp>),
+    /// Time-series points of one change.
+    Points(Vec<timeseries::Point>),
     /// Nothing to write (noop sink).
     Discard,
 }

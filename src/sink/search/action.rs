@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::version::external_version;
 use crate::change::json::{row_to_natural, write_natural};
 use crate::change::{Change, Op};
 use crate::pipeline::template::{Path, Root, Scope, Template};
+use crate::sink::version::external_version;
 use crate::sink::{Action, Payload};
 
 /// What the search sink does for one change.

@@ -4,7 +4,6 @@
 pub mod action;
 pub mod config;
 mod sink;
-pub mod version;
 
 pub use action::SearchOp;
 pub use config::SearchSinkConfig;

@@ -351,7 +351,7 @@ fn truncate(s: &str) -> &str {
 }
 
 /// The message inside an AWS SDK error (service code and message), not just "service error".
-pub fn aws_error_text<E: std::error::Error>(e: &E) -> String {
+pub fn aws_error_text<E: std::error::Error + ?Sized>(e: &E) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {

@@ -1,6 +1,6 @@
-//! The external version OpenSearch compares (`version_type=external_gte`, a signed 64-bit
-//! number), derived from [`Change::version`] so that, per document, a newer change never has a
-//! smaller version than an older one.
+//! The 63-bit version that sinks with a signed 64-bit version field compare (OpenSearch
+//! `version_type=external_gte`, Timestream `Version`), derived from [`Change::version`] so
+//! that, per document or record, a newer change never has a smaller version than an older one.
 //!
 //! * **PostgreSQL**: the transaction's commit LSN, exactly (LSNs are below 2^63). Every change
 //!   of one transaction shares it; the lane's order makes the last one win; a replayed or late

@@ -1,0 +1,319 @@
+//! Points from changes: zero, one or many per change.
+//!
+//! ```toml
+//! [[sink]]
+//! target = "metrics"
+//! [[sink.point]]                          # an order insert → its value, by region
+//! measurement = "order_value"             # template
+//! table = "orders"                        # Timestream table (template; default: the sink's)
+//! ops = ["insert"]                        # default: insert, update, read
+//! time = "after.created_at"               # a timestamp path; default: the commit time
+//! tags = { region = "{{ after.region }}" }   # dimensions / tags: templates
+//! [sink.point.fields]
+//! total = { path = "after.total", type = "double" }
+//! [[sink.point]]                          # … and a count, by region
+//! measurement = "orders_total"
+//! ops = ["insert"]
+//! tags = { region = "{{ after.region }}" }
+//! fields = { count = { value = "1", type = "bigint" } }
+//! ```
+//!
+//! Field types are `double`, `bigint`, `varchar`, `boolean` and `timestamp`; without `type` the
+//! value's own type decides (decimals are doubles written with their exact digits). A NULL field
+//! is left out; a point whose fields are all NULL is not written. Versions come from the change
+//! (see [`crate::sink::version`]), so a replay upserts instead of conflicting.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::change::{Change, Op, Value};
+use crate::pipeline::template::{Path, Scope, Template};
+use crate::sink::version::external_version;
+use crate::sink::{Action, Payload};
+
+/// A typed measure value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Measure {
+    /// DOUBLE, as decimal text (exact digits).
+    Double(String),
+    /// BIGINT.
+    Bigint(i64),
+    /// VARCHAR.
+    Varchar(String),
+    /// BOOLEAN.
+    Boolean(bool),
+    /// TIMESTAMP, milliseconds since the epoch.
+    Timestamp(i64),
+}
+
+/// One point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// Timestream table (None: the sink's default).
+    pub table: Option<String>,
+    /// Measurement / measure name.
+    pub measurement: String,
+    /// Dimensions / tags.
+    pub tags: Vec<(String, String)>,
+    /// Measures / fields.
+    pub fields: Vec<(String, Measure)>,
+    /// Microseconds since the epoch.
+    pub time_micros: i64,
+    /// Record version.
+    pub version: i64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum FieldType {
+    Double,
+    Bigint,
+    Varchar,
+    Boolean,
+    Timestamp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawField {
+    Path(String),
+    Spec {
+        #[serde(default)]
+        path: Option<String>,
+        #[serde(default)]
+        value: Option<String>,
+        #[serde(default, rename = "type")]
+        kind: Option<FieldType>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPoint {
+    measurement: String,
+    #[serde(default)]
+    table: Option<String>,
+    #[serde(default)]
+    ops: Option<Vec<String>>,
+    #[serde(default)]
+    time: Option<String>,
+    #[serde(default)]
+    tags: BTreeMap<String, String>,
+    fields: BTreeMap<String, RawField>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAction {
+    #[allow(dead_code)]
+    target: String,
+    point: Vec<RawPoint>,
+}
+
+enum Source {
+    Path(Path),
+    Const(String),
+}
+
+struct FieldMap {
+    name: String,
+    source: Source,
+    kind: Option<FieldType>,
+}
+
+struct PointMap {
+    measurement: Template,
+    table: Option<Template>,
+    ops: crate::pipeline::matcher::OpSet,
+    time: Option<Path>,
+    tags: Vec<(String, Template)>,
+    fields: Vec<FieldMap>,
+}
+
+/// Compiled point mappings.
+pub struct Points {
+    points: Vec<PointMap>,
+}
+
+fn tpl(s: &str) -> Result<Template, String> {
+    Template::parse(s).map_err(|e| format!("template {s:?}: {}", e.msg))
+}
+
+/// Compile a `[[sink]]` table aimed at a time-series target.
+pub fn compile(table: toml::Table) -> Result<Arc<dyn Action>, String> {
+    let raw: RawAction = table.try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
+    if raw.point.is_empty() {
+        return Err("a timeseries sink needs at least one [[sink.point]]".into());
+    }
+    let mut points = Vec::new();
+    for p in raw.point {
+        let ops = match p.ops {
+            None => crate::pipeline::matcher::OpSet::from_ops([Op::Insert, Op::Update, Op::Read]),
+            Some(list) => crate::pipeline::matcher::OpSet::from_ops(
+                list.iter()
+                    .map(|o| Op::parse(o).ok_or_else(|| format!("unknown op {o:?}")))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        if p.fields.is_empty() {
+            return Err(format!("point {}: needs at least one field", p.measurement));
+        }
+        let mut fields = Vec::new();
+        for (name, f) in p.fields {
+            let (source, kind) = match f {
+                RawField::Path(path) => {
+                    (Source::Path(Path::parse(&path).map_err(|e| format!("field {name}: {e}"))?), None)
+                }
+                RawField::Spec { path: Some(path), value: None, kind } => {
+                    (Source::Path(Path::parse(&path).map_err(|e| format!("field {name}: {e}"))?), kind)
+                }
+                RawField::Spec { path: None, value: Some(v), kind } => (Source::Const(v), kind),
+                RawField::Spec { .. } => return Err(format!("field {name}: set exactly one of path and value")),
+            };
+            fields.push(FieldMap { name, source, kind });
+        }
+        points.push(PointMap {
+            measurement: tpl(&p.measurement)?,
+            table: p.table.as_deref().map(tpl).transpose()?,
+            ops,
+            time: p.time.as_deref().map(|t| Path::parse(t).map_err(|e| format!("time: {e}"))).transpose()?,
+            tags: p.tags.into_iter().map(|(k, v)| Ok((k, tpl(&v)?))).collect::<Result<_, String>>()?,
+            fields,
+        });
+    }
+    Ok(Arc::new(Points { points }))
+}
+
+fn convert(name: &str, v: &Value, kind: Option<FieldType>) -> Result<Option<Measure>, String> {
+    use FieldType as T;
+    let text = || v.template_text().map(|t| t.into_owned());
+    let as_f64_text = |s: String| -> Result<Measure, String> {
+        if s.parse::<f64>().is_ok_and(f64::is_finite) {
+            Ok(Measure::Double(s))
+        } else {
+            Err(format!("field {name}: {s:?} is not a finite number"))
+        }
+    };
+    Ok(Some(match (v, kind) {
+        (Value::Null, _) => return Ok(None),
+        (Value::Int(i), None | Some(T::Bigint)) => Measure::Bigint(*i),
+        (Value::Int(i), Some(T::Double)) => Measure::Double(i.to_string()),
+        (Value::Float(f), None | Some(T::Double)) => as_f64_text(format!("{f:?}"))?,
+        (Value::Decimal(d), None | Some(T::Double)) => as_f64_text(d.clone())?,
+        (Value::Bool(b), None | Some(T::Boolean)) => Measure::Boolean(*b),
+        (Value::Timestamp(t), None | Some(T::Timestamp)) => Measure::Timestamp(t.timestamp_millis()),
+        (Value::Timestamp(t), Some(T::Bigint)) => Measure::Bigint(t.timestamp_millis()),
+        (_, Some(T::Varchar)) | (Value::Text(_) | Value::Uuid(_) | Value::Other { .. } | Value::Date(_), None) => {
+            Measure::Varchar(text().ok_or_else(|| format!("field {name}: {} has no text form", v.type_word()))?)
+        }
+        (_, Some(T::Double)) => as_f64_text(text().unwrap_or_default())?,
+        (_, Some(T::Bigint)) => Measure::Bigint(
+            text()
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| format!("field {name}: {} is not an integer", v.type_word()))?,
+        ),
+        (_, Some(T::Boolean)) => match text().as_deref() {
+            Some("true") | Some("t") => Measure::Boolean(true),
+            Some("false") | Some("f") => Measure::Boolean(false),
+            _ => return Err(format!("field {name}: {} is not a boolean", v.type_word())),
+        },
+        (other, k) => return Err(format!("field {name}: a {} cannot be a {k:?} measure", other.type_word())),
+    }))
+}
+
+impl Action for Points {
+    fn render(&self, scope: &dyn Scope, change: &Change, out: &mut Vec<Payload>) -> Result<(), String> {
+        let mut points = Vec::new();
+        for p in &self.points {
+            if !p.ops.contains(change.op) {
+                continue;
+            }
+            let mut fields = Vec::with_capacity(p.fields.len());
+            for f in &p.fields {
+                let value = match &f.source {
+                    Source::Const(c) => Value::Text(c.clone()),
+                    Source::Path(path) => scope
+                        .resolve(path)
+                        .map(|v| v.into_owned())
+                        .ok_or_else(|| format!("field {}: template field {path} is missing", f.name))?,
+                };
+                let kind = match (&f.source, f.kind) {
+                    (Source::Const(_), None) => Some(FieldType::Varchar),
+                    (_, k) => k,
+                };
+                if let Some(m) = convert(&f.name, &value, kind)? {
+                    fields.push((f.name.clone(), m));
+                }
+            }
+            if fields.is_empty() {
+                continue;
+            }
+            let time_micros = match &p.time {
+                Some(path) => match scope.resolve(path).as_deref() {
+                    Some(Value::Timestamp(t)) => t.timestamp_micros(),
+                    Some(other) => return Err(format!("time {path} is {}, not a timestamp", other.type_word())),
+                    None => return Err(format!("time {path} is missing")),
+                },
+                None => change
+                    .commit_time
+                    .ok_or("the change has no commit time; set time = \"<timestamp path>\"")?
+                    .timestamp_micros(),
+            };
+            let tags = p
+                .tags
+                .iter()
+                .map(|(k, t)| t.render(scope).map(|v| (k.clone(), v)).map_err(|e| format!("tag {k}: {e}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            points.push(Point {
+                table: p.table.as_ref().map(|t| t.render(scope)).transpose().map_err(|e| e.to_string())?,
+                measurement: p.measurement.render(scope).map_err(|e| e.to_string())?,
+                tags,
+                fields,
+                time_micros,
+                version: external_version(change)?,
+            });
+        }
+        if !points.is_empty() {
+            out.push(Payload::Points(points));
+        }
+        Ok(())
+    }
+
+    fn paths(&self) -> Vec<&Path> {
+        let mut v = Vec::new();
+        for p in &self.points {
+            v.extend(p.measurement.paths());
+            if let Some(t) = &p.table {
+                v.extend(t.paths());
+            }
+            if let Some(t) = &p.time {
+                v.push(t);
+            }
+            for (_, t) in &p.tags {
+                v.extend(t.paths());
+            }
+            for f in &p.fields {
+                if let Source::Path(path) = &f.source {
+                    v.push(path);
+                }
+            }
+        }
+        v
+    }
+
+    fn describe(&self) -> String {
+        self.points
+            .iter()
+            .map(|p| {
+                format!(
+                    "point {} [{}]",
+                    p.measurement,
+                    p.fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
