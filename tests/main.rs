@@ -5,6 +5,7 @@ mod support;
 mod bad_input;
 mod capture;
 mod crash;
+mod dynamodb;
 mod examples;
 mod graph;
 mod ops;

@@ -26,6 +26,7 @@ use crate::pipeline::router::Router;
 use crate::pipeline::template::Root;
 use crate::pipeline::{Pipeline, load};
 use crate::sink::runner::LaneContext;
+use crate::source::dynamodb::{DynamoSource, Images};
 use crate::source::postgres::{ColumnUses, PgAdmin, PostgresSource};
 use crate::source::{SourceConfig, SourceError};
 use crate::telemetry::systemd::Notifier;
@@ -128,11 +129,29 @@ fn monotonic_usec() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
+/// Which images DynamoDB pipelines read (a stream without them refuses to start).
+fn images_needed(pipelines: &[Arc<Pipeline>], source: &str) -> Images {
+    let mut needs = Images { new: false, old: false };
+    for p in pipelines.iter().filter(|p| &*p.source == source && p.transform.is_none()) {
+        for a in &p.actions {
+            for path in a.action.paths() {
+                match path.root {
+                    Root::After | Root::Row => needs.new = true,
+                    Root::Before => needs.old = true,
+                    _ => {}
+                }
+            }
+        }
+    }
+    needs
+}
+
 /// Everything a reload needs to validate and swap.
 struct Reloader {
     config: Config,
     topology: Topology,
     admins: BTreeMap<String, PgAdmin>,
+    running: BTreeSet<String>,
     health: Arc<Health>,
 }
 
@@ -174,7 +193,7 @@ impl Reloader {
             notes.push("metrics listener changed (takes effect at restart)");
         }
         for p in &pipelines {
-            if !self.admins.contains_key(&*p.source) {
+            if !self.running.contains(&*p.source) {
                 return Err(AppError::Local(format!(
                     "pipeline {} reads source {}, which is not running; sources start only with the daemon",
                     p.name, p.source
@@ -279,6 +298,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
 
     // Sources: every check passes before any starts streaming.
     let mut prepared = Vec::new();
+    let mut dynamo = Vec::new();
     for (name, cfg) in &config.sources {
         if !pipelines.iter().any(|p| &*p.source == name) {
             tracing::warn!(source = %name, "no pipeline reads this source; it is not started");
@@ -289,11 +309,22 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
                 Some(src) => prepared.push(src),
                 None => return Ok(()),
             },
+            SourceConfig::Dynamodb(d) => {
+                let needs = images_needed(&pipelines, name);
+                let src = tokio::select! {
+                    r = DynamoSource::prepare(name, d, &config.aws, &config.state_dir, needs, config.runtime.max_in_flight) => r?,
+                    _ = stop.cancelled() => return Ok(()),
+                };
+                dynamo.push(src);
+            }
         }
     }
     let admins: BTreeMap<String, PgAdmin> = prepared.iter().map(|s| (s.name().to_string(), s.admin())).collect();
+    let running: BTreeSet<String> =
+        prepared.iter().map(|s| s.name().to_string()).chain(dynamo.iter().map(|s| s.name().to_string())).collect();
+    let total_sources = running.len();
     let source_tasks = TaskTracker::new();
-    let (fail_tx, mut fail_rx) = mpsc::channel::<SourceError>(prepared.len().max(1));
+    let (fail_tx, mut fail_rx) = mpsc::channel::<SourceError>(total_sources.max(1));
     for src in prepared {
         let window = AckWindow::new(src.name(), config.runtime.max_in_flight, 0);
         let emitter = router.emitter(window);
@@ -301,6 +332,15 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
             (Arc::clone(&health), cancel.clone(), hard_stop.clone(), fail_tx.clone());
         source_tasks.spawn(async move {
             if let Err(e) = src.run(emitter, health, cancel, hard_stop).await {
+                let _ = fail_tx.send(e).await;
+            }
+        });
+    }
+    for src in dynamo {
+        let (router, health, cancel, hard_stop, fail_tx) =
+            (router.clone(), Arc::clone(&health), cancel.clone(), hard_stop.clone(), fail_tx.clone());
+        source_tasks.spawn(async move {
+            if let Err(e) = src.run(router, health, cancel, hard_stop).await {
                 let _ = fail_tx.send(e).await;
             }
         });
@@ -350,11 +390,19 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
     }
 
     // Serve reloads until a stop request or a fatal source error.
-    let mut reloader = Reloader { config: config.clone(), topology, admins, health: Arc::clone(&health) };
+    let mut reloader = Reloader { config: config.clone(), topology, admins, running, health: Arc::clone(&health) };
+    let mut failed = 0;
     let failure = loop {
         tokio::select! {
             _ = stop.cancelled() => break None,
-            e = fail_rx.recv() => break e,
+            Some(e) = fail_rx.recv() => {
+                // A failed source stops alone; the daemon ends when none is left.
+                failed += 1;
+                tracing::error!(error = %e, "source stopped");
+                if failed >= total_sources {
+                    break Some(e);
+                }
+            }
             Some(trigger) = reload_rx.recv() => {
                 notifier.notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
                 tokio::select! {
@@ -365,8 +413,8 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
             }
         }
     };
-    if let Some(e) = &failure {
-        tracing::error!(error = %e, "source failed; shutting down");
+    if failure.is_some() {
+        tracing::error!("no source is left running; shutting down");
     }
     notifier.notify("STOPPING=1\nSTATUS=draining in-flight changes");
     background.cancel();

@@ -2,6 +2,7 @@
 //! router under its own acknowledgement window, and confirms positions only as the window
 //! allows.
 
+pub mod dynamodb;
 pub mod postgres;
 
 use serde::Deserialize;
@@ -14,6 +15,8 @@ use crate::config::ConfigError;
 pub enum SourceConfig {
     /// PostgreSQL / Aurora PostgreSQL logical replication.
     Postgres(postgres::PostgresSourceConfig),
+    /// DynamoDB Streams.
+    Dynamodb(dynamodb::DynamoSourceConfig),
 }
 
 impl SourceConfig {
@@ -21,6 +24,7 @@ impl SourceConfig {
     pub fn validate(&self, name: &str) -> Result<(), ConfigError> {
         match self {
             SourceConfig::Postgres(p) => p.validate(name).map(|_| ()),
+            SourceConfig::Dynamodb(d) => d.validate(name),
         }
     }
 
@@ -28,6 +32,7 @@ impl SourceConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             SourceConfig::Postgres(_) => "postgres",
+            SourceConfig::Dynamodb(_) => "dynamodb",
         }
     }
 }

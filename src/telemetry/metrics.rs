@@ -21,6 +21,11 @@ pub mod names {
     pub const SOURCE_RECONNECTS: &str = "polysync_source_reconnects_total";
     pub const PG_SLOT_LAG: &str = "polysync_pg_slot_lag_bytes";
     pub const PG_CONFIRMED_LSN: &str = "polysync_pg_confirmed_flush_lsn";
+    pub const DDB_SHARDS_OWNED: &str = "polysync_ddb_shards_owned";
+    pub const DDB_LEASE_TAKES: &str = "polysync_ddb_lease_takes_total";
+    pub const DDB_TRIMMED: &str = "polysync_ddb_trimmed_data_total";
+    pub const DDB_ITERATORS_EXPIRED: &str = "polysync_ddb_iterators_expired_total";
+    pub const DDB_THROTTLES: &str = "polysync_ddb_throttles_total";
     pub const IN_FLIGHT: &str = "polysync_in_flight_changes";
     pub const PIPELINE_OUTPUTS: &str = "polysync_pipeline_outputs_total";
     pub const PIPELINE_SKIPPED: &str = "polysync_pipeline_skipped_total";
@@ -46,6 +51,11 @@ pub mod names {
         SOURCE_RECONNECTS,
         PG_SLOT_LAG,
         PG_CONFIRMED_LSN,
+        DDB_SHARDS_OWNED,
+        DDB_LEASE_TAKES,
+        DDB_TRIMMED,
+        DDB_ITERATORS_EXPIRED,
+        DDB_THROTTLES,
         IN_FLIGHT,
         PIPELINE_OUTPUTS,
         PIPELINE_SKIPPED,
@@ -84,6 +94,16 @@ pub struct Metrics {
     pub pg_confirmed_lsn: IntGaugeVec,
     /// Changes read but not yet applied by every sink.
     pub in_flight: IntGaugeVec,
+    /// DynamoDB shards this instance reads.
+    pub ddb_shards_owned: IntGaugeVec,
+    /// Leases this instance took (from nobody, an expired owner, or by balancing).
+    pub ddb_lease_takes: IntCounterVec,
+    /// TrimmedDataAccessException: records expired from the stream before they were read.
+    pub ddb_trimmed: IntCounterVec,
+    /// Shard iterators that expired and were re-acquired.
+    pub ddb_iterators_expired: IntCounterVec,
+    /// Throttled stream or table calls.
+    pub ddb_throttles: IntCounterVec,
     /// Sink records produced, by pipeline and sink.
     pub pipeline_outputs: IntCounterVec,
     /// Changes a pipeline's filter or transform skipped, by reason (`filtered`, `aborted`).
@@ -170,6 +190,21 @@ impl Metrics {
                 &["source", "slot"],
             ),
             pg_confirmed_lsn: gauge(&r, PG_CONFIRMED_LSN, "Last LSN confirmed to the server as applied", &["source"]),
+            ddb_shards_owned: gauge(&r, DDB_SHARDS_OWNED, "DynamoDB shards this instance reads", &["source"]),
+            ddb_lease_takes: counter(&r, DDB_LEASE_TAKES, "Shard leases taken by this instance", &["source"]),
+            ddb_trimmed: counter(
+                &r,
+                DDB_TRIMMED,
+                "Times a shard's records expired from the stream before they were read (data lost upstream)",
+                &["source"],
+            ),
+            ddb_iterators_expired: counter(
+                &r,
+                DDB_ITERATORS_EXPIRED,
+                "Shard iterators re-acquired after expiring",
+                &["source"],
+            ),
+            ddb_throttles: counter(&r, DDB_THROTTLES, "Throttled DynamoDB Streams calls", &["source"]),
             in_flight: gauge(&r, IN_FLIGHT, "Changes read but not yet applied by every sink", &["source"]),
             pipeline_outputs: counter(
                 &r,

@@ -5,6 +5,7 @@
 
 pub mod aws;
 pub mod daemon;
+pub mod fake_streams;
 pub mod graph;
 pub mod pg;
 pub mod redis;

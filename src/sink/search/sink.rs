@@ -359,7 +359,8 @@ pub fn aws_error_text<E: std::error::Error + ?Sized>(e: &E) -> String {
         s.push_str(&inner.to_string());
         src = inner.source();
     }
-    s
+    // One line: the SDK's credential-chain report spans several.
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl Sink for SearchSink {

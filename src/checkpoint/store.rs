@@ -1,0 +1,266 @@
+//! Where DynamoDB shard positions live, and which instance reads which shard.
+//!
+//! The [`ShardStore`] trait has two implementations: [`FileStore`], an embedded `redb` file in
+//! the state directory for a single instance (it owns every shard), and
+//! [`super::lease::LeaseTable`], a DynamoDB table of KCL-style leases for several instances.
+//! Checkpoints are written only by the owner of a shard (conditionally, in the lease table), and
+//! only for positions the acknowledgement window has confirmed.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+/// A shard's saved position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardCheckpoint {
+    /// Everything up to and including this sequence number is applied.
+    At(String),
+    /// The shard is closed and fully applied (children may start).
+    Finished,
+}
+
+impl ShardCheckpoint {
+    fn encode(&self) -> String {
+        match self {
+            ShardCheckpoint::At(s) => s.clone(),
+            ShardCheckpoint::Finished => FINISHED.to_string(),
+        }
+    }
+
+    /// Parse the stored form.
+    pub fn decode(s: &str) -> ShardCheckpoint {
+        if s == FINISHED { ShardCheckpoint::Finished } else { ShardCheckpoint::At(s.to_string()) }
+    }
+}
+
+/// Stored marker of a finished shard (the KCL's word for it).
+pub const FINISHED: &str = "SHARD_END";
+
+/// A shard as the store sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
+    /// Shard id.
+    pub id: String,
+    /// Parent shard ids (a child starts only after they are finished).
+    pub parents: Vec<String>,
+}
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// This instance no longer owns the shard: stop reading it, write nothing.
+    #[error("lease on shard {0} lost")]
+    LeaseLost(String),
+    /// The store cannot be reached or refused the request.
+    #[error("checkpoint store: {0}")]
+    Unavailable(String),
+}
+
+/// Shards this instance should read, with their checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owned {
+    /// Shard id.
+    pub shard: String,
+    /// Saved position, if any.
+    pub checkpoint: Option<ShardCheckpoint>,
+}
+
+/// What a balancing round decided: the shards to read now, and the ones lost to another owner.
+pub type Assignment = (Vec<Owned>, Vec<String>);
+
+/// Checkpoints and ownership of a stream's shards.
+pub trait ShardStore: Send + Sync {
+    /// Make sure every known shard has an entry (new shards start unowned, without checkpoint).
+    fn sync_shards<'a>(&'a self, stream: &'a str, shards: &'a [ShardInfo]) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Renew what this instance owns and take what it should own; returns the shards to read
+    /// now (children only once their parents are finished) and the ones it lost.
+    fn balance<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Assignment, StoreError>>;
+    /// Save a position (only while owning the shard).
+    fn checkpoint<'a>(
+        &'a self,
+        stream: &'a str,
+        shard: &'a str,
+        ck: ShardCheckpoint,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Give a shard up (clean shutdown) so another instance can take it at once.
+    fn release<'a>(&'a self, stream: &'a str, shard: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// How often `balance` should run.
+    fn balance_interval(&self) -> std::time::Duration;
+}
+
+const CHECKPOINTS: TableDefinition<&str, &str> = TableDefinition::new("shard_checkpoints");
+const PARENTS: TableDefinition<&str, &str> = TableDefinition::new("shard_parents");
+
+/// Single-instance store: a redb file; this instance owns every shard.
+pub struct FileStore {
+    db: Arc<redb::Database>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl FileStore {
+    /// Open (creating) the file, mode 0600.
+    pub fn open(path: &Path) -> Result<FileStore, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
+        }
+        let db = redb::Database::create(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+        let tx = db.begin_write().map_err(unavailable)?;
+        tx.open_table(CHECKPOINTS).map_err(unavailable)?;
+        tx.open_table(PARENTS).map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
+        Ok(FileStore { db: Arc::new(db) })
+    }
+
+    fn key(stream: &str, shard: &str) -> String {
+        format!("{stream}|{shard}")
+    }
+
+    /// Saved position of a shard.
+    pub fn load(&self, stream: &str, shard: &str) -> Result<Option<ShardCheckpoint>, StoreError> {
+        let tx = self.db.begin_read().map_err(unavailable)?;
+        let t = tx.open_table(CHECKPOINTS).map_err(unavailable)?;
+        Ok(t.get(Self::key(stream, shard).as_str()).map_err(unavailable)?.map(|v| ShardCheckpoint::decode(v.value())))
+    }
+}
+
+impl ShardStore for FileStore {
+    fn sync_shards<'a>(&'a self, stream: &'a str, shards: &'a [ShardInfo]) -> BoxFuture<'a, Result<(), StoreError>> {
+        let db = Arc::clone(&self.db);
+        Box::pin(async move {
+            let rows: Vec<(String, String)> =
+                shards.iter().map(|s| (FileStore::key(stream, &s.id), s.parents.join(","))).collect();
+            tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                let tx = db.begin_write().map_err(unavailable)?;
+                {
+                    let mut t = tx.open_table(PARENTS).map_err(unavailable)?;
+                    for (k, parents) in &rows {
+                        t.insert(k.as_str(), parents.as_str()).map_err(unavailable)?;
+                    }
+                }
+                tx.commit().map_err(unavailable)
+            })
+            .await
+            .map_err(unavailable)?
+        })
+    }
+
+    fn balance<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Assignment, StoreError>> {
+        let db = Arc::clone(&self.db);
+        let prefix = format!("{stream}|");
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let tx = db.begin_read().map_err(unavailable)?;
+                let parents = tx.open_table(PARENTS).map_err(unavailable)?;
+                let cks = tx.open_table(CHECKPOINTS).map_err(unavailable)?;
+                let mut shards = Vec::new();
+                for entry in parents.iter().map_err(unavailable)? {
+                    let (k, v) = entry.map_err(unavailable)?;
+                    if let Some(shard) = k.value().strip_prefix(&prefix) {
+                        let ps: Vec<String> =
+                            v.value().split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+                        shards.push((shard.to_string(), ps));
+                    }
+                }
+                let ck = |shard: &str| -> Result<Option<ShardCheckpoint>, StoreError> {
+                    Ok(cks
+                        .get(format!("{prefix}{shard}").as_str())
+                        .map_err(unavailable)?
+                        .map(|v| ShardCheckpoint::decode(v.value())))
+                };
+                let known: std::collections::HashSet<&str> = shards.iter().map(|(s, _)| s.as_str()).collect();
+                let mut owned = Vec::new();
+                for (shard, ps) in &shards {
+                    let checkpoint = ck(shard)?;
+                    if checkpoint == Some(ShardCheckpoint::Finished) {
+                        continue;
+                    }
+                    // Parents the stream no longer lists were trimmed: treat them as finished.
+                    let mut ready = true;
+                    for p in ps {
+                        if known.contains(p.as_str()) && ck(p)? != Some(ShardCheckpoint::Finished) {
+                            ready = false;
+                        }
+                    }
+                    if ready {
+                        owned.push(Owned { shard: shard.to_string(), checkpoint });
+                    }
+                }
+                Ok((owned, Vec::new()))
+            })
+            .await
+            .map_err(unavailable)?
+        })
+    }
+
+    fn checkpoint<'a>(
+        &'a self,
+        stream: &'a str,
+        shard: &'a str,
+        ck: ShardCheckpoint,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let db = Arc::clone(&self.db);
+        let key = FileStore::key(stream, shard);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let tx = db.begin_write().map_err(unavailable)?;
+                {
+                    let mut t = tx.open_table(CHECKPOINTS).map_err(unavailable)?;
+                    t.insert(key.as_str(), ck.encode().as_str()).map_err(unavailable)?;
+                }
+                tx.commit().map_err(unavailable)
+            })
+            .await
+            .map_err(unavailable)?
+        })
+    }
+
+    fn release<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn balance_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn children_wait_for_finished_parents_and_checkpoints_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ck.redb");
+        let s = FileStore::open(&path).unwrap();
+        let shards = vec![
+            ShardInfo { id: "p".into(), parents: vec![] },
+            ShardInfo { id: "c1".into(), parents: vec!["p".into()] },
+            ShardInfo { id: "c2".into(), parents: vec!["p".into(), "gone".into()] },
+        ];
+        s.sync_shards("st", &shards).await.unwrap();
+        let (owned, _) = s.balance("st").await.unwrap();
+        assert_eq!(owned.iter().map(|o| o.shard.as_str()).collect::<Vec<_>>(), vec!["p"]);
+        s.checkpoint("st", "p", ShardCheckpoint::At("42".into())).await.unwrap();
+        assert_eq!(s.load("st", "p").unwrap(), Some(ShardCheckpoint::At("42".into())));
+        s.checkpoint("st", "p", ShardCheckpoint::Finished).await.unwrap();
+        drop(s);
+        let s = FileStore::open(&path).unwrap();
+        let (mut owned, _) = s.balance("st").await.unwrap();
+        owned.sort_by(|a, b| a.shard.cmp(&b.shard));
+        assert_eq!(
+            owned.iter().map(|o| o.shard.as_str()).collect::<Vec<_>>(),
+            vec!["c1", "c2"],
+            "parent finished, children ready"
+        );
+    }
+}

@@ -1,0 +1,339 @@
+//! DynamoDB Streams source: the stream resolved from a table or ARN, its shard graph walked
+//! parents-before-children, one reader per owned shard, checkpoints in a file (one instance)
+//! or a DynamoDB lease table (several instances sharing the shards).
+//!
+//! The coordinator refreshes the shard list on an interval (and at once when a shard
+//! finishes, so a closed parent hands over to its children without the reader going idle),
+//! asks the store which shards this instance should read, starts readers for new ones and
+//! stops readers whose lease was lost. A failure of this source stops this source only.
+
+pub mod config;
+pub mod decode;
+pub mod reader;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+use aws_sdk_dynamodbstreams::types::{StreamStatus, StreamViewType};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{CheckpointConfig, DynamoSourceConfig, StartAt};
+use reader::{ReaderEnd, ShardReader};
+
+use super::SourceError;
+use crate::aws::AwsSettings;
+use crate::change::Name;
+use crate::checkpoint::lease::LeaseTable;
+use crate::checkpoint::store::{FileStore, ShardInfo, ShardStore};
+use crate::pipeline::router::Router;
+use crate::telemetry::{Health, metrics};
+
+/// What the stream's records carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Images {
+    /// NewImage present.
+    pub new: bool,
+    /// OldImage present.
+    pub old: bool,
+}
+
+/// A resolved, checked DynamoDB source.
+pub struct DynamoSource {
+    name: Name,
+    relation: Name,
+    cfg: DynamoSourceConfig,
+    stream_arn: String,
+    streams: aws_sdk_dynamodbstreams::Client,
+    store: Arc<dyn ShardStore>,
+    max_in_flight: usize,
+}
+
+fn setup(source: &str, msg: impl Into<String>) -> SourceError {
+    SourceError::Setup { source_name: source.to_string(), msg: msg.into() }
+}
+
+fn aws_text<E: ProvideErrorMetadata + std::error::Error + 'static>(e: &aws_sdk_dynamodb::error::SdkError<E>) -> String {
+    match e {
+        aws_sdk_dynamodb::error::SdkError::ServiceError(s) => {
+            format!("{}: {}", s.err().code().unwrap_or("error"), s.err().message().unwrap_or(""))
+        }
+        other => {
+            let t = crate::sink::search::aws_error_text(other);
+            if t.contains("credentials") || t.contains("Credentials") {
+                format!("no AWS credentials (environment, profile, task role or instance profile): {t}")
+            } else {
+                t
+            }
+        }
+    }
+}
+
+impl DynamoSource {
+    /// Resolve and check the stream; open the checkpoint store. `needs` says which images the
+    /// pipelines read (a missing one is a start-up error).
+    pub async fn prepare(
+        name: &str,
+        cfg: &DynamoSourceConfig,
+        aws: &AwsSettings,
+        state_dir: &std::path::Path,
+        needs: Images,
+        max_in_flight: usize,
+    ) -> Result<DynamoSource, SourceError> {
+        let mut settings = aws.clone();
+        if let Some(e) = &cfg.endpoint_url {
+            settings.endpoint_url = Some(e.clone());
+        }
+        let sdk = crate::aws::sdk_config(&settings).await;
+        let ddb = aws_sdk_dynamodb::Client::new(&sdk);
+        // Our reader handles throttling itself (backoff with jitter, counted), so the SDK's own
+        // retries are off for stream calls.
+        let streams = aws_sdk_dynamodbstreams::Client::from_conf(
+            aws_sdk_dynamodbstreams::config::Builder::from(&sdk)
+                .retry_config(aws_sdk_dynamodbstreams::config::retry::RetryConfig::disabled())
+                .build(),
+        );
+        let stream_arn = match (&cfg.table, &cfg.stream_arn) {
+            (Some(table), _) => {
+                let out = ddb.describe_table().table_name(table).send().await.map_err(|e| match &e {
+                    aws_sdk_dynamodb::error::SdkError::ServiceError(s) if s.err().is_resource_not_found_exception() => {
+                        setup(name, format!("DynamoDB table {table:?} does not exist"))
+                    }
+                    _ => setup(name, format!("DescribeTable {table}: {}", aws_text(&e))),
+                })?;
+                out.table()
+                    .and_then(|t| t.latest_stream_arn())
+                    .filter(|_| out.table().and_then(|t| t.stream_specification()).is_some_and(|s| s.stream_enabled()))
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        setup(name, format!("DynamoDB table {table:?} has no stream; enable DynamoDB Streams (view type NEW_AND_OLD_IMAGES)"))
+                    })?
+            }
+            (None, Some(arn)) => arn.clone(),
+            (None, None) => unreachable!("validate() requires table or stream_arn"),
+        };
+        let desc = streams.describe_stream().stream_arn(&stream_arn).limit(1).send().await.map_err(|e| {
+            let code = match &e {
+                aws_sdk_dynamodb::error::SdkError::ServiceError(s) => s.err().code().unwrap_or_default().to_string(),
+                _ => String::new(),
+            };
+            if code == "ResourceNotFoundException" {
+                setup(name, format!("stream {stream_arn:?} does not exist (wrong ARN, or the stream was disabled)"))
+            } else {
+                setup(name, format!("DescribeStream {stream_arn}: {}", aws_text(&e)))
+            }
+        })?;
+        let d = desc.stream_description().ok_or_else(|| setup(name, "DescribeStream returned no description"))?;
+        if d.stream_status() == Some(&StreamStatus::Disabled) {
+            return Err(setup(name, format!("stream {stream_arn} is disabled")));
+        }
+        let view = d.stream_view_type().cloned();
+        let has = match view {
+            Some(StreamViewType::NewAndOldImages) => Images { new: true, old: true },
+            Some(StreamViewType::NewImage) => Images { new: true, old: false },
+            Some(StreamViewType::OldImage) => Images { new: false, old: true },
+            _ => Images { new: false, old: false },
+        };
+        if (needs.new && !has.new) || (needs.old && !has.old) {
+            return Err(setup(
+                name,
+                format!(
+                    "the pipelines read {}{}{} but stream {stream_arn} has view type {:?}; use NEW_AND_OLD_IMAGES (or change the pipelines)",
+                    if needs.new { "after/row (NewImage)" } else { "" },
+                    if needs.new && needs.old { " and " } else { "" },
+                    if needs.old { "before (OldImage)" } else { "" },
+                    view.map(|v| v.as_str().to_string()).unwrap_or_else(|| "unknown".into())
+                ),
+            ));
+        }
+        let store: Arc<dyn ShardStore> = match &cfg.checkpoint {
+            CheckpointConfig::File => Arc::new(
+                FileStore::open(&state_dir.join(format!("checkpoints-{name}.redb")))
+                    .map_err(|e| setup(name, e.to_string()))?,
+            ),
+            CheckpointConfig::Dynamodb { table, create_table, worker_id, lease_duration, endpoint_url } => {
+                let lease_client = match endpoint_url {
+                    Some(e) => {
+                        let mut s = aws.clone();
+                        s.endpoint_url = Some(e.clone());
+                        aws_sdk_dynamodb::Client::new(&crate::aws::sdk_config(&s).await)
+                    }
+                    None => ddb.clone(),
+                };
+                let worker = worker_id.clone().unwrap_or_else(|| {
+                    let host = std::fs::read_to_string("/etc/hostname")
+                        .map(|h| h.trim().to_string())
+                        .unwrap_or_else(|_| "host".into());
+                    format!("{host}-{}", std::process::id())
+                });
+                Arc::new(
+                    LeaseTable::open(
+                        lease_client,
+                        table,
+                        *create_table,
+                        worker,
+                        lease_duration.unwrap_or(Duration::from_secs(30)),
+                        name,
+                    )
+                    .await
+                    .map_err(|e| setup(name, e.to_string()))?,
+                )
+            }
+        };
+        Ok(DynamoSource {
+            name: Name::from(name),
+            relation: Name::from(cfg.table_name().as_str()),
+            cfg: cfg.clone(),
+            stream_arn,
+            streams,
+            store,
+            max_in_flight,
+        })
+    }
+
+    /// Source name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Every shard of the stream (DescribeStream, paginated).
+    async fn shards(&self) -> Result<Vec<ShardInfo>, String> {
+        let mut out = Vec::new();
+        let mut start: Option<String> = None;
+        loop {
+            let resp = self
+                .streams
+                .describe_stream()
+                .stream_arn(&self.stream_arn)
+                .set_exclusive_start_shard_id(start.clone())
+                .send()
+                .await
+                .map_err(|e| aws_text(&e))?;
+            let d = resp.stream_description().ok_or("DescribeStream returned no description")?;
+            if d.stream_status() == Some(&StreamStatus::Disabled) {
+                return Err(format!("stream {} was disabled", self.stream_arn));
+            }
+            for s in d.shards() {
+                out.push(ShardInfo {
+                    id: s.shard_id().unwrap_or_default().to_string(),
+                    parents: s.parent_shard_id().map(|p| vec![p.to_string()]).unwrap_or_default(),
+                });
+            }
+            match d.last_evaluated_shard_id() {
+                Some(last) => start = Some(last.to_string()),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Run until `cancel`, or until the stream is gone.
+    pub async fn run(
+        self,
+        router: Router,
+        health: Arc<Health>,
+        cancel: CancellationToken,
+        hard_stop: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let component = format!("source {}", self.name);
+        let fail = |msg: String| SourceError::Stream { source_name: self.name.to_string(), msg };
+        let mut readers: HashMap<String, CancellationToken> = HashMap::new();
+        let mut tasks: JoinSet<(String, ReaderEnd)> = JoinSet::new();
+        let mut discover = tokio::time::interval(self.cfg.discovery_interval());
+        let mut balance = tokio::time::interval(self.store.balance_interval());
+        let mut need_discovery = true;
+        let mut result = Ok(());
+        let connected = metrics().source_connected.with_label_values(&[&self.name]);
+        loop {
+            if need_discovery {
+                need_discovery = false;
+                match self.shards().await {
+                    Ok(shards) => {
+                        if let Err(e) = self.store.sync_shards(&self.stream_arn, &shards).await {
+                            health.set(&component, Err(e.to_string()));
+                        }
+                    }
+                    Err(e) if e.contains("ResourceNotFound") || e.contains("disabled") => {
+                        result = Err(fail(format!("stream {} is gone: {e}", self.stream_arn)));
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(source = %self.name, error = %e, "DescribeStream failed; retrying");
+                        health.set(&component, Err(e));
+                    }
+                }
+                balance.reset_immediately();
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = discover.tick() => need_discovery = true,
+                _ = balance.tick() => match self.store.balance(&self.stream_arn).await {
+                    Ok((owned, lost)) => {
+                        for shard in lost {
+                            if let Some(stop) = readers.remove(&shard) {
+                                stop.cancel();
+                            }
+                        }
+                        for o in owned {
+                            if readers.contains_key(&o.shard) {
+                                continue;
+                            }
+                            let stop = CancellationToken::new();
+                            readers.insert(o.shard.clone(), stop.clone());
+                            let reader = ShardReader {
+                                source: Arc::clone(&self.name),
+                                relation: Arc::clone(&self.relation),
+                                stream: self.stream_arn.clone(),
+                                shard: Name::from(o.shard.as_str()),
+                                checkpoint: o.checkpoint,
+                                latest: self.cfg.start == StartAt::Latest,
+                                client: self.streams.clone(),
+                                store: Arc::clone(&self.store),
+                                router: router.clone(),
+                                max_in_flight: self.max_in_flight,
+                                poll_interval: self.cfg.poll_interval(),
+                                checkpoint_interval: self.cfg.checkpoint_interval(),
+                            };
+                            let shard = o.shard.clone();
+                            let hard = hard_stop.clone();
+                            tracing::info!(source = %self.name, shard = %shard, "reading shard");
+                            tasks.spawn(async move { (shard, reader.run(stop, hard).await) });
+                        }
+                        connected.set(1);
+                        health.set(&component, Ok(()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(source = %self.name, error = %e, "checkpoint store unavailable; retrying");
+                        health.set(&component, Err(e.to_string()));
+                    }
+                },
+                Some(done) = tasks.join_next() => {
+                    let Ok((shard, end)) = done else { continue };
+                    readers.remove(&shard);
+                    match end {
+                        ReaderEnd::Finished => need_discovery = true,
+                        ReaderEnd::Stopped => {}
+                        ReaderEnd::Failed(msg) => {
+                            result = Err(fail(msg));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // Stop the readers: each drains what it handed out (until the hard stop) and saves it.
+        for stop in readers.values() {
+            stop.cancel();
+        }
+        while tasks.join_next().await.is_some() {}
+        for shard in readers.keys() {
+            let _ = self.store.release(&self.stream_arn, shard).await;
+        }
+        connected.set(0);
+        if let Err(e) = &result {
+            health.set(&component, Err(e.to_string()));
+        }
+        result
+    }
+}

@@ -1,0 +1,370 @@
+//! One shard's reader: GetShardIterator from the checkpoint, GetRecords within the per-shard
+//! call limit, records into the lanes under the shard's own acknowledgement window, confirmed
+//! positions written back as checkpoints, and a closed shard drained and marked finished.
+//!
+//! Errors by name:
+//! * `ExpiredIteratorException`: a new iterator after the last record read (or the checkpoint),
+//!   re-acquired with backoff so a server that keeps expiring it cannot spin us;
+//! * `TrimmedDataAccessException`: records expired from the stream before we read them. That
+//!   is data loss upstream: logged as an error, counted in `polysync_ddb_trimmed_data_total`,
+//!   and reading continues from the oldest record still there;
+//! * throttling: exponential backoff with jitter;
+//! * `ResourceNotFoundException`: the stream is gone; the reader stops with that message.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodbstreams::Client;
+use aws_sdk_dynamodbstreams::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodbstreams::types::ShardIteratorType;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio_util::sync::CancellationToken;
+
+use super::decode;
+use crate::change::Name;
+use crate::checkpoint::AckWindow;
+use crate::checkpoint::store::{ShardCheckpoint, ShardStore, StoreError};
+use crate::pipeline::router::Router;
+use crate::telemetry::metrics;
+
+/// DynamoDB Streams allows five GetRecords calls per second per shard.
+const MIN_CALL_SPACING: Duration = Duration::from_millis(210);
+
+/// Everything a reader needs.
+pub struct ShardReader {
+    /// Source name.
+    pub source: Name,
+    /// Table name (the changes' relation).
+    pub relation: Name,
+    /// Stream ARN.
+    pub stream: String,
+    /// Shard id.
+    pub shard: Name,
+    /// Where to resume.
+    pub checkpoint: Option<ShardCheckpoint>,
+    /// Start a checkpoint-less shard at LATEST instead of TRIM_HORIZON.
+    pub latest: bool,
+    /// Streams client.
+    pub client: Client,
+    /// Checkpoints (and lease ownership).
+    pub store: Arc<dyn ShardStore>,
+    /// Lanes.
+    pub router: Router,
+    /// In-flight limit for this shard.
+    pub max_in_flight: usize,
+    /// Idle pause.
+    pub poll_interval: Duration,
+    /// Checkpoint cadence.
+    pub checkpoint_interval: Duration,
+}
+
+/// How a reader ended.
+#[derive(Debug)]
+pub enum ReaderEnd {
+    /// Closed shard fully applied and marked finished.
+    Finished,
+    /// Stopped on request (shutdown or a lost lease); in-flight records may replay elsewhere.
+    Stopped,
+    /// The stream is gone or a permanent error occurred.
+    Failed(String),
+}
+
+fn code<E: ProvideErrorMetadata>(e: &SdkError<E>) -> Option<String> {
+    match e {
+        SdkError::ServiceError(s) => s.err().code().map(str::to_string),
+        _ => None,
+    }
+}
+
+fn text<E: ProvideErrorMetadata + std::error::Error + 'static>(e: &SdkError<E>) -> String {
+    match e {
+        SdkError::ServiceError(s) => {
+            format!("{}: {}", s.err().code().unwrap_or("error"), s.err().message().unwrap_or(""))
+        }
+        other => crate::sink::search::aws_error_text(other),
+    }
+}
+
+fn is_throttle(code: &str) -> bool {
+    matches!(
+        code,
+        "LimitExceededException"
+            | "ProvisionedThroughputExceededException"
+            | "ThrottlingException"
+            | "RequestLimitExceeded"
+    )
+}
+
+impl ShardReader {
+    async fn iterator(
+        &self,
+        kind: ShardIteratorType,
+        after: Option<&str>,
+    ) -> Result<Option<String>, SdkError<aws_sdk_dynamodbstreams::operation::get_shard_iterator::GetShardIteratorError>>
+    {
+        let mut req =
+            self.client.get_shard_iterator().stream_arn(&self.stream).shard_id(&*self.shard).shard_iterator_type(kind);
+        if let Some(seq) = after {
+            req = req.sequence_number(seq);
+        }
+        Ok(req.send().await?.shard_iterator().map(str::to_string))
+    }
+
+    /// Read until the shard is finished, `stop` fires, or a permanent error.
+    pub async fn run(self, stop: CancellationToken, hard_stop: CancellationToken) -> ReaderEnd {
+        let m = metrics();
+        let src = self.source.to_string();
+        let window = AckWindow::new(format!("{}:{}", self.source, self.shard), self.max_in_flight, 0);
+        let emitter = self.router.emitter(Arc::clone(&window));
+        // Ordinal (window position) → sequence number, for turning confirmations into checkpoints.
+        let mut positions: VecDeque<(u64, String)> = VecDeque::new();
+        let mut ordinal = 0u64;
+        let mut last_read: Option<String> = match &self.checkpoint {
+            Some(ShardCheckpoint::At(seq)) => Some(seq.clone()),
+            Some(ShardCheckpoint::Finished) => return ReaderEnd::Finished,
+            None => None,
+        };
+        let mut saved: Option<String> = last_read.clone();
+        let mut last_save = Instant::now();
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(20))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let pause = |d: Duration| {
+            let stop = stop.clone();
+            async move {
+                tokio::select! {
+                    _ = stop.cancelled() => false,
+                    _ = tokio::time::sleep(d) => true,
+                }
+            }
+        };
+        let initial = match &last_read {
+            Some(seq) => (ShardIteratorType::AfterSequenceNumber, Some(seq.clone())),
+            None if self.latest => (ShardIteratorType::Latest, None),
+            None => (ShardIteratorType::TrimHorizon, None),
+        };
+        let mut iterator: Option<String> = None;
+        let mut want_iterator = Some(initial);
+        let mut last_call = Instant::now() - MIN_CALL_SPACING;
+        let mut expired_in_a_row = 0u32;
+        loop {
+            if stop.is_cancelled() {
+                break;
+            }
+            // Write confirmed progress (only what every sink has applied).
+            let confirmed = window.confirmed();
+            let mut newest = None;
+            while let Some((o, _)) = positions.front() {
+                if *o > confirmed {
+                    break;
+                }
+                newest = positions.pop_front().map(|(_, s)| s);
+            }
+            if let Some(seq) = newest {
+                saved = Some(seq);
+            }
+            if last_save.elapsed() >= self.checkpoint_interval {
+                if let Err(e) = self.save(&saved).await {
+                    return e;
+                }
+                last_save = Instant::now();
+            }
+            if let Some((kind, after)) = want_iterator.take() {
+                match self.iterator(kind.clone(), after.as_deref()).await {
+                    Ok(Some(it)) => iterator = Some(it),
+                    Ok(None) => return self.finish(&window, &stop, &hard_stop).await,
+                    Err(e) => {
+                        let c = code(&e).unwrap_or_default();
+                        if c == "ResourceNotFoundException" {
+                            return ReaderEnd::Failed(format!("stream {} is gone: {}", self.stream, text(&e)));
+                        }
+                        if c == "TrimmedDataAccessException" {
+                            self.trimmed(&src, &text(&e));
+                            want_iterator = Some((ShardIteratorType::TrimHorizon, None));
+                            continue;
+                        }
+                        if is_throttle(&c) {
+                            m.ddb_throttles.with_label_values(&[&src]).inc();
+                        }
+                        tracing::warn!(source = %src, shard = %self.shard, error = %text(&e), "GetShardIterator failed; retrying");
+                        want_iterator = Some((kind, after));
+                        if !pause(delays.next().unwrap_or(Duration::from_secs(20))).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(it) = iterator.take() else { continue };
+            let wait = MIN_CALL_SPACING.saturating_sub(last_call.elapsed());
+            if !wait.is_zero() && !pause(wait).await {
+                break;
+            }
+            last_call = Instant::now();
+            let resp = self.client.get_records().shard_iterator(&it).limit(1000).send().await;
+            let out = match resp {
+                Ok(out) => out,
+                Err(e) => {
+                    let c = code(&e).unwrap_or_default();
+                    match c.as_str() {
+                        "ExpiredIteratorException" => {
+                            m.ddb_iterators_expired.with_label_values(&[&src]).inc();
+                            expired_in_a_row += 1;
+                            tracing::info!(source = %src, shard = %self.shard, "shard iterator expired; re-acquiring after the last record read");
+                            want_iterator = Some(match &last_read {
+                                Some(seq) => (ShardIteratorType::AfterSequenceNumber, Some(seq.clone())),
+                                None if self.latest => (ShardIteratorType::Latest, None),
+                                None => (ShardIteratorType::TrimHorizon, None),
+                            });
+                            if expired_in_a_row > 1 && !pause(delays.next().unwrap_or(Duration::from_secs(20))).await {
+                                break;
+                            }
+                        }
+                        "TrimmedDataAccessException" => {
+                            self.trimmed(&src, &text(&e));
+                            want_iterator = Some((ShardIteratorType::TrimHorizon, None));
+                        }
+                        "ResourceNotFoundException" => {
+                            return ReaderEnd::Failed(format!("stream {} is gone: {}", self.stream, text(&e)));
+                        }
+                        c => {
+                            if is_throttle(c) {
+                                m.ddb_throttles.with_label_values(&[&src]).inc();
+                            } else {
+                                tracing::warn!(source = %src, shard = %self.shard, error = %text(&e), "GetRecords failed; retrying");
+                            }
+                            iterator = Some(it);
+                            if !pause(delays.next().unwrap_or(Duration::from_secs(20))).await {
+                                break;
+                            }
+                        }
+                    }
+                    continue;
+                }
+            };
+            expired_in_a_row = 0;
+            delays = ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(20))
+                .with_jitter()
+                .without_max_times()
+                .build();
+            let records = out.records();
+            for rec in records {
+                let change = match decode::change(&self.source, &self.relation, &self.shard, rec) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // A record we cannot turn into a change: nothing to deliver, say so.
+                        tracing::error!(source = %src, shard = %self.shard, error = %e, "skipping an undecodable stream record");
+                        continue;
+                    }
+                };
+                let seq = rec.dynamodb().and_then(|d| d.sequence_number()).unwrap_or_default().to_string();
+                m.source_changes.with_label_values(&[src.as_str(), &*self.relation]).inc();
+                if let Some(t) = change.commit_time {
+                    let lag = (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
+                    m.source_lag.with_label_values(&[&src]).set(lag);
+                }
+                let lane = emitter.lane_of(&change);
+                let reserved = tokio::select! {
+                    r = emitter.reserve(lane) => r,
+                    _ = hard_stop.cancelled() => return ReaderEnd::Stopped,
+                };
+                match reserved {
+                    Ok(r) => r.send(change),
+                    Err(_) => return ReaderEnd::Stopped,
+                }
+                ordinal += 1;
+                window.mark(ordinal);
+                positions.push_back((ordinal, seq.clone()));
+                last_read = Some(seq);
+            }
+            m.in_flight.with_label_values(&[&src]).set(window.in_flight() as i64);
+            match out.next_shard_iterator() {
+                None => return self.finish(&window, &stop, &hard_stop).await,
+                Some(next) => iterator = Some(next.to_string()),
+            }
+            if records.is_empty() && !pause(self.poll_interval).await {
+                break;
+            }
+        }
+        // Stopping: let what is in flight finish (bounded by the hard stop), then save it.
+        self.drain(&window, &hard_stop).await;
+        let confirmed = window.confirmed();
+        if let Some((_, seq)) = positions.iter().take_while(|(o, _)| *o <= confirmed).last() {
+            saved = Some(seq.clone());
+        }
+        let _ = self.save(&saved).await;
+        ReaderEnd::Stopped
+    }
+
+    fn trimmed(&self, src: &str, detail: &str) {
+        metrics().ddb_trimmed.with_label_values(&[src]).inc();
+        tracing::error!(
+            source = %src,
+            shard = %self.shard,
+            detail,
+            "DATA LOST UPSTREAM: stream records expired (24 h retention) before they were read; continuing from the oldest record still in the stream"
+        );
+    }
+
+    async fn drain(&self, window: &AckWindow, hard_stop: &CancellationToken) {
+        while window.in_flight() > 0 {
+            tokio::select! {
+                _ = hard_stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+
+    async fn save(&self, saved: &Option<String>) -> Result<(), ReaderEnd> {
+        let Some(seq) = saved else { return Ok(()) };
+        if Some(seq) == self.checkpoint_seq() {
+            return Ok(());
+        }
+        match self.store.checkpoint(&self.stream, &self.shard, ShardCheckpoint::At(seq.clone())).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::LeaseLost(_)) => Err(ReaderEnd::Stopped),
+            Err(e) => {
+                tracing::warn!(source = %self.source, shard = %self.shard, error = %e, "checkpoint not written; will retry");
+                Ok(())
+            }
+        }
+    }
+
+    fn checkpoint_seq(&self) -> Option<&String> {
+        match &self.checkpoint {
+            Some(ShardCheckpoint::At(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// A closed shard: everything read must be applied before it is marked finished.
+    async fn finish(&self, window: &AckWindow, stop: &CancellationToken, hard_stop: &CancellationToken) -> ReaderEnd {
+        self.drain(window, hard_stop).await;
+        if window.in_flight() > 0 {
+            return ReaderEnd::Stopped;
+        }
+        let _ = stop;
+        loop {
+            match self.store.checkpoint(&self.stream, &self.shard, ShardCheckpoint::Finished).await {
+                Ok(()) => {
+                    tracing::info!(source = %self.source, shard = %self.shard, "shard finished (closed and fully applied)");
+                    return ReaderEnd::Finished;
+                }
+                Err(StoreError::LeaseLost(_)) => return ReaderEnd::Stopped,
+                Err(e) => {
+                    tracing::warn!(source = %self.source, shard = %self.shard, error = %e, "cannot mark the shard finished yet; retrying");
+                    tokio::select! {
+                        _ = hard_stop.cancelled() => return ReaderEnd::Stopped,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+}

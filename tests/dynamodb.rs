@@ -1,0 +1,508 @@
+//! DynamoDB Streams → cache: exact values through the moto emulator, restarts from
+//! checkpoints, several daemons sharing a stream through a lease table, and (on a wire-level
+//! fake of the streams endpoint) shard lineage, balancing and the error paths.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    StreamSpecification, StreamViewType,
+};
+
+use crate::support::daemon::{ChildDaemon, InProcess};
+use crate::support::fake_streams::{self, FakeShard, Faults};
+use crate::support::redis::TestRedis;
+use crate::support::{Workspace, free_port, http_get, metric_value, shared, unique, wait_for};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn ddb() -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&crate::support::aws::sdk().await)
+}
+
+async fn create_table(client: &aws_sdk_dynamodb::Client, name: &str, stream: bool) {
+    create_table_with_view(client, name, stream.then_some(StreamViewType::NewAndOldImages)).await
+}
+
+async fn create_table_with_view(client: &aws_sdk_dynamodb::Client, name: &str, view: Option<StreamViewType>) {
+    let mut req = client
+        .create_table()
+        .table_name(name)
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("user_id")
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .unwrap(),
+        )
+        .key_schema(KeySchemaElement::builder().attribute_name("user_id").key_type(KeyType::Hash).build().unwrap())
+        .billing_mode(BillingMode::PayPerRequest);
+    if let Some(view) = view {
+        req = req.stream_specification(
+            StreamSpecification::builder().stream_enabled(true).stream_view_type(view).build().unwrap(),
+        );
+    }
+    req.send().await.unwrap();
+}
+
+async fn put(client: &aws_sdk_dynamodb::Client, table: &str, item: HashMap<String, AttributeValue>) {
+    client.put_item().table_name(table).set_item(Some(item)).send().await.unwrap();
+}
+
+fn item(user: &str, extra: &[(&str, AttributeValue)]) -> HashMap<String, AttributeValue> {
+    let mut m = HashMap::new();
+    m.insert("user_id".to_string(), AttributeValue::S(user.into()));
+    for (k, v) in extra {
+        m.insert(k.to_string(), v.clone());
+    }
+    m
+}
+
+fn config(table_or_arn: &str, extra_source: &str, metrics_port: Option<u16>) -> String {
+    let source_key = if table_or_arn.starts_with("arn:") { "stream_arn" } else { "table" };
+    let metrics = match metrics_port {
+        Some(p) => format!("listen = \"127.0.0.1:{p}\""),
+        None => "enabled = false".into(),
+    };
+    format!(
+        r#"state_dir = "state"
+pipelines = "pipelines"
+[runtime]
+lanes = 4
+shutdown_timeout = "15s"
+[metrics]
+{metrics}
+[aws]
+endpoint_url = "{aws}"
+region = "us-east-1"
+[sources.ddb]
+kind = "dynamodb"
+{source_key} = "{table_or_arn}"
+poll_interval = "100ms"
+discovery_interval = "2s"
+checkpoint_interval = "100ms"
+{extra_source}
+[sinks.cache]
+kind = "cache"
+url = "{redis}"
+"#,
+        aws = crate::support::aws::endpoint(),
+        redis = crate::support::redis::url()
+    )
+}
+
+fn markers_pipeline(p: &str) -> String {
+    format!(
+        "source = \"ddb\"\n[match]\nrelations = [\"*\"]\nops = [\"insert\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"{p}:m:{{{{ key.user_id }}}}\"]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn items_arrive_as_exact_changes_and_reach_the_cache() {
+    let _g = shared().await;
+    let client = ddb().await;
+    let table = unique("profiles");
+    create_table(&client, &table, true).await;
+    let p = unique("dp");
+    let ws = Workspace::new();
+    ws.write_config(&config(&table, "", None));
+    ws.write_pipeline(
+        "profiles",
+        &format!(
+            "source = \"ddb\"\n[match]\nrelations = [\"{table}\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{p}:profile:{{{{ key.user_id }}}}\"\n"
+        ),
+    );
+    let d = InProcess::start(&ws.config_path());
+    let redis = TestRedis::connect().await;
+    let thirty_eight = "12345678901234567890123456789012345678";
+    let mut nested = HashMap::new();
+    nested.insert("city".to_string(), AttributeValue::S("Zürich \"Z\"".into()));
+    nested.insert(
+        "tags".to_string(),
+        AttributeValue::L(vec![
+            AttributeValue::N("1.50".into()),
+            AttributeValue::Bool(true),
+            AttributeValue::Null(true),
+        ]),
+    );
+    put(
+        &client,
+        &table,
+        item(
+            "u1",
+            &[
+                ("balance", AttributeValue::N(thirty_eight.into())),
+                ("avatar", AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(vec![0u8, 1, 255]))),
+                ("roles", AttributeValue::Ss(vec!["admin".into()])),
+                ("scores", AttributeValue::Ns(vec!["-0.5".into()])),
+                ("address", AttributeValue::M(nested)),
+            ],
+        ),
+    )
+    .await;
+    put(&client, &table, item("u2", &[("name", AttributeValue::S("two".into()))])).await;
+    let key1 = format!("{p}:profile:u1");
+    wait_for("u1 cached", WAIT, || async { redis.exists(&key1).await }).await;
+    let mut v: serde_json::Value = serde_json::from_str(&redis.get(&key1).await.unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("balance"); // checked textually below: 38 digits
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "address": {"city": "Zürich \"Z\"", "tags": [1.50, true, null]},
+            "avatar": "AAH/",
+            "roles": ["admin"],
+            "scores": [-0.5],
+            "user_id": "u1"
+        })
+    );
+    let raw = redis.get(&key1).await.unwrap();
+    assert!(raw.contains(&format!("\"balance\":{thirty_eight}")), "38 digits exact: {raw}");
+    // Update and delete.
+    client
+        .update_item()
+        .table_name(&table)
+        .key("user_id", AttributeValue::S("u2".into()))
+        .update_expression("SET #n = :n")
+        .expression_attribute_names("#n", "name")
+        .expression_attribute_values(":n", AttributeValue::S("deux".into()))
+        .send()
+        .await
+        .unwrap();
+    client.delete_item().table_name(&table).key("user_id", AttributeValue::S("u1".into())).send().await.unwrap();
+    let key2 = format!("{p}:profile:u2");
+    wait_for("update applied", WAIT, || async { redis.get(&key2).await.is_some_and(|v| v.contains("deux")) }).await;
+    wait_for("delete applied", WAIT, || async { !redis.exists(&key1).await }).await;
+    assert!(ws.dead_letters().is_empty());
+    d.stop().await.unwrap();
+}
+
+async fn applied(port: u16) -> f64 {
+    match http_get(&format!("127.0.0.1:{port}"), "/metrics").await {
+        Some((200, body)) => metric_value(&body, "polysync_sink_records_total", &[("result", "applied")]),
+        _ => -1.0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarts_resume_after_the_last_checkpoint() {
+    let _g = shared().await;
+    let client = ddb().await;
+    let table = unique("restart");
+    create_table(&client, &table, true).await;
+    let p = unique("dr");
+    let ws = Workspace::new();
+    let port = free_port();
+    ws.write_config(&config(&table, "", Some(port)));
+    ws.write_pipeline("markers", &markers_pipeline(&p));
+    let redis = TestRedis::connect().await;
+    for i in 0..60 {
+        redis.set(&format!("{p}:m:u{i}"), "x").await;
+    }
+    let log = ws.path().join("daemon.log");
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    for i in 0..20 {
+        put(&client, &table, item(&format!("u{i}"), &[])).await;
+    }
+    wait_for("first 20", WAIT, || async { !redis.exists(&format!("{p}:m:u19")).await && applied(port).await == 20.0 })
+        .await;
+    assert!(d.terminate().await.success());
+    // Graceful stop: everything was confirmed, so a restart replays nothing.
+    for i in 20..30 {
+        put(&client, &table, item(&format!("u{i}"), &[])).await;
+    }
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("next 10", WAIT, || async { (20..30).all(|_| true) && applied(port).await == 10.0 }).await;
+    for i in 0..30 {
+        assert!(!redis.exists(&format!("{p}:m:u{i}")).await, "u{i} skipped");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(applied(port).await, 10.0, "a clean restart resumes exactly after the checkpoint");
+    // kill -9 mid-stream: nothing is lost; replays are limited to what was not yet confirmed.
+    let writer = {
+        let (client, table) = (client.clone(), table.clone());
+        tokio::spawn(async move {
+            for i in 30..60 {
+                put(&client, &table, item(&format!("u{i}"), &[])).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.kill9().await;
+    writer.await.unwrap();
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("all 60 after kill -9", WAIT, || async {
+        let mut all = true;
+        for i in 30..60 {
+            all &= !redis.exists(&format!("{p}:m:u{i}")).await;
+        }
+        all
+    })
+    .await;
+    assert!(d.terminate().await.success());
+}
+
+async fn lease_owner(client: &aws_sdk_dynamodb::Client, lease_table: &str) -> HashMap<String, Option<String>> {
+    let Ok(out) = client.scan().table_name(lease_table).consistent_read(true).send().await else {
+        return HashMap::new(); // not created yet
+    };
+    out.items()
+        .iter()
+        .map(|i| {
+            (
+                i.get("shard").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default(),
+                i.get("owner").and_then(|v| v.as_s().ok()).cloned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_daemons_share_a_stream_and_a_killed_owners_shard_is_taken_over() {
+    let _g = shared().await;
+    let client = ddb().await;
+    let table = unique("shared");
+    create_table(&client, &table, true).await;
+    let leases = unique("leases");
+    let p = unique("dl");
+    let redis = TestRedis::connect().await;
+    for i in 0..80 {
+        redis.set(&format!("{p}:m:u{i}"), "x").await;
+    }
+    let mut daemons = HashMap::new();
+    let mut spaces = Vec::new();
+    for w in ["w1", "w2", "w3"] {
+        let ws = Workspace::new();
+        let lease = format!(
+            "[sources.ddb.checkpoint]\nstore = \"dynamodb\"\ntable = \"{leases}\"\ncreate_table = true\nworker_id = \"{w}\"\nlease_duration = \"3s\"\n"
+        );
+        ws.write_config(&config(&table, &lease, None));
+        ws.write_pipeline("markers", &markers_pipeline(&p));
+        daemons.insert(w.to_string(), ChildDaemon::spawn(&ws.config_path(), &ws.path().join("daemon.log")));
+        spaces.push(ws);
+    }
+    let writer = {
+        let (client, table) = (client.clone(), table.clone());
+        tokio::spawn(async move {
+            for i in 0..80 {
+                put(&client, &table, item(&format!("u{i}"), &[])).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    // moto has one shard: exactly one daemon owns it.
+    wait_for("a lease owner", WAIT, || async {
+        lease_owner(&client, &leases).await.into_values().flatten().next().is_some()
+    })
+    .await;
+    let owner = lease_owner(&client, &leases).await.into_values().flatten().next().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    daemons.remove(&owner).unwrap().kill9().await;
+    wait_for("the lease taken over after it expired", WAIT, || async {
+        lease_owner(&client, &leases).await.into_values().flatten().any(|o| o != owner)
+    })
+    .await;
+    writer.await.unwrap();
+    wait_for("every record delivered", WAIT, || async {
+        let mut all = true;
+        for i in 0..80 {
+            all &= !redis.exists(&format!("{p}:m:u{i}")).await;
+        }
+        all
+    })
+    .await;
+    for (_, d) in daemons {
+        assert!(d.terminate().await.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn multi_shard_stream_parents_first_and_leases_spread_across_instances() {
+    let _g = shared().await;
+    let seq = |s: u32| format!("{:021}", s);
+    let shard = |id: &str, parent: Option<&str>, from: u32, n: u32, closed: bool| FakeShard {
+        id: id.into(),
+        parent: parent.map(str::to_string),
+        records: (from..from + n).map(|i| (seq(i), format!("{id}-u{i}"))).collect(),
+        closed,
+    };
+    let shards = vec![
+        shard("shard-parent", None, 100, 5, true),
+        shard("shard-child-a", Some("shard-parent"), 200, 4, false),
+        shard("shard-child-b", Some("shard-parent"), 300, 4, false),
+        shard("shard-other", None, 400, 4, false),
+    ];
+    let all_users: Vec<String> = shards.iter().flat_map(|s| s.records.iter().map(|r| r.1.clone())).collect();
+    let (endpoint, fake) = fake_streams::serve(shards, Faults::default()).await;
+    let leases = unique("fleases");
+    let p = unique("fm");
+    let redis = TestRedis::connect().await;
+    for u in &all_users {
+        redis.set(&format!("{p}:m:{u}"), "x").await;
+    }
+    let mut daemons = Vec::new();
+    let mut spaces = Vec::new();
+    for w in ["a", "b", "c"] {
+        let ws = Workspace::new();
+        let extra = format!(
+            "endpoint_url = \"{endpoint}\"\ndiscovery_interval = \"60s\"\n[sources.ddb.checkpoint]\nstore = \"dynamodb\"\ntable = \"{leases}\"\ncreate_table = true\nworker_id = \"{w}\"\nlease_duration = \"3s\"\nendpoint_url = \"{}\"\n",
+            crate::support::aws::endpoint()
+        );
+        ws.write_config(&config(&fake.arn, &extra, None).replace("discovery_interval = \"2s\"\n", ""));
+        ws.write_pipeline("markers", &markers_pipeline(&p));
+        daemons.push(ChildDaemon::spawn(&ws.config_path(), &ws.path().join("daemon.log")));
+        spaces.push(ws);
+    }
+    let client = ddb().await;
+    wait_for("every record of every shard", WAIT, || async {
+        let mut all = true;
+        for u in &all_users {
+            all &= !redis.exists(&format!("{p}:m:{u}")).await;
+        }
+        all
+    })
+    .await;
+    // Lineage: no child was read before its parent had been read to its end.
+    let calls = fake.calls.lock().unwrap().clone();
+    let parent_end =
+        calls.iter().filter(|c| c.op == "GetRecords" && c.shard == "shard-parent").map(|c| c.at).max().unwrap();
+    for child in ["shard-child-a", "shard-child-b"] {
+        let first =
+            calls.iter().filter(|c| c.op == "GetShardIterator" && c.shard == child).map(|c| c.at).min().unwrap();
+        assert!(first > parent_end, "{child} started before its parent finished");
+        // Handed over without waiting for the 60 s discovery interval.
+        assert!(
+            first.duration_since(parent_end) < Duration::from_secs(15),
+            "{child} waited {:?}",
+            first.duration_since(parent_end)
+        );
+    }
+    // Balance: the three open shards end up with three different owners.
+    wait_for("leases spread across the instances", WAIT, || async {
+        let owners = lease_owner(&client, &leases).await;
+        let open: std::collections::HashSet<Option<String>> = ["shard-child-a", "shard-child-b", "shard-other"]
+            .iter()
+            .map(|s| owners.get(*s).cloned().flatten())
+            .collect();
+        open.len() == 3 && !open.contains(&None)
+    })
+    .await;
+    for d in daemons {
+        assert!(d.terminate().await.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expired_iterators_trimmed_data_and_throttling_on_a_wire_level_fake() {
+    let _g = shared().await;
+    let seqs: Vec<(String, String)> = (1..=8).map(|i| (format!("{:021}", i), format!("u{i}"))).collect();
+    let shard = FakeShard { id: "shard-1".into(), parent: None, records: seqs.clone(), closed: false };
+    let mut faults = Faults::default();
+    faults.expire.insert("shard-1".into(), 1);
+    faults.throttle.insert("shard-1".into(), 2);
+    faults.trimmed.insert("shard-1".into(), 1);
+    let (endpoint, fake) = fake_streams::serve(vec![shard], faults).await;
+    let p = unique("fx");
+    let redis = TestRedis::connect().await;
+    for (_, u) in &seqs {
+        redis.set(&format!("{p}:m:{u}"), "x").await;
+    }
+    let port = free_port();
+    let ws = Workspace::new();
+    ws.write_config(&config(&fake.arn, &format!("endpoint_url = \"{endpoint}\""), Some(port)));
+    ws.write_pipeline("markers", &markers_pipeline(&p));
+    let log = ws.path().join("daemon.log");
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    let all_gone = || async {
+        let mut all = true;
+        for (_, u) in &seqs {
+            all &= !redis.exists(&format!("{p}:m:{u}")).await;
+        }
+        all
+    };
+    wait_for("all records despite an expired iterator and throttling", WAIT, all_gone).await;
+    let iterators = |calls: &[fake_streams::Call]| calls.iter().filter(|c| c.op == "GetShardIterator").count();
+    // One initial iterator and exactly one re-acquisition after the expiry.
+    assert_eq!(iterators(&fake.calls.lock().unwrap()), 2);
+    let (_, metrics) = http_get(&format!("127.0.0.1:{port}"), "/metrics").await.unwrap();
+    assert_eq!(metric_value(&metrics, "polysync_ddb_iterators_expired_total", &[]), 1.0);
+    assert_eq!(metric_value(&metrics, "polysync_ddb_throttles_total", &[]), 2.0);
+    assert!(d.terminate().await.success());
+    // Restart from the checkpoint: the fake says the data after it was trimmed; the reader
+    // says so loudly, counts it and continues from the oldest record.
+    for (_, u) in &seqs {
+        redis.set(&format!("{p}:m:{u}"), "x").await;
+    }
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("re-read from the oldest record after trimmed data", WAIT, all_gone).await;
+    let (_, metrics) = http_get(&format!("127.0.0.1:{port}"), "/metrics").await.unwrap();
+    assert_eq!(metric_value(&metrics, "polysync_ddb_trimmed_data_total", &[]), 1.0);
+    assert!(std::fs::read_to_string(&log).unwrap().contains("DATA LOST UPSTREAM"));
+    assert!(d.terminate().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_one_clear_line() {
+    let _g = shared().await;
+    let client = ddb().await;
+    let table = unique("nostream");
+    create_table(&client, &table, false).await;
+    let refuse = |cfg: String| async move {
+        let ws = Workspace::new();
+        ws.write_config(&cfg);
+        ws.write_pipeline("markers", &markers_pipeline("x"));
+        let d = InProcess::start(&ws.config_path());
+        match tokio::time::timeout(WAIT, d.result()).await {
+            Ok(Err(e)) => e.to_string(),
+            other => panic!("expected a refusal, got {:?}", other.map(|r| r.is_ok())),
+        }
+    };
+    let e = refuse(config(&table, "", None)).await;
+    assert!(e.contains("has no stream") && e.contains(&table), "{e}");
+    assert_eq!(e.lines().count(), 1);
+    let e =
+        refuse(config("arn:aws:dynamodb:us-east-1:123456789012:table/nope/stream/2026-01-01T00:00:00.000", "", None))
+            .await;
+    assert!(e.contains("does not exist"), "{e}");
+    let e = refuse(config("no-such-table-xyz", "", None)).await;
+    assert!(e.contains("does not exist") && e.contains("no-such-table-xyz"), "{e}");
+    // A pipeline that reads the new image from a KEYS_ONLY stream is refused at start.
+    let keys_only = unique("keysonly");
+    create_table_with_view(&client, &keys_only, Some(StreamViewType::KeysOnly)).await;
+    let ws = Workspace::new();
+    ws.write_config(&config(&keys_only, "", None));
+    ws.write_pipeline(
+        "names",
+        "source = \"ddb\"\n[match]\nrelations = [\"*\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"n:{{ after.name }}\"]\n",
+    );
+    let d = InProcess::start(&ws.config_path());
+    let e = match tokio::time::timeout(WAIT, d.result()).await {
+        Ok(Err(e)) => e.to_string(),
+        other => panic!("expected a refusal, got {:?}", other.map(|r| r.is_ok())),
+    };
+    assert!(e.contains("NewImage") && e.contains("KEYS_ONLY") && e.contains("NEW_AND_OLD_IMAGES"), "{e}");
+
+    // Missing credentials: a child process without any.
+    let ws = Workspace::new();
+    ws.write_config(&config(&table, "", None));
+    ws.write_pipeline("markers", &markers_pipeline("x"));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_polysync"))
+        .args(["run", "--config"])
+        .arg(ws.config_path())
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The binary's edge prints exactly one `polysync: ...` line naming the source and the cause.
+    let edge: Vec<&str> = err.lines().filter(|l| l.starts_with("polysync: ")).collect();
+    assert_eq!(edge.len(), 1, "{err}");
+    assert!(edge[0].contains("source ddb") && edge[0].contains("no AWS credentials"), "{err}");
+}
