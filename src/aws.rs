@@ -23,12 +23,26 @@ pub struct AwsSettings {
 /// Every IAM action polysync's code calls, by the module that calls it. The least-privilege
 /// policy in `deploy/iam/policy.json` is tested against this list.
 pub const IAM_ACTIONS: &[(&str, &str)] = &[
+    ("source::dynamodb", "dynamodb:DescribeTable"),
+    ("source::dynamodb", "dynamodb:DescribeStream"),
+    ("source::dynamodb", "dynamodb:GetShardIterator"),
+    ("source::dynamodb", "dynamodb:GetRecords"),
+    ("checkpoint::lease", "dynamodb:CreateTable"),
+    ("checkpoint::lease", "dynamodb:Scan"),
+    ("checkpoint::lease", "dynamodb:PutItem"),
+    ("checkpoint::lease", "dynamodb:UpdateItem"),
     ("sink::search", "es:DescribeDomain"),
     ("sink::search", "es:ESHttpGet"),
     ("sink::search", "es:ESHttpHead"),
     ("sink::search", "es:ESHttpPost"),
     ("sink::search", "es:ESHttpPut"),
     ("sink::search", "aoss:APIAccessAll"),
+    ("sink::graph", "neptune-db:ReadDataViaQuery"),
+    ("sink::graph", "neptune-db:WriteDataViaQuery"),
+    ("sink::graph", "neptune-db:DeleteDataViaQuery"),
+    ("sink::timeseries", "timestream:DescribeEndpoints"),
+    ("sink::timeseries", "timestream:DescribeDatabase"),
+    ("sink::timeseries", "timestream:WriteRecords"),
 ];
 
 /// Load the SDK config once for a component.

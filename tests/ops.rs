@@ -83,12 +83,20 @@ fn task_definition_runs_the_healthcheck_and_drains_within_stop_timeout() {
     let hc: Vec<&str> = c["healthCheck"]["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(&hc[..3], ["CMD", "/usr/local/bin/polysync", "healthcheck"]);
     let stop_timeout = c["stopTimeout"].as_u64().unwrap();
+    // Every `${VAR}` of the container's config is set by the task (environment or secrets).
+    let provided: std::collections::BTreeSet<String> = c["environment"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(c["secrets"].as_array().unwrap())
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
     let cfg = polysync::config::Config::parse(
         &repo().join("config/ecs.toml"),
         &std::fs::read_to_string(repo().join("config/ecs.toml")).unwrap(),
-        |_| Some("example".into()),
+        |var| provided.contains(var).then(|| "example".into()),
     )
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}"));
     assert!(cfg.runtime.shutdown_timeout.as_secs() < stop_timeout, "drain must finish before ECS sends SIGKILL");
     assert_eq!(cfg.metrics.listen.port(), c["portMappings"][0]["containerPort"].as_u64().unwrap() as u16);
     assert_eq!(c["dockerLabels"]["PROMETHEUS_EXPORTER_PORT"], "9464");
@@ -98,6 +106,27 @@ fn task_definition_runs_the_healthcheck_and_drains_within_stop_timeout() {
     }
     assert_eq!(c["logConfiguration"]["logDriver"], "awslogs");
     assert_eq!(c["user"], "10001:10001", "non-root");
+}
+
+#[test]
+fn iam_policy_grants_exactly_the_actions_the_code_calls() {
+    let policy: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("deploy/iam/policy.json")).unwrap()).unwrap();
+    let mut granted = std::collections::BTreeSet::new();
+    for st in policy["Statement"].as_array().unwrap() {
+        assert_eq!(st["Effect"], "Allow");
+        let actions = match &st["Action"] {
+            serde_json::Value::String(a) => vec![a.clone()],
+            v => v.as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect(),
+        };
+        for a in actions {
+            assert!(!a.contains('*'), "least privilege: no wildcard action ({a})");
+            granted.insert(a);
+        }
+    }
+    let called: std::collections::BTreeSet<String> =
+        polysync::aws::IAM_ACTIONS.iter().map(|(_, a)| a.to_string()).collect();
+    assert_eq!(granted, called, "deploy/iam/policy.json and aws::IAM_ACTIONS disagree");
 }
 
 async fn prom_query(addr: &str, q: &str) -> Option<f64> {

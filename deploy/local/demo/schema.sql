@@ -32,6 +32,7 @@ ALTER TABLE orders REPLICA IDENTITY FULL;
 CREATE TABLE IF NOT EXISTS order_items (
     order_id    bigint NOT NULL REFERENCES orders(id) ON DELETE CASCADE,
     product_id  bigint NOT NULL REFERENCES products(id),
+    user_id     bigint NOT NULL,  -- denormalised from orders for the purchase graph
     qty         integer NOT NULL,
     price       numeric(12,2) NOT NULL,
     PRIMARY KEY (order_id, product_id)
