@@ -41,6 +41,31 @@ enum Command {
         #[arg(long)]
         live: bool,
     },
+    /// Re-read tables into a pipeline's sinks while the daemon keeps streaming: files a request
+    /// in the source's signal table, which the running daemon picks up from the stream.
+    Snapshot {
+        /// Config file.
+        #[arg(long, short, env = "POLYSYNC_CONFIG", default_value = "config/polysync.toml")]
+        config: PathBuf,
+        /// Pipeline whose sinks receive the rows.
+        #[arg(long)]
+        pipeline: String,
+        /// One table (`schema.table`); default: every table the pipeline reads.
+        #[arg(long)]
+        table: Option<String>,
+        /// Extra SQL condition on the rows (`--where "updated_at > now() - interval '1 day'"`).
+        #[arg(long = "where")]
+        filter: Option<String>,
+        /// Wait and show progress until every table is done.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show snapshot progress (from the state directory).
+    Status {
+        /// Config file.
+        #[arg(long, short, env = "POLYSYNC_CONFIG", default_value = "config/polysync.toml")]
+        config: PathBuf,
+    },
     /// Inspect or replay the dead-letter queue.
     Dlq {
         #[command(subcommand)]
@@ -77,6 +102,64 @@ enum DlqCommand {
         #[arg(long)]
         since: Option<String>,
     },
+}
+
+/// Follow the progress file until every task of the request is done: a bar per table on a
+/// terminal, a line every few seconds otherwise.
+fn wait_snapshot(cfg: &Config, source: &str, prefix: &str) -> ExitCode {
+    use polysync::checkpoint::snapshot::{SnapshotProgress, TaskState, progress_path};
+    use std::io::IsTerminal;
+    let path = progress_path(&cfg.state_dir, source);
+    let tty = std::io::stderr().is_terminal();
+    let bars = indicatif::MultiProgress::new();
+    let mut shown: std::collections::HashMap<String, indicatif::ProgressBar> = Default::default();
+    let style = indicatif::ProgressStyle::with_template("{msg:30} {wide_bar} {pos}/{len} rows {per_sec} eta {eta}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let mut last_line = std::time::Instant::now();
+    let started = std::time::Instant::now();
+    loop {
+        let tasks: Vec<_> = SnapshotProgress::load(&path)
+            .map(|p| p.tasks.into_iter().filter(|t| t.id.starts_with(prefix)).collect())
+            .unwrap_or_default();
+        if tasks.is_empty() && started.elapsed() > std::time::Duration::from_secs(60) {
+            eprintln!(
+                "the daemon has not picked up the request after 60 s (is it running, with the signal table published?)"
+            );
+            return ExitCode::FAILURE;
+        }
+        for t in &tasks {
+            if tty {
+                let bar = shown.entry(t.id.clone()).or_insert_with(|| {
+                    let b = bars.add(indicatif::ProgressBar::new(t.estimate.unwrap_or(0).max(1)));
+                    b.set_style(style.clone());
+                    b.set_message(t.relation.clone());
+                    b
+                });
+                bar.set_length(t.estimate.unwrap_or(0).max(t.rows).max(1));
+                bar.set_position(t.rows);
+                if t.state == TaskState::Done {
+                    bar.finish();
+                }
+            }
+        }
+        if !tty && last_line.elapsed() > std::time::Duration::from_secs(5) {
+            for t in &tasks {
+                eprintln!("{}", t.describe());
+            }
+            last_line = std::time::Instant::now();
+        }
+        if let Some(f) = tasks.iter().find(|t| t.state == TaskState::Failed) {
+            eprintln!("snapshot failed: {}", f.describe());
+            return ExitCode::FAILURE;
+        }
+        if !tasks.is_empty() && tasks.iter().all(|t| t.state == TaskState::Done) {
+            for t in &tasks {
+                println!("{}", t.describe());
+            }
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -164,6 +247,51 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Dlq { command } => dlq(command),
+        Command::Snapshot { config, pipeline, table, filter, wait } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            let req =
+                polysync::source::postgres::snapshot::request(&cfg, &pipeline, table.as_deref(), filter.as_deref());
+            match rt.block_on(req) {
+                Ok((source, id)) => {
+                    println!("snapshot request {id} filed for pipeline {pipeline} (source {source})");
+                    if wait { wait_snapshot(&cfg, &source, &format!("signal:{id}:")) } else { ExitCode::SUCCESS }
+                }
+                Err(e) => {
+                    eprintln!("polysync: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let mut any = false;
+            for name in cfg.sources.keys() {
+                let path = polysync::checkpoint::snapshot::progress_path(&cfg.state_dir, name);
+                match polysync::checkpoint::snapshot::SnapshotProgress::load(&path) {
+                    Ok(p) => {
+                        for t in &p.tasks {
+                            any = true;
+                            println!("source {name}: {}", t.describe());
+                        }
+                    }
+                    Err(e) => eprintln!("{e}"),
+                }
+            }
+            if !any {
+                println!("no snapshots recorded in {}", cfg.state_dir.display());
+            }
+            ExitCode::SUCCESS
+        }
         Command::Healthcheck { config, addr, live } => {
             let addr = match addr {
                 Some(a) => a,

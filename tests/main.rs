@@ -13,4 +13,5 @@ mod pg_cache;
 mod pg_tls;
 mod pipelines;
 mod search;
+mod snapshot;
 mod timeseries;

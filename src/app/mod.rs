@@ -306,7 +306,16 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
         }
         match cfg {
             SourceConfig::Postgres(pg) => match prepare_postgres(name, pg, &pipelines, &health, &stop).await? {
-                Some(src) => prepared.push(src),
+                Some(src) => prepared.push(
+                    src.with_snapshots(crate::source::postgres::SnapshotPlan {
+                        state_dir: config.state_dir.clone(),
+                        pipelines: pipelines
+                            .iter()
+                            .filter(|p| &*p.source == name)
+                            .map(|p| (Arc::clone(&p.name), p.relations.clone(), p.snapshot_initial))
+                            .collect(),
+                    }),
+                ),
                 None => return Ok(()),
             },
             SourceConfig::Dynamodb(d) => {

@@ -292,6 +292,10 @@ impl std::str::FromStr for Lsn {
     }
 }
 
+/// `origin` prefix of snapshot rows, followed by the pipeline that asked for them: only that
+/// pipeline receives them (other pipelines on the table already have the rows).
+pub const SNAPSHOT_ORIGIN: &str = "snapshot:";
+
 /// One row change from any source.
 #[derive(Debug, Clone)]
 pub struct Change {

@@ -5,6 +5,7 @@
 //! [`store::ShardStore`]: an embedded file for one instance, a lease table for several.
 
 pub mod lease;
+pub mod snapshot;
 pub mod store;
 mod window;
 

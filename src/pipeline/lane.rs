@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::PipelineSet;
 use super::process::{self, Step};
 use super::router::Envelope;
-use crate::change::Name;
+use crate::change::{Name, Op, SNAPSHOT_ORIGIN};
 use crate::dlq::DeadLetterQueue;
 use crate::sink::Record;
 use crate::sink::runner::record_dead_letter;
@@ -63,6 +63,13 @@ pub async fn run(mut inp: LaneInputs) {
                 let rp = current.get(i);
                 let def = &rp.def;
                 if !def.ops.contains(change.op) {
+                    continue;
+                }
+                // Snapshot rows go to the pipeline that asked for them only.
+                if change.op == Op::Read
+                    && let Some(target) = change.origin.as_deref().and_then(|o| o.strip_prefix(SNAPSHOT_ORIGIN))
+                    && target != &*def.name
+                {
                     continue;
                 }
                 process::apply(def, change, None, &mut steps);

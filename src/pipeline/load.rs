@@ -39,6 +39,8 @@ struct RawPipeline {
     filter: Option<Spanned<String>>,
     #[serde(default)]
     transform: Option<Spanned<String>>,
+    #[serde(default)]
+    snapshot: Option<Spanned<String>>,
     #[serde(default, rename = "sink")]
     sinks: Vec<Spanned<toml::Table>>,
 }
@@ -194,6 +196,27 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
     }
     let [filter, transform] = programs;
 
+    let snapshot_initial = match raw.snapshot.as_ref().map(|s| (s.get_ref().as_str(), s.span().start)) {
+        None | Some(("never", _)) => false,
+        Some(("initial", _)) => {
+            if !ops.contains(Op::Read) {
+                errors.push(at(0, "snapshot = \"initial\" needs the read op in match.ops".into()));
+            }
+            match cfg.sources.get(source) {
+                Some(crate::source::SourceConfig::Postgres(_)) | None => {}
+                Some(_) => errors.push(at(
+                    raw.snapshot.as_ref().map(|s| s.span().start).unwrap_or(0),
+                    "snapshot = \"initial\" is supported for PostgreSQL sources".into(),
+                )),
+            }
+            true
+        }
+        Some((other, offset)) => {
+            errors.push(at(offset, format!("snapshot = {other:?}; use \"initial\" or \"never\"")));
+            false
+        }
+    };
+
     if raw.sinks.is_empty() {
         errors.push(at(0, "pipeline has no [[sink]]; add at least one".into()));
     }
@@ -238,5 +261,6 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
         relations,
         ops,
         actions,
+        snapshot_initial,
     })
 }

@@ -40,6 +40,8 @@ pub struct Pipeline {
     pub filter: Option<Arc<vrl::VrlProgram>>,
     /// VRL transform (reshapes the change; may emit several outputs).
     pub transform: Option<Arc<vrl::VrlProgram>>,
+    /// `snapshot = "initial"`: the first start reads every existing row of its tables.
+    pub snapshot_initial: bool,
 }
 
 /// A sink action bound to its target name.

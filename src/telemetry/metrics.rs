@@ -26,6 +26,8 @@ pub mod names {
     pub const DDB_TRIMMED: &str = "polysync_ddb_trimmed_data_total";
     pub const DDB_ITERATORS_EXPIRED: &str = "polysync_ddb_iterators_expired_total";
     pub const DDB_THROTTLES: &str = "polysync_ddb_throttles_total";
+    pub const SNAPSHOT_ROWS: &str = "polysync_snapshot_rows_total";
+    pub const SNAPSHOT_CHUNKS_REMAINING: &str = "polysync_snapshot_chunks_remaining";
     pub const IN_FLIGHT: &str = "polysync_in_flight_changes";
     pub const PIPELINE_OUTPUTS: &str = "polysync_pipeline_outputs_total";
     pub const PIPELINE_SKIPPED: &str = "polysync_pipeline_skipped_total";
@@ -56,6 +58,8 @@ pub mod names {
         DDB_TRIMMED,
         DDB_ITERATORS_EXPIRED,
         DDB_THROTTLES,
+        SNAPSHOT_ROWS,
+        SNAPSHOT_CHUNKS_REMAINING,
         IN_FLIGHT,
         PIPELINE_OUTPUTS,
         PIPELINE_SKIPPED,
@@ -104,6 +108,10 @@ pub struct Metrics {
     pub ddb_iterators_expired: IntCounterVec,
     /// Throttled stream or table calls.
     pub ddb_throttles: IntCounterVec,
+    /// Rows emitted by snapshots and backfills, by source and relation.
+    pub snapshot_rows: IntCounterVec,
+    /// Estimated chunks a running snapshot still has to read (from the table's row estimate).
+    pub snapshot_chunks_remaining: IntGaugeVec,
     /// Sink records produced, by pipeline and sink.
     pub pipeline_outputs: IntCounterVec,
     /// Changes a pipeline's filter or transform skipped, by reason (`filtered`, `aborted`).
@@ -205,6 +213,18 @@ impl Metrics {
                 &["source"],
             ),
             ddb_throttles: counter(&r, DDB_THROTTLES, "Throttled DynamoDB Streams calls", &["source"]),
+            snapshot_rows: counter(
+                &r,
+                SNAPSHOT_ROWS,
+                "Rows emitted by snapshots and backfills",
+                &["source", "relation"],
+            ),
+            snapshot_chunks_remaining: gauge(
+                &r,
+                SNAPSHOT_CHUNKS_REMAINING,
+                "Estimated chunks a running snapshot still has to read",
+                &["source", "relation"],
+            ),
             in_flight: gauge(&r, IN_FLIGHT, "Changes read but not yet applied by every sink", &["source"]),
             pipeline_outputs: counter(
                 &r,

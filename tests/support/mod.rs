@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod aws;
+pub mod converge;
 pub mod daemon;
 pub mod fake_streams;
 pub mod graph;

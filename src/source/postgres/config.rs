@@ -60,6 +60,40 @@ pub struct PostgresSourceConfig {
     /// Connect timeout per attempt.
     #[serde(default, with = "duration_opt")]
     pub connect_timeout: Option<Duration>,
+    /// Table the daemon watches for on-demand snapshot requests (`polysync snapshot` inserts
+    /// into it; so can any SQL client). Default `public.polysync_signal`; `""` turns it off.
+    #[serde(default)]
+    pub signal_table: Option<String>,
+    /// Snapshot and backfill settings.
+    #[serde(default)]
+    pub snapshot: SnapshotSettings,
+}
+
+/// `[sources.<name>.snapshot]`: how hard snapshots may read the database.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSettings {
+    /// Rows per chunk (default 2048): the unit of progress and of memory (chunk rows are held
+    /// until the high watermark passes).
+    #[serde(default)]
+    pub chunk_size: Option<usize>,
+    /// Tables read at once (default 2).
+    #[serde(default)]
+    pub parallelism: Option<usize>,
+    /// Rows per second across the source's snapshots (default unlimited).
+    #[serde(default)]
+    pub max_rows_per_second: Option<u64>,
+}
+
+impl SnapshotSettings {
+    /// Effective chunk size.
+    pub fn chunk_size(&self) -> usize {
+        self.chunk_size.unwrap_or(2048).clamp(1, 1_000_000)
+    }
+    /// Effective parallelism.
+    pub fn parallelism(&self) -> usize {
+        self.parallelism.unwrap_or(2).clamp(1, 64)
+    }
 }
 
 /// Everything needed to open a connection, resolved from the URL and the explicit fields.
@@ -111,6 +145,16 @@ impl ConnInfo {
 }
 
 impl PostgresSourceConfig {
+    /// The signal table (`schema.table`), unless turned off.
+    pub fn signal_table(&self) -> Option<String> {
+        match self.signal_table.as_deref() {
+            None => Some("public.polysync_signal".into()),
+            Some("") => None,
+            Some(t) if t.contains('.') => Some(t.to_string()),
+            Some(t) => Some(format!("public.{t}")),
+        }
+    }
+
     /// Heartbeat interval (default 10 s).
     pub fn heartbeat_interval(&self) -> Duration {
         self.heartbeat_interval.unwrap_or(Duration::from_secs(10))

@@ -11,6 +11,7 @@ pub mod config;
 pub mod decode;
 pub mod replication;
 pub mod setup;
+pub mod snapshot;
 pub mod stream;
 pub mod types;
 
@@ -38,6 +39,15 @@ pub struct PostgresSource {
     cfg: PostgresSourceConfig,
     info: ConnInfo,
     catalog: Arc<ArcSwap<Catalog>>,
+    snapshots: Option<SnapshotPlan>,
+}
+
+/// What the snapshot manager of a source needs from the daemon.
+pub struct SnapshotPlan {
+    /// Where progress files live.
+    pub state_dir: std::path::PathBuf,
+    /// Pipelines of this source: name, relations, `snapshot = "initial"`.
+    pub pipelines: Vec<(Name, Vec<crate::pipeline::matcher::RelationPattern>, bool)>,
 }
 
 /// What a reload needs to check a source for new pipelines: a fresh SQL connection runs the
@@ -95,7 +105,14 @@ impl PostgresSource {
             cfg: cfg.clone(),
             info,
             catalog: Arc::new(ArcSwap::from_pointee(catalog)),
+            snapshots: None,
         })
+    }
+
+    /// Enable snapshots (initial ones, resumed ones and signalled ones) for this run.
+    pub fn with_snapshots(mut self, plan: SnapshotPlan) -> PostgresSource {
+        self.snapshots = Some(plan);
+        self
     }
 
     /// A handle for reload-time checks.
@@ -142,7 +159,33 @@ impl PostgresSource {
         };
         let mut delays = new_backoff();
         let publication = self.cfg.publication.clone();
-        let options = [("proto_version", "1"), ("publication_names", publication.as_str())];
+        let mut options = vec![("proto_version", "1"), ("publication_names", publication.as_str())];
+        // Logical messages carry the snapshot watermarks (pgoutput supports them from 14).
+        let coordinator = Arc::new(snapshot::Coordinator::default());
+        let snapshots = match (&self.snapshots, self.catalog.load().server_version >= 140000) {
+            (Some(plan), true) => {
+                options.push(("messages", "true"));
+                let manager = snapshot::Manager {
+                    source: Arc::clone(&self.name),
+                    info: self.info.clone(),
+                    catalog: Arc::clone(&self.catalog),
+                    settings: self.cfg.snapshot.clone(),
+                    state_dir: plan.state_dir.clone(),
+                    pipelines: plan.pipelines.clone(),
+                    window: Arc::clone(emitter.window()),
+                    coordinator: Arc::clone(&coordinator),
+                    cancel: cancel.clone(),
+                };
+                Some(tokio::spawn(manager.run()))
+            }
+            (Some(plan), false) => {
+                if plan.pipelines.iter().any(|p| p.2) {
+                    tracing::error!(source = %self.name, "snapshot = \"initial\" needs PostgreSQL 14 or later (pgoutput messages carry the watermarks); no snapshot is taken");
+                }
+                None
+            }
+            _ => None,
+        };
         let result = loop {
             if cancel.is_cancelled() {
                 break Ok(());
@@ -171,7 +214,7 @@ impl PostgresSource {
             health.set(&component, Ok(()));
             connected.set(1);
             delays = new_backoff();
-            let mut session = Session::new(Arc::clone(&self.name), Arc::clone(&self.catalog));
+            let mut session = Session::new(Arc::clone(&self.name), Arc::clone(&self.catalog), Arc::clone(&coordinator));
             let end = stream::run_session(
                 &mut session,
                 &mut stream,
@@ -209,6 +252,9 @@ impl PostgresSource {
             }
         };
         maintenance.abort();
+        if let Some(s) = snapshots {
+            s.abort();
+        }
         result
     }
 }

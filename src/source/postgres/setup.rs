@@ -95,6 +95,10 @@ pub struct Catalog {
     pub columns: HashMap<String, Vec<String>>,
     /// Published tables.
     pub published: BTreeSet<String>,
+    /// `server_version_num` (pgoutput's `messages` option, which snapshots need, is 14+).
+    pub server_version: u32,
+    /// The signal table, when it exists and is published.
+    pub signal_table: Option<String>,
 }
 
 fn quote_ident(s: &str) -> String {
@@ -107,6 +111,15 @@ pub fn quote_relation(rel: &str) -> String {
         Some((s, t)) => format!("{}.{}", quote_ident(s), quote_ident(t)),
         None => quote_ident(rel),
     }
+}
+
+/// `CREATE TABLE` for the snapshot signal table: one row per request, read from the stream
+/// (never polled), so a request is ordered with the changes around it.
+pub fn signal_table_ddl(table: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (id bigserial PRIMARY KEY, pipeline text NOT NULL, relation text, filter text, requested_at timestamptz NOT NULL DEFAULT now())",
+        quote_relation(table)
+    )
 }
 
 /// Check (and, with `create_if_missing`, create) everything the stream needs.
@@ -148,6 +161,27 @@ pub async fn prepare(
             quote_ident(&info.user)
         )));
     }
+
+    let server_version: u32 =
+        client.query_one("SHOW server_version_num", &[]).await.map_err(sql)?.get::<_, String>(0).parse().unwrap_or(0);
+    // The signal table for on-demand snapshots: published with the pipelines' tables.
+    let mut wanted = wanted.clone();
+    let mut signal_table = None;
+    if let Some(sig) = cfg.signal_table() {
+        let exists: bool =
+            client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&quote_relation(&sig)]).await.map_err(sql)?.get(0);
+        if !exists && cfg.create_if_missing {
+            client.batch_execute(&signal_table_ddl(&sig)).await.map_err(sql)?;
+            tracing::info!(source = name, table = %sig, "created the snapshot signal table");
+        }
+        if exists || cfg.create_if_missing {
+            wanted.insert(sig.clone());
+            signal_table = Some(sig);
+        } else {
+            tracing::info!(source = name, table = %sig, ddl = %signal_table_ddl(&sig), "no snapshot signal table: on-demand snapshots need it (create it and add it to the publication, or set create_if_missing)");
+        }
+    }
+    let wanted = &wanted;
 
     // Tables that must exist.
     let mut missing_tables = Vec::new();
@@ -237,7 +271,7 @@ pub async fn prepare(
         }
     }
 
-    let mut catalog = Catalog { published: BTreeSet::new(), ..Catalog::default() };
+    let mut catalog = Catalog { published: BTreeSet::new(), server_version, signal_table, ..Catalog::default() };
     catalog.published = client
         .query("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1", &[publication])
         .await

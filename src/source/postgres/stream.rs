@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 use super::decode::{PgOutput, TupleValue, decode};
 use super::replication::{PG_EPOCH_OFFSET_MICROS, ReplMessage, ReplicationStream};
 use super::setup::Catalog;
+use super::snapshot::{Coordinator, PREFIX as SNAPSHOT_PREFIX, Signal};
 use super::types::text_to_value;
-use crate::change::{Change, Name, Op, Position, Row, Version};
+use crate::change::{Change, Name, Op, Position, Row, SNAPSHOT_ORIGIN, Version};
 use crate::pipeline::router::Emitter;
 use crate::telemetry::metrics;
 
@@ -69,6 +70,7 @@ pub struct Session {
     tx: Option<Tx>,
     pending: VecDeque<Change>,
     received: u64,
+    snapshots: Arc<Coordinator>,
 }
 
 fn pg_time(micros: i64) -> Option<DateTime<Utc>> {
@@ -77,7 +79,7 @@ fn pg_time(micros: i64) -> Option<DateTime<Utc>> {
 
 impl Session {
     /// A fresh session (relation cache empty: the server re-sends Relation messages).
-    pub fn new(source: Name, catalog: Arc<ArcSwap<Catalog>>) -> Session {
+    pub fn new(source: Name, catalog: Arc<ArcSwap<Catalog>>, snapshots: Arc<Coordinator>) -> Session {
         Session {
             source,
             catalog,
@@ -86,6 +88,58 @@ impl Session {
             tx: None,
             pending: VecDeque::new(),
             received: 0,
+            snapshots,
+        }
+    }
+
+    /// Queue a change, letting an open snapshot window see it first.
+    fn push(&mut self, c: Change) {
+        self.snapshots.observe(&c);
+        self.pending.push_back(c);
+    }
+
+    /// Snapshot rows released at a high watermark, at this point of the stream.
+    fn push_reads(&mut self, rows: Vec<super::snapshot::ReadRow>) -> Result<(), String> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let tx = self.tx.as_mut().ok_or("snapshot watermark outside a transaction")?;
+        for r in rows {
+            let seq = tx.seq;
+            tx.seq += 1;
+            self.pending.push_back(Change {
+                source: Arc::clone(&self.source),
+                relation: r.relation,
+                op: Op::Read,
+                key: r.key,
+                before: None,
+                after: Some(r.row),
+                unchanged: Vec::new(),
+                position: Position::Pg { commit_lsn: tx.final_lsn, seq },
+                version: Version::from_u64(tx.final_lsn),
+                commit_time: tx.commit_time,
+                tx: Some(tx.xid),
+                origin: Some(Name::from(format!("{SNAPSHOT_ORIGIN}{}", r.pipeline))),
+            });
+        }
+        Ok(())
+    }
+
+    /// A row inserted into the signal table: a snapshot request, not a change to deliver.
+    fn signal(&self, row: &Row) {
+        let text = |n: &str| match row.get(n) {
+            Some(crate::change::Value::Text(t)) if !t.is_empty() => Some(t.to_string()),
+            _ => None,
+        };
+        let id = match row.get("id") {
+            Some(crate::change::Value::Int(i)) => *i,
+            _ => 0,
+        };
+        match text("pipeline") {
+            Some(pipeline) => {
+                self.snapshots.signal(Signal { id, pipeline, relation: text("relation"), filter: text("filter") })
+            }
+            None => tracing::error!(source = %self.source, signal = id, "snapshot signal without a pipeline; ignored"),
         }
     }
 
@@ -166,6 +220,10 @@ impl Session {
                 self.tx = None;
                 return Ok(Some(end_lsn));
             }
+            PgOutput::Message { transactional: true, prefix, content, .. } if prefix == SNAPSHOT_PREFIX => {
+                let rows = self.snapshots.on_message(&content);
+                self.push_reads(rows)?;
+            }
             PgOutput::Origin { .. } | PgOutput::Message { .. } => {}
             PgOutput::Type { oid, namespace, name } => {
                 let full = if namespace == "pg_catalog" || namespace == "public" {
@@ -215,9 +273,13 @@ impl Session {
                     .get(&relation)
                     .ok_or_else(|| format!("insert for unknown relation oid {relation}"))?;
                 let (after, unchanged) = self.row(rel, &new, false)?;
+                if self.catalog.load().signal_table.as_deref() == Some(&*rel.name) {
+                    self.signal(&after);
+                    return Ok(None);
+                }
                 let key = Self::key_of(rel, &after);
                 let c = self.change(relation, Op::Insert, key, None, Some(after), unchanged)?;
-                self.pending.push_back(c);
+                self.push(c);
             }
             PgOutput::Update { relation, old, new } => {
                 let rel = self
@@ -237,7 +299,7 @@ impl Session {
                     }
                 }
                 let c = self.change(relation, Op::Update, key, before, Some(after), unchanged)?;
-                self.pending.push_back(c);
+                self.push(c);
             }
             PgOutput::Delete { relation, old: (kind, tuple) } => {
                 let rel = self
@@ -247,12 +309,12 @@ impl Session {
                 let (before, _) = self.row(rel, &tuple, kind == b'K')?;
                 let key = Self::key_of(rel, &before);
                 let c = self.change(relation, Op::Delete, key, Some(before), None, Vec::new())?;
-                self.pending.push_back(c);
+                self.push(c);
             }
             PgOutput::Truncate { relations, .. } => {
                 for r in relations {
                     let c = self.change(r, Op::Truncate, Row::default(), None, None, Vec::new())?;
-                    self.pending.push_back(c);
+                    self.push(c);
                 }
             }
         }
@@ -369,7 +431,7 @@ mod tests {
     use crate::source::postgres::decode::tests::captured;
 
     fn changes(catalog: Catalog) -> Vec<Change> {
-        let mut s = Session::new(Name::from("src"), Arc::new(ArcSwap::from_pointee(catalog)));
+        let mut s = Session::new(Name::from("src"), Arc::new(ArcSwap::from_pointee(catalog)), Arc::default());
         let mut out = Vec::new();
         for (_, data) in captured() {
             s.handle(decode(data).unwrap()).unwrap();
