@@ -506,3 +506,132 @@ async fn bad_input_gets_one_clear_line() {
     assert_eq!(edge.len(), 1, "{err}");
     assert!(edge[0].contains("source ddb") && edge[0].contains("no AWS credentials"), "{err}");
 }
+
+/// The table as the cache should hold it: `user_id` → `{"n": …, "name": …, "user_id": …}`.
+async fn table_docs(client: &aws_sdk_dynamodb::Client, table: &str) -> crate::support::converge::Docs {
+    let mut out = crate::support::converge::Docs::new();
+    let mut start = None;
+    loop {
+        let page = client.scan().table_name(table).set_exclusive_start_key(start).send().await.unwrap();
+        for it in page.items() {
+            let u = it["user_id"].as_s().unwrap().clone();
+            let n: serde_json::Value = serde_json::from_str(it["n"].as_n().unwrap()).unwrap();
+            out.insert(u.clone(), serde_json::json!({"n": n, "name": it["name"].as_s().unwrap(), "user_id": u}));
+        }
+        start = page.last_evaluated_key().cloned();
+        if start.is_none() {
+            return out;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backfill_of_a_20000_item_table_with_writes_during_the_scan_ends_exact() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _g = shared().await;
+    let client = ddb().await;
+    let table = unique("backfill");
+    create_table(&client, &table, true).await;
+    const ITEMS: usize = 20_000;
+    let mut batches = Vec::new();
+    for chunk in (0..ITEMS).collect::<Vec<_>>().chunks(25) {
+        let reqs = chunk
+            .iter()
+            .map(|i| {
+                let it = item(
+                    &format!("u{i}"),
+                    &[("n", AttributeValue::N(i.to_string())), ("name", AttributeValue::S(format!("user {i}")))],
+                );
+                aws_sdk_dynamodb::types::WriteRequest::builder()
+                    .put_request(aws_sdk_dynamodb::types::PutRequest::builder().set_item(Some(it)).build().unwrap())
+                    .build()
+            })
+            .collect::<Vec<_>>();
+        batches.push(client.batch_write_item().request_items(&table, reqs).send());
+    }
+    for b in batches {
+        b.await.unwrap();
+    }
+    let p = format!("{}:", unique("bf"));
+    let ws = Workspace::new();
+    // Start at LATEST: the 20,000 puts are not in what the stream delivers; only the scan has them.
+    ws.write_config(&config(&table, "start = \"latest\"\nbackfill_segments = 4", None));
+    ws.write_pipeline(
+        "profiles",
+        &format!(
+            "source = \"ddb\"\nsnapshot = \"initial\"\n[match]\nrelations = [\"*\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{p}{{{{ key.user_id }}}}\"\nformat = \"json\"\n"
+        ),
+    );
+    let d = InProcess::start(&ws.config_path());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (client, table, stop) = (client.clone(), table.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let a = rand::random::<u64>() as usize % ITEMS;
+                let b = rand::random::<u64>() as usize % ITEMS;
+                client
+                    .update_item()
+                    .table_name(&table)
+                    .key("user_id", AttributeValue::S(format!("u{a}")))
+                    .update_expression("SET n = :n, #nm = :nm")
+                    .expression_attribute_names("#nm", "name")
+                    .expression_attribute_values(":n", AttributeValue::N(format!("{}", 1_000_000 + n)))
+                    .expression_attribute_values(":nm", AttributeValue::S(format!("updated {n}")))
+                    .send()
+                    .await
+                    .unwrap();
+                client
+                    .delete_item()
+                    .table_name(&table)
+                    .key("user_id", AttributeValue::S(format!("u{b}")))
+                    .send()
+                    .await
+                    .unwrap();
+                put(
+                    &client,
+                    &table,
+                    item(
+                        &format!("new{n}"),
+                        &[("n", AttributeValue::N("7".into())), ("name", AttributeValue::S("new".into()))],
+                    ),
+                )
+                .await;
+                n += 1;
+            }
+            n
+        })
+    };
+    let progress = ws.path().join("state/snapshot-ddb.json");
+    wait_for("the backfill to finish", Duration::from_secs(300), || async {
+        polysync::checkpoint::snapshot::SnapshotProgress::load(&progress)
+            .is_ok_and(|p| p.tasks.len() == 1 && p.tasks[0].state == polysync::checkpoint::snapshot::TaskState::Done)
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let writes = writer.await.unwrap();
+    assert!(writes > 0, "writes happened during the scan");
+    let expected = table_docs(&client, &table).await;
+    let redis = TestRedis::connect().await;
+    let mut last = Vec::new();
+    let converged = async {
+        for _ in 0..300 {
+            last = crate::support::converge::diff(
+                "cache",
+                &expected,
+                &crate::support::converge::redis_docs(&redis, &p).await,
+            );
+            if last.is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    }
+    .await;
+    assert!(converged, "{} differences, first: {:#?}", last.len(), &last[..last.len().min(10)]);
+    eprintln!("ddb backfill: {ITEMS} items with {writes} concurrent write rounds converged");
+    d.stop().await.unwrap();
+}

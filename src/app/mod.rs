@@ -129,6 +129,17 @@ fn monotonic_usec() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
+fn snapshot_plan(config: &Config, pipelines: &[Arc<Pipeline>], source: &str) -> crate::source::postgres::SnapshotPlan {
+    crate::source::postgres::SnapshotPlan {
+        state_dir: config.state_dir.clone(),
+        pipelines: pipelines
+            .iter()
+            .filter(|p| &*p.source == source)
+            .map(|p| (Arc::clone(&p.name), p.relations.clone(), p.snapshot_initial))
+            .collect(),
+    }
+}
+
 /// Which images DynamoDB pipelines read (a stream without them refuses to start).
 fn images_needed(pipelines: &[Arc<Pipeline>], source: &str) -> Images {
     let mut needs = Images { new: false, old: false };
@@ -324,7 +335,7 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
                     r = DynamoSource::prepare(name, d, &config.aws, &config.state_dir, needs, config.runtime.max_in_flight) => r?,
                     _ = stop.cancelled() => return Ok(()),
                 };
-                dynamo.push(src);
+                dynamo.push(src.with_backfill(snapshot_plan(&config, &pipelines, name)));
             }
         }
     }

@@ -202,13 +202,6 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
             if !ops.contains(Op::Read) {
                 errors.push(at(0, "snapshot = \"initial\" needs the read op in match.ops".into()));
             }
-            match cfg.sources.get(source) {
-                Some(crate::source::SourceConfig::Postgres(_)) | None => {}
-                Some(_) => errors.push(at(
-                    raw.snapshot.as_ref().map(|s| s.span().start).unwrap_or(0),
-                    "snapshot = \"initial\" is supported for PostgreSQL sources".into(),
-                )),
-            }
             true
         }
         Some((other, offset)) => {

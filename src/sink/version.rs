@@ -45,6 +45,17 @@ pub fn external_version(change: &Change) -> Result<i64, String> {
     Ok(secs << DDB_SHIFT)
 }
 
+/// The version the cache guard compares, zero-padded decimal. PostgreSQL changes (and
+/// snapshot rows) use their own version; DynamoDB stream changes use the same time-based
+/// version as [`external_version`], so stream records and backfill rows of one item compare
+/// on one scale (sequence numbers have no relation to a scan's start).
+pub fn cache_version(change: &Change) -> Result<String, String> {
+    match change.position {
+        Position::Ddb { .. } => Ok(crate::change::Version::from_u64(external_version(change)? as u64).padded()),
+        _ => Ok(change.version.padded()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

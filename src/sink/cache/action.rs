@@ -292,7 +292,7 @@ impl Action for Set {
         }
         let key = check_key(self.key.render(scope).map_err(|e| e.to_string())?)?;
         let version_key = version_key(&key);
-        let version = change.version.padded();
+        let version = crate::sink::version::cache_version(change)?;
         let row = match change.op {
             Op::Delete => None,
             _ => change.after.as_ref(),

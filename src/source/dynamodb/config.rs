@@ -69,6 +69,9 @@ pub struct DynamoSourceConfig {
     /// Endpoint for DynamoDB and DynamoDB Streams of this source (default: `[aws]`).
     #[serde(default)]
     pub endpoint_url: Option<String>,
+    /// Parallel Scan segments of a backfill (default 4).
+    #[serde(default)]
+    pub backfill_segments: Option<usize>,
     /// Checkpoints and leases.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,

@@ -7,6 +7,7 @@
 //! asks the store which shards this instance should read, starts readers for new ones and
 //! stops readers whose lease was lost. A failure of this source stops this source only.
 
+pub mod backfill;
 pub mod config;
 pub mod decode;
 pub mod reader;
@@ -49,6 +50,8 @@ pub struct DynamoSource {
     streams: aws_sdk_dynamodbstreams::Client,
     store: Arc<dyn ShardStore>,
     max_in_flight: usize,
+    ddb: aws_sdk_dynamodb::Client,
+    backfill: Option<crate::source::postgres::SnapshotPlan>,
 }
 
 fn setup(source: &str, msg: impl Into<String>) -> SourceError {
@@ -190,7 +193,30 @@ impl DynamoSource {
             streams,
             store,
             max_in_flight,
+            ddb,
+            backfill: None,
         })
+    }
+
+    /// Enable backfills (initial ones with the file store, requested ones always).
+    pub fn with_backfill(mut self, plan: crate::source::postgres::SnapshotPlan) -> DynamoSource {
+        self.backfill = Some(plan);
+        self
+    }
+
+    async fn key_names(&self) -> Result<Vec<String>, String> {
+        let t = self.cfg.table_name();
+        let out = self
+            .ddb
+            .describe_table()
+            .table_name(&t)
+            .send()
+            .await
+            .map_err(|e| format!("DescribeTable {t}: {}", aws_text(&e)))?;
+        Ok(out
+            .table()
+            .map(|t| t.key_schema().iter().map(|k| k.attribute_name().to_string()).collect())
+            .unwrap_or_default())
     }
 
     /// Source name.
@@ -245,6 +271,37 @@ impl DynamoSource {
         let mut need_discovery = true;
         let mut result = Ok(());
         let connected = metrics().source_connected.with_label_values(&[&self.name]);
+        let positioned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let spawned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let backfill = match &self.backfill {
+            Some(plan) => match self.key_names().await {
+                Ok(key_names) => Some(tokio::spawn(
+                    backfill::Backfiller {
+                        source: Arc::clone(&self.name),
+                        relation: Arc::clone(&self.relation),
+                        table: self.cfg.table_name(),
+                        client: self.ddb.clone(),
+                        key_names,
+                        segments: self.cfg.backfill_segments.unwrap_or(4).clamp(1, 1000),
+                        page_size: 1000,
+                        max_in_flight: self.max_in_flight,
+                        state_dir: plan.state_dir.clone(),
+                        pipelines: plan.pipelines.clone(),
+                        initial_allowed: matches!(self.cfg.checkpoint, config::CheckpointConfig::File),
+                        router: router.clone(),
+                        cancel: cancel.clone(),
+                        positioned: Arc::clone(&positioned),
+                        spawned: Arc::clone(&spawned),
+                    }
+                    .run(),
+                )),
+                Err(e) => {
+                    tracing::error!(source = %self.name, error = %e, "backfills disabled: cannot read the table's key schema");
+                    None
+                }
+            },
+            None => None,
+        };
         loop {
             if need_discovery {
                 need_discovery = false;
@@ -294,7 +351,9 @@ impl DynamoSource {
                                 max_in_flight: self.max_in_flight,
                                 poll_interval: self.cfg.poll_interval(),
                                 checkpoint_interval: self.cfg.checkpoint_interval(),
+                                positioned: Arc::clone(&positioned),
                             };
+                            spawned.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             let shard = o.shard.clone();
                             let hard = hard_stop.clone();
                             tracing::info!(source = %self.name, shard = %shard, "reading shard");
@@ -331,6 +390,9 @@ impl DynamoSource {
             let _ = self.store.release(&self.stream_arn, shard).await;
         }
         connected.set(0);
+        if let Some(b) = backfill {
+            b.abort();
+        }
         if let Err(e) = &result {
             health.set(&component, Err(e.to_string()));
         }

@@ -57,6 +57,9 @@ pub struct ShardReader {
     pub poll_interval: Duration,
     /// Checkpoint cadence.
     pub checkpoint_interval: Duration,
+    /// Counts readers that hold their first iterator (a backfill starts only after that, so
+    /// every write after the scan's start is in the stream).
+    pub positioned: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// How a reader ended.
@@ -151,6 +154,7 @@ impl ShardReader {
         let mut want_iterator = Some(initial);
         let mut last_call = Instant::now() - MIN_CALL_SPACING;
         let mut expired_in_a_row = 0u32;
+        let mut positioned_once = false;
         loop {
             if stop.is_cancelled() {
                 break;
@@ -175,7 +179,12 @@ impl ShardReader {
             }
             if let Some((kind, after)) = want_iterator.take() {
                 match self.iterator(kind.clone(), after.as_deref()).await {
-                    Ok(Some(it)) => iterator = Some(it),
+                    Ok(Some(it)) => {
+                        if iterator.is_none() && !std::mem::replace(&mut positioned_once, true) {
+                            self.positioned.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        iterator = Some(it)
+                    }
                     Ok(None) => return self.finish(&window, &stop, &hard_stop).await,
                     Err(e) => {
                         let c = code(&e).unwrap_or_default();

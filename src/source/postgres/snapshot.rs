@@ -647,14 +647,15 @@ async fn settle(client: &tokio_postgres::Client, long_running: &mut HashMap<Stri
 #[error("{0}")]
 pub struct RequestError(pub String);
 
-/// Insert a snapshot request into the source's signal table; returns the source name and the
-/// signal id (progress tasks are `signal:<id>:<table>`).
+/// File a snapshot request: a row in a PostgreSQL source's signal table, or a request file for
+/// a DynamoDB source. Returns the source name and the request id (progress tasks are
+/// `signal:<id>:<table>`).
 pub async fn request(
     config: &crate::config::Config,
     pipeline: &str,
     table: Option<&str>,
     filter: Option<&str>,
-) -> Result<(String, i64), RequestError> {
+) -> Result<(String, String), RequestError> {
     let pipelines = crate::app::check(config).map_err(|e| RequestError(e.to_string()))?;
     let p = pipelines
         .iter()
@@ -690,5 +691,5 @@ pub async fn request(
                 setup::signal_table_ddl(&signal)
             ))
         })?;
-    Ok((p.source.to_string(), row.get(0)))
+    Ok((p.source.to_string(), row.get::<_, i64>(0).to_string()))
 }

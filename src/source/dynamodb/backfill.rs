@@ -1,0 +1,398 @@
+//! DynamoDB backfill: a parallel `Scan` (`Segment` / `TotalSegments`) fed through the same
+//! pipelines as the stream, merged with it by version.
+//!
+//! Scan rows are `read` changes versioned at the scan's start minus a clock margin
+//! (`(start − 2 s) << 30`, the same scale as stream changes, see [`crate::sink::version`]).
+//! Any write to an item after the scan started is newer and wins wherever it lands; any older
+//! stream record still in the backlog is refused by the sink's guard, because the scan row
+//! already holds a state at least that new. Progress is each segment's `LastEvaluatedKey`,
+//! saved only when every row of the page before it is applied, so a crash resumes each segment
+//! at its last applied page. Memory is one page per segment.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use base64::Engine;
+use tokio_util::sync::CancellationToken;
+
+use crate::change::{Change, Name, Op, Position, Row, SNAPSHOT_ORIGIN, Value, Version};
+use crate::checkpoint::AckWindow;
+use crate::checkpoint::snapshot::{SnapshotProgress, SnapshotTask, TaskState, progress_path};
+use crate::pipeline::matcher::RelationPattern;
+use crate::pipeline::router::Router;
+use crate::sink::version::DDB_SHIFT;
+use crate::telemetry::metrics;
+
+/// Seconds subtracted from the scan's start: larger than any plausible clock skew between
+/// this host and DynamoDB's `ApproximateCreationDateTime`.
+const CLOCK_MARGIN_SECS: i64 = 2;
+
+/// Directory where `polysync snapshot` drops requests for DynamoDB sources.
+pub fn requests_dir(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("snapshot-requests")
+}
+
+/// A request file: pipeline and optional filter-free table scan.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Request {
+    /// Source the request is for.
+    pub source: String,
+    /// Pipeline to feed.
+    pub pipeline: String,
+}
+
+/// File a backfill request for a running daemon (it looks every two seconds).
+pub fn request(state_dir: &std::path::Path, source: &str, pipeline: &str) -> std::io::Result<String> {
+    let dir = requests_dir(state_dir);
+    std::fs::create_dir_all(&dir)?;
+    let id = format!("{}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default());
+    let tmp = dir.join(format!(".{id}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec(&Request { source: source.into(), pipeline: pipeline.into() })?)?;
+    std::fs::rename(&tmp, dir.join(format!("{id}.json")))?;
+    Ok(id)
+}
+
+/// Convert one scanned attribute value (the same exact mapping as stream records).
+pub fn attribute(v: &AttributeValue) -> Value {
+    match v {
+        AttributeValue::S(s) => Value::Text(s.clone()),
+        AttributeValue::N(n) => Value::Decimal(n.clone()),
+        AttributeValue::B(b) => Value::Bytes(b.as_ref().to_vec()),
+        AttributeValue::Bool(b) => Value::Bool(*b),
+        AttributeValue::Null(_) => Value::Null,
+        AttributeValue::Ss(items) => Value::Set(items.iter().map(|s| Value::Text(s.clone())).collect()),
+        AttributeValue::Ns(items) => Value::Set(items.iter().map(|s| Value::Decimal(s.clone())).collect()),
+        AttributeValue::Bs(items) => Value::Set(items.iter().map(|b| Value::Bytes(b.as_ref().to_vec())).collect()),
+        AttributeValue::L(items) => Value::List(items.iter().map(attribute).collect()),
+        AttributeValue::M(m) => {
+            let mut pairs: Vec<(String, Value)> = m.iter().map(|(k, v)| (k.clone(), attribute(v))).collect();
+            pairs.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Map(pairs)
+        }
+        other => Value::Other { type_name: "dynamodb".into(), text: format!("{other:?}") },
+    }
+}
+
+fn image(m: &HashMap<String, AttributeValue>) -> Row {
+    let mut names: Vec<&String> = m.keys().collect();
+    names.sort();
+    names.into_iter().map(|n| (Name::from(n.as_str()), attribute(&m[n]))).collect()
+}
+
+/// `LastEvaluatedKey` (key attributes are S, N or B) as JSON text for the progress file.
+fn key_to_json(k: &HashMap<String, AttributeValue>) -> String {
+    let mut o = serde_json::Map::new();
+    for (n, v) in k {
+        let tv = match v {
+            AttributeValue::S(s) => serde_json::json!({ "S": s }),
+            AttributeValue::N(s) => serde_json::json!({ "N": s }),
+            AttributeValue::B(b) => {
+                serde_json::json!({ "B": base64::engine::general_purpose::STANDARD.encode(b.as_ref()) })
+            }
+            _ => serde_json::Value::Null,
+        };
+        o.insert(n.clone(), tv);
+    }
+    serde_json::Value::Object(o).to_string()
+}
+
+fn key_from_json(s: &str) -> Option<HashMap<String, AttributeValue>> {
+    let v: serde_json::Value = serde_json::from_str(s).ok()?;
+    let mut out = HashMap::new();
+    for (n, tv) in v.as_object()? {
+        let av = if let Some(s) = tv.get("S").and_then(|s| s.as_str()) {
+            AttributeValue::S(s.into())
+        } else if let Some(s) = tv.get("N").and_then(|s| s.as_str()) {
+            AttributeValue::N(s.into())
+        } else {
+            let b = base64::engine::general_purpose::STANDARD.decode(tv.get("B")?.as_str()?).ok()?;
+            AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(b))
+        };
+        out.insert(n.clone(), av);
+    }
+    Some(out)
+}
+
+/// Segment progress marker: not started, a resume key, or finished.
+const SEGMENT_DONE: &str = "done";
+
+/// Everything a DynamoDB source's backfills need.
+pub struct Backfiller {
+    /// Source name.
+    pub source: Name,
+    /// Relation name (the table).
+    pub relation: Name,
+    /// Table name.
+    pub table: String,
+    /// DynamoDB client.
+    pub client: aws_sdk_dynamodb::Client,
+    /// Key attribute names.
+    pub key_names: Vec<String>,
+    /// Parallel segments.
+    pub segments: usize,
+    /// Items per Scan page.
+    pub page_size: i32,
+    /// Window size per segment.
+    pub max_in_flight: usize,
+    /// State directory (progress, requests).
+    pub state_dir: PathBuf,
+    /// Pipelines of this source: name, relations, `snapshot = "initial"`.
+    pub pipelines: Vec<(Name, Vec<RelationPattern>, bool)>,
+    /// Start initial backfills (one instance only: with a lease table, request them instead).
+    pub initial_allowed: bool,
+    /// Lanes.
+    pub router: Router,
+    /// Stop.
+    pub cancel: CancellationToken,
+    /// Shard readers holding their first iterator …
+    pub positioned: Arc<std::sync::atomic::AtomicUsize>,
+    /// … out of the readers started.
+    pub spawned: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Backfiller {
+    /// Wait until every started shard reader has its position: from then on every write is in
+    /// what the stream will deliver, so a scan started now misses nothing.
+    async fn wait_for_readers(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        loop {
+            let spawned = self.spawned.load(SeqCst);
+            if spawned > 0 && self.positioned.load(SeqCst) >= spawned {
+                return true;
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+
+    /// Run initial and requested backfills until cancelled.
+    pub async fn run(self) {
+        let path = progress_path(&self.state_dir, &self.source);
+        let progress = match SnapshotProgress::load(&path) {
+            Ok(p) => Arc::new(Mutex::new(p)),
+            Err(e) => {
+                tracing::error!(source = %self.source, error = %e, "backfills disabled: cannot read their progress");
+                return;
+            }
+        };
+        {
+            let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, rels, initial) in &self.pipelines {
+                if *initial && rels.iter().any(|r| r.matches(&self.relation)) {
+                    if !self.initial_allowed {
+                        tracing::warn!(source = %self.source, pipeline = %name, "snapshot = \"initial\" is not started automatically with a lease table (every instance would scan); run `polysync snapshot --pipeline {name}` against one instance");
+                        continue;
+                    }
+                    p.add(SnapshotTask::new(format!("initial:{name}:{}", self.relation), name, &self.relation, None));
+                }
+            }
+            let _ = p.save(&path);
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            self.take_requests(&progress, &path);
+            let next = progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .tasks
+                .iter()
+                .find(|t| matches!(t.state, TaskState::Pending | TaskState::Running))
+                .cloned();
+            if let Some(task) = next {
+                if !self.wait_for_readers().await {
+                    return;
+                }
+                if let Err(msg) = self.run_task(&progress, &path, &task).await {
+                    tracing::error!(source = %self.source, pipeline = %task.pipeline, error = %msg, "backfill failed");
+                    update(&progress, &path, &task.id, |t| {
+                        t.state = TaskState::Failed;
+                        t.error = Some(msg);
+                    });
+                }
+                if self.cancel.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+        }
+    }
+
+    fn take_requests(&self, progress: &Mutex<SnapshotProgress>, path: &std::path::Path) {
+        let dir = requests_dir(&self.state_dir);
+        let Ok(rd) = std::fs::read_dir(&dir) else { return };
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        for f in files {
+            let Ok(bytes) = std::fs::read(&f) else { continue };
+            let Ok(req) = serde_json::from_slice::<Request>(&bytes) else { continue };
+            if req.source != *self.source {
+                continue;
+            }
+            let id = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            if self
+                .pipelines
+                .iter()
+                .any(|(n, rels, _)| **n == *req.pipeline && rels.iter().any(|r| r.matches(&self.relation)))
+            {
+                let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+                if p.add(SnapshotTask::new(
+                    format!("signal:{id}:{}", self.relation),
+                    &req.pipeline,
+                    &self.relation,
+                    None,
+                )) {
+                    tracing::info!(source = %self.source, pipeline = %req.pipeline, "backfill requested");
+                }
+                let _ = p.save(path);
+            } else {
+                tracing::error!(source = %self.source, pipeline = %req.pipeline, "backfill request for a pipeline that does not read this table; ignored");
+            }
+            let _ = std::fs::remove_file(&f);
+        }
+    }
+
+    async fn run_task(
+        &self,
+        progress: &Mutex<SnapshotProgress>,
+        path: &std::path::Path,
+        task: &SnapshotTask,
+    ) -> Result<(), String> {
+        let start_secs = task.requested.timestamp() - CLOCK_MARGIN_SECS;
+        let version = Version::from_u64((start_secs.max(0) as u64) << DDB_SHIFT);
+        let commit_time = chrono::DateTime::from_timestamp(start_secs, 0);
+        let mut segments = task.last_key.clone().unwrap_or_default();
+        if segments.len() != self.segments {
+            segments = vec![String::new(); self.segments]; // not started (or the segment count changed)
+        }
+        update(progress, path, &task.id, |t| {
+            t.state = TaskState::Running;
+            t.last_key = Some(segments.clone());
+        });
+        let shared = Arc::new(Mutex::new(segments));
+        let origin = Name::from(format!("{SNAPSHOT_ORIGIN}{}", task.pipeline));
+        let rows_metric = metrics().snapshot_rows.with_label_values(&[&*self.source, &*self.relation]);
+        let mut futs = Vec::new();
+        for seg in 0..self.segments {
+            let (shared, origin, rows_metric) = (Arc::clone(&shared), Arc::clone(&origin), rows_metric.clone());
+            futs.push(async move {
+                let window = AckWindow::new(format!("{}-backfill-{seg}", self.source), self.max_in_flight, 0);
+                let emitter = self.router.emitter(Arc::clone(&window));
+                loop {
+                    let start = shared.lock().unwrap_or_else(|p| p.into_inner())[seg].clone();
+                    if start == SEGMENT_DONE || self.cancel.is_cancelled() {
+                        return Ok::<(), String>(());
+                    }
+                    let exclusive = if start.is_empty() { None } else { key_from_json(&start) };
+                    let page = self
+                        .client
+                        .scan()
+                        .table_name(&self.table)
+                        .segment(seg as i32)
+                        .total_segments(self.segments as i32)
+                        .limit(self.page_size)
+                        .consistent_read(true)
+                        .set_exclusive_start_key(exclusive)
+                        .send()
+                        .await
+                        .map_err(|e| {
+                            format!("Scan {} segment {seg}: {}", self.table, crate::sink::search::aws_error_text(&e))
+                        })?;
+                    let n = page.items().len();
+                    for (i, item) in page.items().iter().enumerate() {
+                        let row = image(item);
+                        let key: Row = self
+                            .key_names
+                            .iter()
+                            .filter_map(|k| row.get(k).map(|v| (Name::from(k.as_str()), v.clone())))
+                            .collect();
+                        let change = Change {
+                            source: Arc::clone(&self.source),
+                            relation: Arc::clone(&self.relation),
+                            op: Op::Read,
+                            key,
+                            before: None,
+                            after: Some(row),
+                            unchanged: Vec::new(),
+                            position: Position::Snapshot { at: version, chunk: i as u64 },
+                            version,
+                            commit_time,
+                            tx: None,
+                            origin: Some(Arc::clone(&origin)),
+                        };
+                        let lane = emitter.lane_of(&change);
+                        let r = tokio::select! {
+                            r = emitter.reserve(lane) => r.map_err(|_| "lanes closed".to_string())?,
+                            _ = self.cancel.cancelled() => return Ok(()),
+                        };
+                        r.send(change);
+                    }
+                    // The page is applied everywhere before its end is recorded.
+                    while window.in_flight() > 0 {
+                        tokio::select! {
+                            _ = self.cancel.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                        }
+                    }
+                    rows_metric.inc_by(n as u64);
+                    let next = page.last_evaluated_key().map(key_to_json).unwrap_or_else(|| SEGMENT_DONE.to_string());
+                    let snapshot = {
+                        let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
+                        s[seg] = next;
+                        s.clone()
+                    };
+                    update(progress, path, &task.id, |t| {
+                        t.last_key = Some(snapshot);
+                        t.rows += n as u64;
+                        t.chunks += 1;
+                    });
+                }
+            });
+        }
+        for r in futures::future::join_all(futs).await {
+            r?;
+        }
+        if self.cancel.is_cancelled() {
+            return Ok(());
+        }
+        update(progress, path, &task.id, |t| t.state = TaskState::Done);
+        tracing::info!(source = %self.source, pipeline = %task.pipeline, "backfill finished");
+        Ok(())
+    }
+}
+
+fn update(progress: &Mutex<SnapshotProgress>, path: &std::path::Path, id: &str, f: impl FnOnce(&mut SnapshotTask)) {
+    let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(t) = p.get_mut(id) {
+        f(t);
+        t.updated = chrono::Utc::now();
+    }
+    if let Err(e) = p.save(path) {
+        tracing::error!(error = %e, "cannot record backfill progress");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_keys_round_trip() {
+        let mut k = HashMap::new();
+        k.insert("user_id".to_string(), AttributeValue::S("u,1\"".into()));
+        k.insert("n".to_string(), AttributeValue::N("12345678901234567890123456789012345678".into()));
+        k.insert("b".to_string(), AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(vec![0u8, 255])));
+        assert_eq!(key_from_json(&key_to_json(&k)), Some(k));
+    }
+}
