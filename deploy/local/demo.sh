@@ -109,6 +109,12 @@ echo "products written as JSON, version-guarded (first 5, and deleted product 20
 for i in 1 2 3 4 5 20; do printf '  product:%-3s %s\n' "$i" "$("${RCLI[@]}" get "product:$i")"; done
 echo "database says product 1 costs $("${PSQL[@]}" -d shop -c 'SELECT price FROM products WHERE id = 1')"
 
+say "Initial snapshots (product-search, product-graph: snapshot = \"initial\")"
+snapshots_done() { "$BIN" status --config "$CONFIG" | grep -q . && ! "$BIN" status --config "$CONFIG" | grep -qv '^source shop: done'; }
+wait_until 120 snapshots snapshots_done || die "the initial snapshots did not finish (see .local/demo.log)"
+"$BIN" status --config "$CONFIG"
+echo "search index holds $(curl -fsS -XPOST "$SEARCH/products/_refresh" >/dev/null; curl -fsS "$SEARCH/products/_count" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["count"])') products (the database: $("${PSQL[@]}" -d shop -c 'SELECT count(*) FROM products'))"
+
 say "OpenSearch: products matching 'Product 2' (index products-v1 behind alias products; _version = commit LSN)"
 curl -fsS -XPOST "$SEARCH/products/_refresh" >/dev/null
 curl -fsS "$SEARCH/products/_search?q=name:%22Product%202%22&version=true" \
