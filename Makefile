@@ -6,13 +6,14 @@ SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/polysync/target
 PEERS := deploy/local/peers.sh
 
-.PHONY: help peers stop-peers build test demo lint fmt
+.PHONY: help peers stop-peers build test demo lint fmt bench
 
 help:
 	@echo "make demo   - start local servers, run the daemon on a small e-commerce workload, show what it did"
 	@echo "make test   - start local servers and run the whole test suite"
 	@echo "make peers  - start the local servers only (make stop-peers stops them)"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
+	@echo "make bench  - benchmark polysync against pg_recvlogical and Debezium; report in bench/results/"
 
 peers:
 	bash $(PEERS)
@@ -29,6 +30,11 @@ test: peers
 
 demo: peers build
 	bash deploy/local/demo.sh
+
+# BENCH_ARGS: e.g. --quick, --runs 5, --changes 2000000, --no-debezium.
+bench: peers
+	cargo build --release --bins
+	bash bench/run.sh $(BENCH_ARGS)
 
 fmt:
 	cargo fmt --all

@@ -1,0 +1,482 @@
+//! polysync benchmark harness (`make bench`): every scenario side by side with its baseline in
+//! one run, on the local servers, each figure the median of several runs with min–max, written
+//! as a Markdown report with the machine and the method.
+//!
+//! Usage: `polysync-bench [--changes N] [--runs R] [--quick] [--no-debezium] [--out FILE]`.
+//! Environment: `POLYSYNC_TEST_PG` (admin URL), `POLYSYNC_TEST_REDIS`, `POLYSYNC_TEST_OPENSEARCH`,
+//! `POLYSYNC_TEST_GREMLIN`, `POLYSYNC_TEST_INFLUX` (as `make peers` writes them).
+
+mod daemon;
+mod latency;
+mod workload;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use daemon::Daemon;
+use workload::{confirmed, connect, create_slot, current_lsn, wait_confirmed};
+
+struct Args {
+    changes: u64,
+    runs: usize,
+    quick: bool,
+    debezium: bool,
+    out: Option<PathBuf>,
+}
+
+fn args() -> Args {
+    let mut a = Args { changes: 1_000_000, runs: 3, quick: false, debezium: true, out: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--changes" => a.changes = it.next().and_then(|v| v.parse().ok()).expect("--changes N"),
+            "--runs" => a.runs = it.next().and_then(|v| v.parse().ok()).expect("--runs R"),
+            "--quick" => a.quick = true,
+            "--no-debezium" => a.debezium = false,
+            "--out" => a.out = it.next().map(PathBuf::from),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    if a.quick {
+        a.changes = a.changes.min(200_000);
+        a.runs = a.runs.min(2);
+    }
+    a
+}
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// Median, min and max.
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if s.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    (s[s.len() / 2], s[0], s[s.len() - 1])
+}
+
+fn fmt_stats(v: &[f64], unit: &str) -> String {
+    let (m, lo, hi) = stats(v);
+    if v.len() == 1 { format!("{m:.0} {unit}") } else { format!("{m:.0} {unit} ({lo:.0}–{hi:.0})") }
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()))
+        .map(|kb| format!("{:.1} GiB", kb as f64 / 1048576.0))
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let out = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    format!(
+        "* CPU: {cores} cores ({cpu}), memory {mem}\n* Kernel: {}\n* PostgreSQL: {}\n* Redis: {}\n* rustc: {}\n* Java: {}\n",
+        out("uname", &["-r"]),
+        out("pg_recvlogical", &["--version"]),
+        out("redis-server", &["--version"]),
+        out("rustc", &["--version"]),
+        Command::new("java")
+            .arg("-version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or("").to_string())
+            .unwrap_or_default(),
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn source_cfg(db_url: &str, slot: &str, extra: &str) -> String {
+    format!(
+        "[runtime]\nlanes = 4\nshutdown_timeout = \"30s\"\n[sources.shop]\nkind = \"postgres\"\nurl = \"{db_url}\"\nsslmode = \"disable\"\nslot = \"{slot}\"\npublication = \"bench_pub\"\nsignal_table = \"\"\nstatus_interval = \"100ms\"\n{extra}\n"
+    )
+}
+
+fn invalidate_pipelines() -> Vec<(&'static str, String)> {
+    vec![
+        ("products", "source = \"shop\"\n[match]\nrelations = [\"public.products\"]\n[[sink]]\ntarget = \"out\"\naction = \"invalidate\"\nkeys = [\"bench:product:{{ key.id }}\"]\n".into()),
+        ("orders", "source = \"shop\"\n[match]\nrelations = [\"public.orders\"]\n[[sink]]\ntarget = \"out\"\naction = \"invalidate\"\nkeys = [\"bench:orders:{{ row.user_id }}\"]\n".into()),
+        ("items", "source = \"shop\"\n[match]\nrelations = [\"public.order_items\"]\n[[sink]]\ntarget = \"out\"\naction = \"invalidate\"\nkeys = [\"bench:order:{{ key.order_id }}\"]\n".into()),
+        ("big", "source = \"shop\"\n[match]\nrelations = [\"public.big\"]\n[[sink]]\ntarget = \"out\"\naction = \"invalidate\"\nkeys = [\"bench:big:{{ key.id }}\"]\n".into()),
+    ]
+}
+
+fn noop_pipelines() -> Vec<(&'static str, String)> {
+    vec![("all", "source = \"shop\"\n[match]\nrelations = [\"public.*\"]\n[[sink]]\ntarget = \"out\"\n".into())]
+}
+
+/// A backlog every tool drains: the database and the position after the last change.
+struct Backlog<'a> {
+    bin: &'a Path,
+    admin: &'a tokio_postgres::Client,
+    db_url: &'a str,
+    target: u64,
+}
+
+/// Drain `slot` with polysync; seconds until the slot confirms the target, peak RSS, CPU seconds.
+async fn polysync_drain(
+    b: &Backlog<'_>,
+    slot: &str,
+    sink: &str,
+    pipelines: Vec<(&str, String)>,
+    profile: Option<&Path>,
+) -> Option<(f64, u64, f64)> {
+    let (bin, admin, db_url, target) = (b.bin, b.admin, b.db_url, b.target);
+    let cfg = format!("{}{sink}", source_cfg(db_url, slot, ""));
+    let start = Instant::now();
+    let d = Daemon::start(bin, slot, &cfg, &pipelines, free_port());
+    let perf = profile.map(|out| {
+        Command::new("perf")
+            .args(["record", "-F", "499", "-g", "-o"])
+            .arg(out)
+            .args(["-p", &d.pid().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()
+    });
+    let took = wait_confirmed(admin, slot, target, start, Duration::from_secs(1800)).await;
+    let (_, peak) = daemon::memory(d.pid());
+    let cpu = daemon::cpu_seconds(d.pid());
+    if let Some(Some(mut p)) = perf {
+        unsafe {
+            libc::kill(p.id() as i32, libc::SIGINT);
+        }
+        let _ = p.wait();
+    }
+    if took.is_none() {
+        eprintln!("polysync did not drain {slot}:\n{}", d.log_tail());
+    }
+    d.stop();
+    took.map(|t| (t.as_secs_f64(), peak, cpu))
+}
+
+fn pg_recvlogical(db_url: &str, slot: &str, target: u64) -> Option<f64> {
+    let start = Instant::now();
+    let st = Command::new("pg_recvlogical")
+        .args([
+            "-d",
+            db_url,
+            "--slot",
+            slot,
+            "--start",
+            "--no-loop",
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=bench_pub",
+        ])
+        .args(["--endpos", &workload::fmt_lsn(target), "-f", "/dev/null"])
+        .status()
+        .ok()?;
+    st.success().then(|| start.elapsed().as_secs_f64())
+}
+
+fn debezium(db: &str, slot: &str, expected: u64) -> Option<(f64, String)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/debezium/run.sh");
+    if !script.exists() {
+        return None;
+    }
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["127.0.0.1", "55432", db, "postgres", "postgres", slot, "bench_pub", &expected.to_string(), "1800"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{'))?;
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    Some((v["seconds"].as_f64()?, line.to_string()))
+}
+
+#[tokio::main]
+async fn main() {
+    let a = args();
+    let bin = std::env::current_exe().unwrap().with_file_name("polysync");
+    let admin_url = env("POLYSYNC_TEST_PG", "postgres://postgres:postgres@127.0.0.1:55432/postgres");
+    let redis_url = env("POLYSYNC_TEST_REDIS", "redis://127.0.0.1:56379");
+    let mut r = String::new();
+    let date = chrono::Utc::now();
+    let _ = writeln!(r, "# polysync benchmark, {}\n", date.format("%Y-%m-%d %H:%M UTC"));
+    let _ = writeln!(r, "## Machine\n\n{}", machine());
+    let _ = writeln!(
+        r,
+        "## Method\n\nEverything runs on this machine against the local servers (`make peers`): PostgreSQL with \
+         `wal_level=logical`, Redis, OpenSearch, Gremlin Server (TinkerGraph), InfluxDB. polysync is the release \
+         build. Each figure is the median of {} runs with min–max in brackets. Throughput is row changes per second \
+         of wall time from process start until the replication slot's `confirmed_flush_lsn` passes the last change \
+         (so it includes start-up and the final confirmation). Before the changes are written, one pgoutput slot per \
+         tool and run is created at the same position, so every tool drains an identical backlog.\n",
+        a.runs
+    );
+    eprintln!("bench: machine and method recorded; scenarios follow");
+
+    // ---------------------------------------------------------------- backlog drain
+    let (db_url, db) = workload::fresh_db(&admin_url, "polysync_bench").await;
+    let tools = ["recvlogical", "cache", "noop", "debezium"];
+    for t in tools {
+        for run in 0..a.runs {
+            create_slot(&db, &format!("b_{t}_{run}")).await;
+        }
+    }
+    let gen_start = Instant::now();
+    let n = workload::backlog(&db, a.changes).await;
+    let target = current_lsn(&db).await;
+    eprintln!("bench: backlog of {n} changes written in {:.1}s", gen_start.elapsed().as_secs_f64());
+    let (mut recv, mut cache, mut noop, mut dbz) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut cache_cpu = Vec::new();
+    let profile = std::env::temp_dir().join(format!("polysync-bench-{}.perf", std::process::id()));
+    let mut dbz_note = String::new();
+    let cache_sink = format!("[sinks.out]\nkind = \"cache\"\nurl = \"{redis_url}\"\n");
+    let backlog = Backlog { bin: &bin, admin: &db, db_url: &db_url, target };
+    for run in 0..a.runs {
+        if let Some(s) = pg_recvlogical(&db_url, &format!("b_recvlogical_{run}"), target) {
+            recv.push(n as f64 / s);
+        }
+        if let Some((s, _, cpu)) =
+            polysync_drain(&backlog, &format!("b_cache_{run}"), &cache_sink, invalidate_pipelines(), None).await
+        {
+            cache.push(n as f64 / s);
+            cache_cpu.push(cpu / s);
+        }
+        let prof = (run == 0 && which("perf")).then_some(profile.as_path());
+        if let Some((s, _, _)) =
+            polysync_drain(&backlog, &format!("b_noop_{run}"), "[sinks.out]\nkind = \"noop\"\n", noop_pipelines(), prof)
+                .await
+        {
+            noop.push(n as f64 / s);
+        }
+        if a.debezium {
+            match debezium("polysync_bench", &format!("b_debezium_{run}"), n) {
+                Some((s, line)) => {
+                    dbz.push(n as f64 / s);
+                    dbz_note = line;
+                }
+                None => dbz_note = "the Debezium runner did not report (see bench/debezium/README.md)".into(),
+            }
+        }
+        eprintln!("bench: backlog run {} done", run + 1);
+    }
+    let ratio = |a: &[f64], b: &[f64]| stats(a).0 / stats(b).0;
+    let _ = writeln!(r, "## Backlog drain ({n} row changes)\n");
+    let _ = writeln!(
+        r,
+        "Mix: 40 % product inserts, 10 % order inserts, 10 % order-item inserts, 25 % product updates, 15 % deletes, \
+         in transactions of up to 50,000 rows.\n"
+    );
+    let _ = writeln!(r, "| tool | changes/s | vs pg_recvlogical |\n|---|---|---|");
+    let _ = writeln!(r, "| pg_recvlogical (pgoutput to /dev/null) | {} | 1.00 |", fmt_stats(&recv, ""));
+    let _ = writeln!(r, "| polysync → Redis (invalidate) | {} | {:.2} |", fmt_stats(&cache, ""), ratio(&cache, &recv));
+    let _ = writeln!(r, "| polysync → noop sink | {} | {:.2} |", fmt_stats(&noop, ""), ratio(&noop, &recv));
+    if !dbz.is_empty() {
+        let _ =
+            writeln!(r, "| Debezium embedded (no-op consumer) | {} | {:.2} |", fmt_stats(&dbz, ""), ratio(&dbz, &recv));
+    }
+    let _ = writeln!(r);
+    let _ = writeln!(
+        r,
+        "* polysync → Redis drains at **{:.2}×** pg_recvlogical (target ≥ 0.8), using {:.2} CPU cores on average.",
+        ratio(&cache, &recv),
+        stats(&cache_cpu).0
+    );
+    if !dbz.is_empty() {
+        let _ = writeln!(
+            r,
+            "* polysync → Redis / Debezium (no-op): **{:.1}×**; polysync noop / Debezium noop: **{:.1}×** (target ≥ 5). Debezium's last report: `{dbz_note}`",
+            ratio(&cache, &dbz),
+            ratio(&noop, &dbz)
+        );
+    } else if a.debezium {
+        let _ = writeln!(r, "* Debezium: {dbz_note}");
+    }
+    let _ = writeln!(r);
+    if profile.exists() {
+        let out = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--percent-limit", "2", "--sort", "dso,symbol", "-i"])
+            .arg(&profile)
+            .output();
+        if let Ok(o) = out {
+            let text = String::from_utf8_lossy(&o.stdout);
+            let lines: Vec<&str> =
+                text.lines().filter(|l| l.contains('%') && !l.trim_start().starts_with('#')).take(20).collect();
+            let _ = writeln!(
+                r,
+                "### Profile (perf, polysync → noop, first run; self time ≥ 2 %)\n\n```\n{}\n```\n",
+                lines.join("\n")
+            );
+        }
+        let _ = std::fs::remove_file(&profile);
+    }
+    std::mem::drop(db);
+    let admin = connect(&admin_url).await;
+    workload::drop_db(&admin, "polysync_bench").await;
+
+    // ---------------------------------------------------------------- big transaction
+    let big_rows: u64 = if a.quick { 200_000 } else { 1_000_000 };
+    let (db_url, db) = workload::fresh_db(&admin_url, "polysync_bench_big").await;
+    let mut peaks = Vec::new();
+    let mut times = Vec::new();
+    for run in 0..a.runs {
+        create_slot(&db, &format!("big_{run}")).await;
+    }
+    db.batch_execute(&format!("INSERT INTO big SELECT i, repeat('x', 100) FROM generate_series(1, {big_rows}) i"))
+        .await
+        .unwrap();
+    let target = current_lsn(&db).await;
+    let big = Backlog { bin: &bin, admin: &db, db_url: &db_url, target };
+    for run in 0..a.runs {
+        if let Some((s, peak, _)) =
+            polysync_drain(&big, &format!("big_{run}"), &cache_sink, invalidate_pipelines(), None).await
+        {
+            times.push(s);
+            peaks.push(peak as f64 / 1048576.0);
+        }
+    }
+    let _ = writeln!(r, "## One transaction of {big_rows} rows (→ Redis invalidate)\n");
+    let _ = writeln!(
+        r,
+        "* time to apply: {} s; peak RSS (VmHWM): **{} MiB** (target ≤ 150 MB)\n",
+        fmt_stats(&times, "").trim(),
+        fmt_stats(&peaks, "").trim()
+    );
+    eprintln!("bench: big transaction done");
+    workload::drop_db(&admin, "polysync_bench_big").await;
+
+    // ---------------------------------------------------------------- steady state
+    let secs = if a.quick { 5 } else { 15 };
+    let _ = writeln!(
+        r,
+        "## Steady state (→ Redis, version-guarded `set`)\n\nA generator inserts rows into `lat` at a fixed rate (batches every 10 ms) for {secs} s. \
+         Latency is measured from the sink side: the harness subscribes to Redis keyspace notifications and \
+         takes, for every key, the time from the generator's COMMIT returning to Redis announcing the write. \
+         CPU is the daemon's user+system time over the run, in cores.\n"
+    );
+    let _ = writeln!(
+        r,
+        "| target rate | achieved changes/s | p50 ms | p99 ms | max ms | CPU cores | RSS MiB |\n|---|---|---|---|---|---|---|"
+    );
+    let (db_url, db) = workload::fresh_db(&admin_url, "polysync_bench_lat").await;
+    create_slot(&db, "lat").await;
+    let d = Daemon::start(
+        &bin,
+        "lat",
+        &format!(
+            "{}[sinks.out]\nkind = \"cache\"\nurl = \"{redis_url}\"\nlinger = \"1ms\"\n",
+            source_cfg(&db_url, "lat", "")
+        ),
+        &[("lat", "source = \"shop\"\n[match]\nrelations = [\"public.lat\"]\n[[sink]]\ntarget = \"out\"\naction = \"set\"\nkey = \"lat:{{ key.id }}\"\nformat = \"json\"\n".into())],
+        free_port(),
+    );
+    d.wait_ready(Duration::from_secs(30)).await;
+    let mut next_id = 1i64;
+    for rate in [1_000u64, 10_000, 50_000, 0] {
+        let res = latency::run(&db_url, &redis_url, d.pid(), rate, Duration::from_secs(secs), &mut next_id).await;
+        let label = if rate == 0 { "as fast as possible".to_string() } else { format!("{rate}/s") };
+        let _ = writeln!(
+            r,
+            "| {label} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
+            res.achieved, res.p50_ms, res.p99_ms, res.max_ms, res.cpu_cores, res.rss_mib
+        );
+        eprintln!("bench: steady state {label}: {:.0}/s p99 {:.1} ms", res.achieved, res.p99_ms);
+    }
+    d.stop();
+    let _ = writeln!(r);
+    workload::drop_db(&admin, "polysync_bench_lat").await;
+
+    // ---------------------------------------------------------------- fan-out
+    let fan_n: u64 = if a.quick { 50_000 } else { 200_000 };
+    let (db_url, db) = workload::fresh_db(&admin_url, "polysync_bench_fan").await;
+    create_slot(&db, "fan").await;
+    let n = workload::backlog(&db, fan_n).await;
+    let target = current_lsn(&db).await;
+    let idx = format!("bench-fan-{}", std::process::id());
+    let sinks = format!(
+        "[sinks.cache]\nkind = \"cache\"\nurl = \"{redis_url}\"\n[sinks.search]\nkind = \"search\"\nurl = \"{}\"\n[sinks.graph]\nkind = \"graph\"\nurl = \"{}\"\n[sinks.metrics]\nkind = \"timeseries\"\nengine = \"influxdb\"\nurl = \"{}\"\ndatabase = \"bench\"\ncreate_database = true\n",
+        env("POLYSYNC_TEST_OPENSEARCH", "http://127.0.0.1:59200"),
+        env("POLYSYNC_TEST_GREMLIN", "ws://127.0.0.1:58182/gremlin"),
+        env("POLYSYNC_TEST_INFLUX", "http://127.0.0.1:58086"),
+    );
+    let pipelines = vec![
+        ("cache", "source = \"shop\"\n[match]\nrelations = [\"public.products\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"fan:product:{{ key.id }}\"\nformat = \"json\"\n".to_string()),
+        ("search", format!("source = \"shop\"\n[match]\nrelations = [\"public.products\"]\n[[sink]]\ntarget = \"search\"\nindex = \"{idx}\"\nid = \"{{{{ key.id }}}}\"\n")),
+        ("graph", "source = \"shop\"\n[match]\nrelations = [\"public.order_items\"]\n[[sink]]\ntarget = \"graph\"\n[[sink.edge]]\nlabel = \"bought\"\nid = \"bench:{{ key.order_id }}:{{ key.product_id }}\"\nfrom = { label = \"customer\", id = \"bench:c:{{ row.user_id }}\" }\nto = { label = \"product\", id = \"bench:p:{{ key.product_id }}\" }\nproperties = { qty = \"row.qty\" }\n".to_string()),
+        ("metrics", "source = \"shop\"\n[match]\nrelations = [\"public.orders\"]\n[[sink]]\ntarget = \"metrics\"\n[[sink.point]]\nmeasurement = \"order_value\"\nops = [\"insert\"]\ntags = { region = \"{{ after.region }}\" }\nfields = { total = { path = \"after.total\", type = \"double\" } }\n".to_string()),
+    ];
+    let cfg = format!("{}{sinks}", source_cfg(&db_url, "fan", ""));
+    let start = Instant::now();
+    let d = Daemon::start(&bin, "fan", &cfg, &pipelines, free_port());
+    let mut finished: Vec<(String, f64, f64)> = Vec::new();
+    let mut last: std::collections::HashMap<String, (f64, Instant)> = Default::default();
+    while confirmed(&db, "fan").await < target && start.elapsed() < Duration::from_secs(1800) {
+        for s in ["cache", "search", "graph", "metrics"] {
+            let v = d.metric("polysync_sink_records_total", &[("sink", s)]).await;
+            let e = last.entry(s.to_string()).or_insert((0.0, Instant::now()));
+            if v > e.0 {
+                *e = (v, Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let total = start.elapsed().as_secs_f64();
+    for s in ["cache", "search", "graph", "metrics"] {
+        let v = d.metric("polysync_sink_records_total", &[("sink", s)]).await;
+        let at = last.get(s).map(|(_, t)| t.duration_since(start).as_secs_f64()).unwrap_or(total).max(0.001);
+        finished.push((s.to_string(), v, at));
+    }
+    d.stop();
+    let _ = writeln!(
+        r,
+        "## Fan-out ({n} changes → cache + search + graph + timeseries at once)\n\nAll four sinks are fed by one source; \
+         the slot confirms a change only when every sink has applied it, so the slowest sink bounds the whole.\n"
+    );
+    let _ = writeln!(r, "| sink | records | finished after s | records/s |\n|---|---|---|---|");
+    for (s, v, at) in &finished {
+        let _ = writeln!(r, "| {s} | {v:.0} | {at:.1} | {:.0} |", v / at);
+    }
+    let bound = finished.iter().max_by(|a, b| a.2.partial_cmp(&b.2).unwrap()).map(|x| x.0.clone()).unwrap_or_default();
+    let _ = writeln!(
+        r,
+        "\nWhole backlog confirmed after {total:.1} s ({:.0} changes/s); the last sink to finish (the bound): **{bound}**.\n",
+        n as f64 / total
+    );
+    let _ = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-X", "DELETE"])
+        .arg(format!("{}/{idx}", env("POLYSYNC_TEST_OPENSEARCH", "http://127.0.0.1:59200")))
+        .status();
+    workload::drop_db(&admin, "polysync_bench_fan").await;
+    eprintln!("bench: fan-out done");
+
+    let out = a.out.unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results").join(format!("{}.md", date.format("%Y-%m-%d-%H%M")))
+    });
+    if let Some(dir) = out.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(&out, &r).expect("write report");
+    println!("{r}");
+    eprintln!("bench: report written to {}", out.display());
+}
+
+fn which(cmd: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().is_ok_and(|o| o.status.success())
+}
