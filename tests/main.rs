@@ -7,6 +7,7 @@ mod capture;
 mod crash;
 mod dynamodb;
 mod examples;
+mod faults;
 mod graph;
 mod ops;
 mod pg_cache;

@@ -245,6 +245,9 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
     let hup = reload::sighup(reload_tx.clone(), background.clone())
         .map_err(|e| AppError::Local(format!("SIGHUP handler: {e}")))?;
     let pipelines = load::load_all(&config)?;
+    for w in crate::tls::plaintext_warnings(&config) {
+        tracing::warn!("{w}");
+    }
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| AppError::Local(format!("state_dir {}: {e}", config.state_dir.display())))?;
     let mut dlq = DeadLetterQueue::open(&config.dlq_dir(), config.dlq.max_file_bytes.0, config.dlq.max_total_bytes.0)

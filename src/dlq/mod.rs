@@ -121,6 +121,21 @@ pub fn files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
+/// Cut a file back to its last complete line (a crash or a full disk can leave half a line);
+/// returns the new length.
+fn drop_partial_tail(path: &Path) -> std::io::Result<u64> {
+    let bytes = std::fs::read(path)?;
+    let keep = match bytes.iter().rposition(|b| *b == b'\n') {
+        Some(i) => i as u64 + 1,
+        None => 0,
+    };
+    if keep < bytes.len() as u64 {
+        tracing::warn!(file = %path.display(), dropped_bytes = bytes.len() as u64 - keep, "dead-letter file ended in a partial line (crash or full disk); cut back to the last complete entry");
+        OpenOptions::new().write(true).open(path)?.set_len(keep)?;
+    }
+    Ok(keep)
+}
+
 impl DeadLetterQueue {
     /// Open (creating) the DLQ directory; files are created mode 0600.
     pub fn open(dir: &Path, max_file: u64, max_total: u64) -> Result<DeadLetterQueue, DlqError> {
@@ -132,7 +147,7 @@ impl DeadLetterQueue {
             total += std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         }
         let (index, size) = match existing.last() {
-            Some((i, p)) => (*i, std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)),
+            Some((i, p)) => (*i, drop_partial_tail(p).map_err(io)?),
             None => (1, 0),
         };
         Ok(DeadLetterQueue {
@@ -187,11 +202,14 @@ impl DeadLetterQueue {
         }
         let f = a.file.as_mut().expect("opened above");
         if let Err(e) = f.write_all(line.as_bytes()).and_then(|_| f.sync_data()) {
-            // A partial line may be on disk; the reader skips lines that do not parse. Reopen
-            // next time so a full disk that recovers starts on a clean line.
+            // A partial line may be on disk (a full disk): cut the file back to where this
+            // entry began, so the next entry starts on a clean line (open() repairs the same
+            // after a crash).
+            let before = a.size;
+            if let Some(f) = a.file.as_mut() {
+                let _ = f.set_len(before);
+            }
             a.file = None;
-            a.index += 1;
-            a.size = 0;
             return Err(io(e));
         }
         a.size += len;

@@ -20,6 +20,7 @@ pub mod names {
     pub const SOURCE_CONNECTED: &str = "polysync_source_connected";
     pub const SOURCE_RECONNECTS: &str = "polysync_source_reconnects_total";
     pub const PG_SLOT_LAG: &str = "polysync_pg_slot_lag_bytes";
+    pub const PG_SLOT_LAG_EXCEEDED: &str = "polysync_pg_slot_lag_limit_exceeded";
     pub const PG_CONFIRMED_LSN: &str = "polysync_pg_confirmed_flush_lsn";
     pub const DDB_SHARDS_OWNED: &str = "polysync_ddb_shards_owned";
     pub const DDB_LEASE_TAKES: &str = "polysync_ddb_lease_takes_total";
@@ -59,6 +60,7 @@ pub mod names {
         DDB_ITERATORS_EXPIRED,
         DDB_THROTTLES,
         SNAPSHOT_ROWS,
+        PG_SLOT_LAG_EXCEEDED,
         SNAPSHOT_CHUNKS_REMAINING,
         IN_FLIGHT,
         PIPELINE_OUTPUTS,
@@ -94,6 +96,8 @@ pub struct Metrics {
     pub source_reconnects: IntCounterVec,
     /// Server WAL position minus the slot's confirmed_flush_lsn.
     pub pg_slot_lag: IntGaugeVec,
+    /// 1 while the slot's lag is above `slot_lag_limit`.
+    pub pg_slot_lag_exceeded: IntGaugeVec,
     /// Last LSN polysync confirmed to the server.
     pub pg_confirmed_lsn: IntGaugeVec,
     /// Changes read but not yet applied by every sink.
@@ -213,6 +217,12 @@ impl Metrics {
                 &["source"],
             ),
             ddb_throttles: counter(&r, DDB_THROTTLES, "Throttled DynamoDB Streams calls", &["source"]),
+            pg_slot_lag_exceeded: gauge(
+                &r,
+                PG_SLOT_LAG_EXCEEDED,
+                "1 while the replication slot's lag is above slot_lag_limit",
+                &["source", "slot"],
+            ),
             snapshot_rows: counter(
                 &r,
                 SNAPSHOT_ROWS,

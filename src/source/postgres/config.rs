@@ -67,6 +67,25 @@ pub struct PostgresSourceConfig {
     /// Snapshot and backfill settings.
     #[serde(default)]
     pub snapshot: SnapshotSettings,
+    /// Ceiling on the slot's lag (server WAL position − confirmed position): past it, an alert
+    /// metric and an error line, and `on_slot_lag_limit` decides what else happens.
+    #[serde(default)]
+    pub slot_lag_limit: Option<crate::config::ByteSize>,
+    /// `alert` (default: keep going, say so) or `drop_slot` (free the server's disk: drop the
+    /// slot and stop this source; a restart creates a new slot and re-runs initial snapshots).
+    #[serde(default)]
+    pub on_slot_lag_limit: OnSlotLagLimit,
+}
+
+/// What crossing `slot_lag_limit` does besides the alert.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSlotLagLimit {
+    /// Keep streaming; the metric and the log say the slot is pinning WAL.
+    #[default]
+    Alert,
+    /// Drop the slot so the server can free its WAL, and stop this source.
+    DropSlot,
 }
 
 /// `[sources.<name>.snapshot]`: how hard snapshots may read the database.
@@ -193,6 +212,7 @@ impl PostgresSourceConfig {
             ca_file: None,
             connect_timeout: self.connect_timeout.unwrap_or(Duration::from_secs(10)),
         };
+        let mut explicit_tls = false;
         if let Some(url) = &self.url {
             let u = url::Url::parse(url.expose()).map_err(|e| bad(format!("url: {e}")))?;
             if u.scheme() != "postgres" && u.scheme() != "postgresql" {
@@ -217,7 +237,8 @@ impl PostgresSourceConfig {
             for (k, v) in u.query_pairs() {
                 match &*k {
                     "sslmode" => {
-                        info.tls = TlsMode::parse(&v).ok_or_else(|| bad(format!("url: unknown sslmode {v:?}")))?
+                        info.tls = TlsMode::parse(&v).ok_or_else(|| bad(format!("url: unknown sslmode {v:?}")))?;
+                        explicit_tls = true;
                     }
                     "sslrootcert" => info.ca_file = Some(PathBuf::from(&*v)),
                     "connect_timeout" => {
@@ -252,6 +273,17 @@ impl PostgresSourceConfig {
         }
         if let Some(ca) = &self.sslrootcert {
             info.ca_file = Some(ca.clone());
+        }
+        // Secure by default: a CA means verify-full, otherwise encryption is required, except
+        // on loopback (a local server rarely has a certificate). Plaintext is an explicit choice.
+        if self.sslmode.is_none() && !explicit_tls {
+            info.tls = if info.ca_file.is_some() {
+                TlsMode::VerifyFull
+            } else if crate::tls::is_loopback(&info.host) {
+                TlsMode::Prefer
+            } else {
+                TlsMode::Require
+            };
         }
         if info.dbname.is_empty() {
             info.dbname = info.user.clone();

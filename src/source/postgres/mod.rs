@@ -142,11 +142,22 @@ impl PostgresSource {
         let component = format!("source {}", self.name);
         let connected = metrics().source_connected.with_label_values(&[&self.name]);
         let reconnects = metrics().source_reconnects.with_label_values(&[&self.name]);
+        let dropped: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        // Cancelled with the daemon's hard stop, or when the slot is dropped at the lag limit
+        // (then nothing in flight can be confirmed any more, so the stream stops at once).
+        let abort = hard_stop.child_token();
         let maintenance = tokio::spawn(maintenance(
-            self.name.to_string(),
-            self.info.clone(),
-            self.cfg.slot.clone(),
-            self.cfg.heartbeat_interval(),
+            Maintenance {
+                name: self.name.to_string(),
+                info: self.info.clone(),
+                slot: self.cfg.slot.clone(),
+                heartbeat: self.cfg.heartbeat_interval(),
+                lag_limit: self.cfg.slot_lag_limit.map(|b| b.0),
+                on_limit: self.cfg.on_slot_lag_limit,
+                state_dir: self.snapshots.as_ref().map(|p| p.state_dir.clone()),
+                dropped: Arc::clone(&dropped),
+                abort: abort.clone(),
+            },
             cancel.clone(),
         ));
         let new_backoff = || {
@@ -190,6 +201,10 @@ impl PostgresSource {
             if cancel.is_cancelled() {
                 break Ok(());
             }
+            if let Some(msg) = dropped.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                health.set(&component, Err(msg.clone()));
+                break Err(SourceError::Stream { source_name: self.name.to_string(), msg });
+            }
             let started =
                 async { ReplConnection::connect(&self.info).await?.start_logical(&self.cfg.slot, 0, &options).await }
                     .await;
@@ -215,16 +230,14 @@ impl PostgresSource {
             connected.set(1);
             delays = new_backoff();
             let mut session = Session::new(Arc::clone(&self.name), Arc::clone(&self.catalog), Arc::clone(&coordinator));
-            let end = stream::run_session(
-                &mut session,
-                &mut stream,
-                &emitter,
-                self.cfg.status_interval(),
-                &cancel,
-                &hard_stop,
-            )
-            .await;
+            let end =
+                stream::run_session(&mut session, &mut stream, &emitter, self.cfg.status_interval(), &cancel, &abort)
+                    .await;
             connected.set(0);
+            if let Some(msg) = dropped.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                health.set(&component, Err(msg.clone()));
+                break Err(SourceError::Stream { source_name: self.name.to_string(), msg });
+            }
             match end {
                 StreamEnd::Stopped => {
                     stream.close().await;
@@ -251,7 +264,12 @@ impl PostgresSource {
                 _ = tokio::time::sleep(delay) => {}
             }
         };
-        maintenance.abort();
+        if dropped.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            // Let it finish dropping the slot (it waits for the walsender to go away).
+            let _ = tokio::time::timeout(Duration::from_secs(15), maintenance).await;
+        } else {
+            maintenance.abort();
+        }
         if let Some(s) = snapshots {
             s.abort();
         }
@@ -259,10 +277,57 @@ impl PostgresSource {
     }
 }
 
+/// What the maintenance task of a source needs.
+struct Maintenance {
+    name: String,
+    info: ConnInfo,
+    slot: String,
+    heartbeat: Duration,
+    lag_limit: Option<u64>,
+    on_limit: config::OnSlotLagLimit,
+    state_dir: Option<std::path::PathBuf>,
+    /// Set (with the reason) when the slot was dropped at the lag limit: the stream stops.
+    dropped: Arc<std::sync::Mutex<Option<String>>>,
+    /// Stops the stream at once (it may be waiting for full lanes of a stuck sink).
+    abort: CancellationToken,
+}
+
+/// Past the lag limit with `on_slot_lag_limit = "drop_slot"`: stop the stream, drop the slot
+/// (the server frees its WAL at once), and forget finished initial snapshots so that a restart,
+/// which creates a new slot, fills the sinks again.
+async fn drop_slot(m: &Maintenance, c: &tokio_postgres::Client, lag: i64) {
+    let msg = format!(
+        "replication slot {} was dropped: its lag of {lag} bytes crossed slot_lag_limit (on_slot_lag_limit = \"drop_slot\"); changes since its confirmed position are not in the sinks. A restart creates a new slot and re-runs initial snapshots",
+        m.slot
+    );
+    tracing::error!(source = %m.name, slot = %m.slot, lag_bytes = lag, "{msg}");
+    *m.dropped.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+    m.abort.cancel();
+    for _ in 0..50 {
+        let _ = c
+            .execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL", &[&m.slot])
+            .await;
+        if c.execute("SELECT pg_drop_replication_slot($1)", &[&m.slot]).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(dir) = &m.state_dir {
+        let path = crate::checkpoint::snapshot::progress_path(dir, &m.name);
+        if let Ok(mut p) = crate::checkpoint::snapshot::SnapshotProgress::load(&path) {
+            p.tasks.retain(|t| !t.id.starts_with("initial:"));
+            let _ = p.save(&path);
+        }
+    }
+}
+
 /// Heartbeats (so an idle database's slot advances) and slot-lag readings, on the SQL
 /// connection, reconnecting quietly when it drops.
-async fn maintenance(name: String, info: ConnInfo, slot: String, heartbeat: Duration, cancel: CancellationToken) {
+async fn maintenance(m: Maintenance, cancel: CancellationToken) {
+    let (name, info, slot, heartbeat) = (m.name.clone(), m.info.clone(), m.slot.clone(), m.heartbeat);
     let lag_gauge = metrics().pg_slot_lag.with_label_values(&[&name, &slot]);
+    let exceeded = metrics().pg_slot_lag_exceeded.with_label_values(&[&name, &slot]);
+    let mut over = false;
     let mut client: Option<tokio_postgres::Client> = None;
     let mut heartbeat_tick = tokio::time::interval(heartbeat);
     let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
@@ -297,7 +362,22 @@ async fn maintenance(name: String, info: ConnInfo, slot: String, heartbeat: Dura
                 )
                 .await
             {
-                Ok(Some(row)) => lag_gauge.set(row.get::<_, Option<i64>>(0).unwrap_or(0)),
+                Ok(Some(row)) => {
+                    let lag = row.get::<_, Option<i64>>(0).unwrap_or(0);
+                    lag_gauge.set(lag);
+                    let now_over = m.lag_limit.is_some_and(|l| lag > l as i64);
+                    exceeded.set(now_over as i64);
+                    if now_over && !over {
+                        tracing::error!(source = %name, slot = %slot, lag_bytes = lag, limit_bytes = m.lag_limit, "replication slot lag crossed slot_lag_limit: the server keeps this much WAL for polysync (a sink is down or slow, or polysync is behind)");
+                        if m.on_limit == config::OnSlotLagLimit::DropSlot {
+                            drop_slot(&m, c, lag).await;
+                            return;
+                        }
+                    } else if over && !now_over {
+                        tracing::info!(source = %name, slot = %slot, lag_bytes = lag, "replication slot lag back under slot_lag_limit");
+                    }
+                    over = now_over;
+                }
                 Ok(None) => tracing::error!(source = %name, slot = %slot, "replication slot no longer exists"),
                 Err(_) => client = None,
             }

@@ -1,0 +1,598 @@
+//! Fault injection: a mixed workload on two tables feeds a cache (version-guarded `set`) and a
+//! search index; faults are injected while it runs; every scenario ends in an exact convergence
+//! check of both stores against PostgreSQL (duplicates allowed, loss and regression never).
+//!
+//! Counts and pauses are reduced in `make test` (and CI); `make test-faults` runs the full
+//! scenario (20 kills, 30 s outages) by setting `POLYSYNC_FAULT_KILLS` and `POLYSYNC_FAULT_PAUSE`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+
+use crate::support::converge::{Docs, assert_converged, pg_rows, redis_docs, search_docs};
+use crate::support::daemon::{ChildDaemon, pg_cache_config_with};
+use crate::support::pg::{TestDb, connect};
+use crate::support::proxy::Proxy;
+use crate::support::redis::TestRedis;
+use crate::support::{Workspace, exclusive, peers, shared, unique, wait_for};
+
+const WAIT: Duration = Duration::from_secs(240);
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn seed() -> u64 {
+    let s = env_u64("POLYSYNC_TEST_SEED", 20261124);
+    eprintln!("fault seed {s} (set POLYSYNC_TEST_SEED to reproduce)");
+    s
+}
+
+/// The scenario's stores: key prefixes and the index.
+struct Stores {
+    items: String,
+    orders: String,
+    index: String,
+}
+
+impl Stores {
+    fn new() -> Stores {
+        Stores {
+            items: format!("{}:", unique("fi")),
+            orders: format!("{}:", unique("fo")),
+            index: unique("faults").to_lowercase(),
+        }
+    }
+
+    fn pipelines(&self, ws: &Workspace) {
+        let set = |name: &str, table: &str, prefix: &str| {
+            format!(
+                "name = \"{name}\"\nsource = \"db\"\n[match]\nrelations = [\"public.{table}\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{prefix}{{{{ key.id }}}}\"\nformat = \"json\"\n"
+            )
+        };
+        ws.write_pipeline("items-cache", &set("items-cache", "items", &self.items));
+        ws.write_pipeline("orders-cache", &set("orders-cache", "orders", &self.orders));
+        ws.write_pipeline(
+            "items-search",
+            &format!(
+                "name = \"items-search\"\nsource = \"db\"\n[match]\nrelations = [\"public.items\"]\n[[sink]]\ntarget = \"search\"\nindex = \"{}\"\nid = \"{{{{ key.id }}}}\"\n",
+                self.index
+            ),
+        );
+    }
+
+    /// Wait until both stores equal the tables (a bounded wait: what is in flight lands).
+    async fn assert_converged(&self, db: &TestDb, slot: &str) {
+        db.wait_caught_up(slot, WAIT).await;
+        let items =
+            pg_rows(&db.client, "SELECT id::text, row_to_json(t)::text FROM (SELECT id, name, stock, v FROM items) t")
+                .await;
+        let orders =
+            pg_rows(&db.client, "SELECT id::text, row_to_json(t)::text FROM (SELECT id, total FROM orders) t").await;
+        let redis = TestRedis::connect().await;
+        assert_converged("cache items", &items, &redis_docs(&redis, &self.items).await);
+        assert_converged("cache orders", &orders, &redis_docs(&redis, &self.orders).await);
+        assert_converged("search items", &items, &search_docs(&self.index).await);
+        eprintln!("converged: {} items, {} orders in cache and search", items.len(), orders.len());
+    }
+}
+
+async fn schema(db: &TestDb) {
+    db.exec(
+        "CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL, stock int NOT NULL, v bigint NOT NULL); \
+         CREATE TABLE orders (id bigint PRIMARY KEY, total int NOT NULL);",
+    )
+    .await;
+}
+
+/// The starting rows, written once the slot exists (so the stream carries them).
+async fn seed_rows(db: &TestDb) {
+    db.exec("INSERT INTO items SELECT i, 'item ' || i, 10, 0 FROM generate_series(1, 2000) i").await;
+}
+
+/// Random transactions over both tables until `stop`; survives the database going away
+/// (reconnects). Returns the transactions committed.
+fn workload(url: String, seed: u64, stop: Arc<AtomicBool>, committed: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut next_order = 1i64;
+        let mut client: Option<tokio_postgres::Client> = None;
+        while !stop.load(Ordering::SeqCst) {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                    Ok((c, conn)) => {
+                        tokio::spawn(conn);
+                        Some(c)
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+            }
+            let c = client.as_ref().unwrap();
+            let mut sql = String::from("BEGIN;");
+            for _ in 0..rng.random_range(1..6) {
+                let id: i64 = rng.random_range(1..2500);
+                sql.push_str(&match rng.random_range(0..10) {
+                    0..=3 => format!("UPDATE items SET stock = stock + 1, v = v + 1 WHERE id = {id};"),
+                    4 => format!("DELETE FROM items WHERE id = {id};"),
+                    5..=6 => format!(
+                        "INSERT INTO items VALUES ({id}, 'again {id}', 1, 0) ON CONFLICT (id) DO UPDATE SET name = 'upserted', v = items.v + 1;"
+                    ),
+                    7..=8 => {
+                        next_order += 1;
+                        format!("INSERT INTO orders VALUES ({next_order}, {id});")
+                    }
+                    _ => format!("UPDATE orders SET total = total + 1 WHERE id = {};", rng.random_range(1..next_order.max(2))),
+                });
+            }
+            sql.push_str("COMMIT;");
+            match c.batch_execute(&sql).await {
+                Ok(()) => {
+                    committed.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(_) => {
+                    let _ = c.batch_execute("ROLLBACK").await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..5))).await;
+        }
+    })
+}
+
+fn config(db: &TestDb, slot: &str, cache_url: &str, search_url: &str, extra_source: &str) -> String {
+    let sinks = format!(
+        "\n[sinks.search]\nkind = \"search\"\nurl = \"{search_url}\"\ntimeout = \"5s\"\n\n[reload]\nwatch = false\n"
+    );
+    pg_cache_config_with(&db.url, slot, slot, extra_source, &sinks).replace(
+        &format!("url = \"{}\"\ntimeout", crate::support::redis::url()),
+        &format!("url = \"{cache_url}\"\ntimeout"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_at_seeded_moments_with_reloads_converges_in_cache_and_search() {
+    let _g = shared().await;
+    let kills = env_u64("POLYSYNC_FAULT_KILLS", 20);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
+    let db = TestDb::create("faultkill").await;
+    schema(&db).await;
+    let slot = unique("s");
+    let stores = Stores::new();
+    let ws = Workspace::new();
+    ws.write_config(&config(&db, &slot, &crate::support::redis::url(), &crate::support::search::url(), ""));
+    stores.pipelines(&ws);
+    let log = ws.path().join("daemon.log");
+    // The slot exists before the workload starts, so every change is streamed.
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("slot created", WAIT, || async { db.confirmed(&slot).await > 0 }).await;
+    seed_rows(&db).await;
+    d.kill9().await;
+    let (stop, committed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let w = workload(db.url.clone(), rng.random(), Arc::clone(&stop), Arc::clone(&committed));
+    let mut reloads = 0;
+    for _ in 0..kills {
+        let d = ChildDaemon::spawn(&ws.config_path(), &log);
+        let life = Duration::from_millis(rng.random_range(150..1500));
+        if rng.random_bool(0.3) {
+            tokio::time::sleep(life / 2).await;
+            d.signal(libc::SIGHUP);
+            reloads += 1;
+            tokio::time::sleep(life / 2).await;
+        } else {
+            tokio::time::sleep(life).await;
+        }
+        d.kill9().await;
+    }
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    w.await.unwrap();
+    stores.assert_converged(&db, &slot).await;
+    eprintln!(
+        "kill -9 scenario: {} transactions committed, {kills} kills, {reloads} reloads, converged",
+        committed.load(Ordering::SeqCst)
+    );
+    assert!(d.terminate().await.success());
+    crate::support::search::delete_index(&stores.index).await;
+    db.cleanup().await;
+}
+
+/// Stopping the real OpenSearch and Redis would lose Redis's data (the local Redis has no
+/// persistence), so the cache outage is a cut at a loopback proxy (a mock at the TCP level,
+/// named as such); OpenSearch and PostgreSQL are really stopped and restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sink_outages_a_killed_walsender_and_a_postgres_restart_converge() {
+    let _g = exclusive().await;
+    let pause = Duration::from_secs(env_u64("POLYSYNC_FAULT_PAUSE", 5));
+    let db = TestDb::create("faultout").await;
+    schema(&db).await;
+    let slot = unique("s");
+    let stores = Stores::new();
+    let redis_addr = crate::support::redis::url().trim_start_matches("redis://").trim_end_matches('/').to_string();
+    let proxy = Proxy::start(&redis_addr).await;
+    let ws = Workspace::new();
+    ws.write_config(&config(&db, &slot, &format!("redis://{}", proxy.addr), &crate::support::search::url(), ""));
+    stores.pipelines(&ws);
+    let log = ws.path().join("daemon.log");
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("slot created", WAIT, || async { db.confirmed(&slot).await > 0 }).await;
+    seed_rows(&db).await;
+    let (stop, committed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let w = workload(db.url.clone(), 7, Arc::clone(&stop), Arc::clone(&committed));
+    let mut faults = 0;
+
+    // 1. The cache unreachable (connections cut, new ones refused), a reload in the middle.
+    proxy.set_down(true);
+    tokio::time::sleep(pause / 2).await;
+    d.signal(libc::SIGHUP);
+    tokio::time::sleep(pause / 2).await;
+    proxy.set_down(false);
+    faults += 1;
+    // 2. OpenSearch stopped and started again.
+    peers(&["--stop", "opensearch"]);
+    tokio::time::sleep(pause).await;
+    peers(&["opensearch"]);
+    faults += 1;
+    // 3. Both at once.
+    proxy.set_down(true);
+    peers(&["--stop", "opensearch"]);
+    tokio::time::sleep(pause).await;
+    proxy.set_down(false);
+    peers(&["opensearch"]);
+    faults += 1;
+    // 4. The walsender terminated in the middle of streaming a large transaction.
+    db.exec("BEGIN; UPDATE items SET v = v + 1000; INSERT INTO orders SELECT 1000000 + i, i FROM generate_series(1, 30000) i; COMMIT;")
+        .await;
+    for _ in 0..3 {
+        let _ = db
+            .client
+            .execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL", &[&slot])
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        faults += 1;
+    }
+    // 5. PostgreSQL restarted mid-stream (the daemon reconnects; the workload too).
+    peers(&["--restart", "postgres"]);
+    faults += 1;
+    tokio::time::sleep(pause).await;
+    d.signal(libc::SIGHUP);
+    stop.store(true, Ordering::SeqCst);
+    w.await.unwrap();
+    // The test's own connection did not survive the restart.
+    let db = TestDb { client: connect(&db.url).await, ..db };
+    stores.assert_converged(&db, &slot).await;
+    eprintln!(
+        "outage scenario: {} transactions committed, {faults} faults (cache cut, search stop, both, 3 walsender kills, postgres restart), converged",
+        committed.load(Ordering::SeqCst)
+    );
+    assert!(d.terminate().await.success());
+    crate::support::search::delete_index(&stores.index).await;
+    db.cleanup().await;
+}
+
+/// The search sink made slow by a loopback proxy (a mock at the TCP level) while the cache is
+/// fast: memory stays bounded by the in-flight window, and the cache is not held to the
+/// search sink's pace beyond it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_sink_keeps_memory_bounded_and_the_fast_sink_moving() {
+    let _g = shared().await;
+    let db = TestDb::create("faultslow").await;
+    schema(&db).await;
+    let slot = unique("s");
+    let stores = Stores::new();
+    let search_addr = crate::support::search::addr();
+    let proxy = Proxy::start(&search_addr).await;
+    let ws = Workspace::new();
+    let port = crate::support::free_port();
+    let cfg = config(&db, &slot, &crate::support::redis::url(), &format!("http://{}", proxy.addr), "")
+        .replace("[metrics]\nenabled = false", &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""))
+        .replace("[runtime]\n", "[runtime]\nmax_in_flight = 20000\n");
+    ws.write_config(&cfg);
+    stores.pipelines(&ws);
+    let d = ChildDaemon::spawn(&ws.config_path(), &ws.path().join("daemon.log"));
+    wait_for("slot created", WAIT, || async { db.confirmed(&slot).await > 0 }).await;
+    seed_rows(&db).await;
+    proxy.set_delay(Duration::from_millis(300));
+    db.exec("INSERT INTO orders SELECT i, i FROM generate_series(1, 100000) i").await;
+    db.exec("UPDATE items SET v = v + 1").await;
+    let applied = |sink: &'static str| async move {
+        match crate::support::http_get(&format!("127.0.0.1:{port}"), "/metrics").await {
+            Some((200, m)) => crate::support::metric_value(
+                &m,
+                "polysync_sink_records_total",
+                &[("sink", sink), ("result", "applied")],
+            ),
+            _ => 0.0,
+        }
+    };
+    // Orders only go to the cache; they are not held back by the slow index beyond the window.
+    wait_for("the cache to move ahead of the slow index", WAIT, || async { applied("cache").await >= 15_000.0 }).await;
+    let (cache, search) = (applied("cache").await, applied("search").await);
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", d.pid()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap();
+    eprintln!("slow sink: cache applied {cache}, search applied {search}, peak RSS {rss} kB");
+    assert!(cache > search, "the fast sink is ahead ({cache} vs {search})");
+    assert!(rss < 300 * 1024, "peak RSS {rss} kB with a 20,000-change window");
+    proxy.set_delay(Duration::ZERO);
+    stores.assert_converged(&db, &slot).await;
+    assert!(d.terminate().await.success());
+    crate::support::search::delete_index(&stores.index).await;
+    db.cleanup().await;
+}
+
+/// The state directory on a 64 KiB tmpfs: once dead letters fill it, the daemon stops
+/// consuming, says why, and the slot never confirms a change it could not record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_state_disk_stops_consumption_and_confirms_nothing_unrecorded() {
+    let _g = shared().await;
+    let db = TestDb::create("faultdisk").await;
+    db.exec("CREATE TABLE items (id bigint PRIMARY KEY, tag text)").await;
+    let slot = unique("s");
+    let ws = Workspace::new();
+    let state = ws.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&state)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "this test mounts a tmpfs (needs root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(state.clone());
+    ws.write_config(&pg_cache_config_with(&db.url, &slot, &slot, "", "[dlq]\nmax_file_bytes = \"64KiB\"\n"));
+    // Every change needs `tag`, which is NULL: each one is a dead letter.
+    ws.write_pipeline(
+        "tags",
+        "source = \"db\"\n[match]\nrelations = [\"public.items\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"t:{{ after.tag }}\"]\n",
+    );
+    let log = ws.path().join("daemon.log");
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("slot created", WAIT, || async { db.confirmed(&slot).await > 0 }).await;
+    // Several hundred bytes per dead letter: 400 of them cannot fit in 64 KiB.
+    for i in 0..400 {
+        db.exec(&format!("INSERT INTO items VALUES ({i}, NULL)")).await;
+    }
+    let end = db.current_lsn().await;
+    wait_for("the daemon to say the disk is full", WAIT, || async {
+        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        t.contains("cannot record a dead letter") && t.contains("No space left on device")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        db.confirmed(&slot).await < end,
+        "the slot must not confirm changes whose dead letters were not written; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(d.terminate().await.code().is_some());
+    // More room: a restart records every dead letter and the slot moves past them.
+    let _ = std::process::Command::new("mount").args(["-o", "remount,size=16m"]).arg(&state).status();
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    db.wait_caught_up(&slot, WAIT).await;
+    let ids: std::collections::BTreeSet<i64> = ws
+        .dead_letters()
+        .iter()
+        .filter_map(|l| {
+            l.change.key.get("id").and_then(|v| match v {
+                polysync::change::Value::Int(i) => Some(*i),
+                _ => None,
+            })
+        })
+        .collect();
+    assert_eq!(ids.len(), 400, "every change is in the dead-letter queue once space is back");
+    assert!(d.terminate().await.success());
+    db.cleanup().await;
+}
+
+/// Values that cannot be delivered each end in the DLQ with a reason; the rest arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_on() {
+    let _g = shared().await;
+    let db = TestDb::create("poison").await;
+    db.exec("CREATE TABLE things (id bigint PRIMARY KEY, n numeric, name text NOT NULL, blob text)").await;
+    let slot = unique("s");
+    let stores = Stores::new();
+    let ws = Workspace::new();
+    ws.write_config(&config(&db, &slot, &crate::support::redis::url(), &crate::support::search::url(), ""));
+    ws.write_pipeline(
+        "things-cache",
+        &format!(
+            "source = \"db\"\n[match]\nrelations = [\"public.things\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{}{{{{ after.name }}}}\"\nformat = \"json\"\n",
+            stores.items
+        ),
+    );
+    ws.write_pipeline(
+        "things-search",
+        &format!(
+            "source = \"db\"\n[match]\nrelations = [\"public.things\"]\n[[sink]]\ntarget = \"search\"\nindex = \"{}\"\nid = \"{{{{ key.id }}}}\"\n",
+            stores.index
+        ),
+    );
+    // `blob` is a keyword: a term over Lucene's 32766-byte limit is refused by OpenSearch.
+    crate::support::search::call(
+        "PUT",
+        &format!("/{}", stores.index),
+        Some(r#"{"mappings":{"properties":{"blob":{"type":"keyword"},"n":{"type":"double"}}}}"#),
+    )
+    .await;
+    let d = ChildDaemon::spawn(&ws.config_path(), &ws.path().join("daemon.log"));
+    wait_for("slot created", WAIT, || async { db.confirmed(&slot).await > 0 }).await;
+    db.exec("INSERT INTO things VALUES (1, 'NaN', 'nan', NULL)").await; // no JSON form: both sinks
+    db.exec(&format!("INSERT INTO things VALUES (2, 1, '{}', NULL)", "k".repeat(70_000))).await; // key over the limit
+    db.exec(&format!("INSERT INTO things VALUES (3, 1, 'big-term', '{}')", "x".repeat(40_000))).await; // immense term
+    db.exec("INSERT INTO things VALUES (4, 2.5, 'fine', 'ok')").await;
+    db.wait_caught_up(&slot, WAIT).await;
+    let letters = ws.dead_letters();
+    let reason = |id: i64, sink: &str| {
+        letters
+            .iter()
+            .find(|l| l.sink == sink && l.change.key.get("id") == Some(&polysync::change::Value::Int(id)))
+            .map(|l| l.reason.clone())
+            .unwrap_or_else(|| panic!("no dead letter for id {id} in {sink}: {letters:#?}"))
+    };
+    assert!(reason(1, "cache").contains("NaN"), "{}", reason(1, "cache"));
+    assert!(reason(1, "search").contains("NaN"), "{}", reason(1, "search"));
+    assert!(reason(2, "cache").contains("limit"), "{}", reason(2, "cache"));
+    assert!(
+        reason(3, "search").contains("immense") || reason(3, "search").contains("32766"),
+        "{}",
+        reason(3, "search")
+    );
+    let redis = TestRedis::connect().await;
+    assert!(redis.get(&format!("{}fine", stores.items)).await.is_some(), "the stream went on");
+    let docs: Docs = search_docs(&stores.index).await;
+    assert!(
+        docs.contains_key("4") && docs.contains_key("2") && !docs.contains_key("3") && !docs.contains_key("1"),
+        "{:?} {:?}",
+        docs.keys().collect::<Vec<_>>(),
+        letters
+            .iter()
+            .map(|l| (l.sink.clone(), l.change.key_display(), l.reason.chars().take(300).collect::<String>()))
+            .collect::<Vec<_>>()
+    );
+    assert!(d.terminate().await.success());
+    crate::support::search::delete_index(&stores.index).await;
+    db.cleanup().await;
+}
+
+/// `slot_lag_limit`: crossing it raises the alert metric and says so; with
+/// `on_slot_lag_limit = "drop_slot"` the slot is dropped (the server frees its WAL) and the
+/// source stops with the reason. The cache outage is a cut at a loopback proxy (TCP-level mock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slot_lag_limit_alerts_and_can_drop_the_slot() {
+    let _g = shared().await;
+    let db = TestDb::create("slotlag").await;
+    db.exec("CREATE TABLE blobs (id bigint PRIMARY KEY, body text NOT NULL)").await;
+    let redis_addr = crate::support::redis::url().trim_start_matches("redis://").trim_end_matches('/').to_string();
+    for mode in ["alert", "drop_slot"] {
+        let proxy = Proxy::start(&redis_addr).await;
+        let slot = unique("s");
+        let port = crate::support::free_port();
+        let ws = Workspace::new();
+        let cfg = pg_cache_config_with(
+            &db.url,
+            &slot,
+            &slot,
+            &format!("slot_lag_limit = \"1MiB\"\non_slot_lag_limit = \"{mode}\""),
+            "",
+        )
+        .replace(&crate::support::redis::url(), &format!("redis://{}", proxy.addr))
+        .replace("[metrics]\nenabled = false", &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""));
+        ws.write_config(&cfg);
+        ws.write_pipeline(
+            "blobs",
+            "source = \"db\"\n[match]\nrelations = [\"public.blobs\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"blob:{{ key.id }}\"]\n",
+        );
+        let log = ws.path().join("daemon.log");
+        let mut d = ChildDaemon::spawn(&ws.config_path(), &log);
+        wait_for("slot created", WAIT, || async { db.confirmed(&slot).await > 0 }).await;
+        proxy.set_down(true);
+        // ~5 MB of WAL (small rows: large repetitive ones would be compressed away).
+        db.exec("INSERT INTO blobs SELECT i, md5(i::text) FROM generate_series(1, 50000) i").await;
+        db.exec("DELETE FROM blobs").await;
+        let exceeded = || async {
+            match crate::support::http_get(&format!("127.0.0.1:{port}"), "/metrics").await {
+                Some((200, m)) => crate::support::metric_value(&m, "polysync_pg_slot_lag_limit_exceeded", &[]),
+                _ => -1.0,
+            }
+        };
+        if mode == "alert" {
+            wait_for("the lag alert", WAIT, || async { exceeded().await == 1.0 }).await;
+            assert!(std::fs::read_to_string(&log).unwrap().contains("crossed slot_lag_limit"));
+            proxy.set_down(false);
+            db.wait_caught_up(&slot, WAIT).await;
+            wait_for("the alert to clear", WAIT, || async { exceeded().await == 0.0 }).await;
+            assert!(d.terminate().await.success());
+        } else {
+            let exited = tokio::time::timeout(WAIT, d.child.wait()).await.expect("the source stops").unwrap();
+            assert!(!exited.success());
+            let text = std::fs::read_to_string(&log).unwrap();
+            assert!(text.contains(&format!("replication slot {slot} was dropped")), "{text}");
+            let gone = db
+                .client
+                .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+                .await
+                .unwrap()
+                .is_none();
+            assert!(gone, "the slot no longer pins WAL");
+        }
+    }
+    db.cleanup().await;
+}
+
+/// A planted secret never appears in what `check`, `run` (at debug level, failing to log in),
+/// `status` or `dlq list` print.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_planted_secret_never_appears_in_output_or_logs() {
+    let _g = shared().await;
+    const SECRET: &str = "pl4nted-S3CRET-b9e1";
+    let ws = Workspace::new();
+    let cfg = format!(
+        r#"state_dir = "state"
+pipelines = "pipelines"
+[log]
+level = "debug"
+[metrics]
+enabled = false
+[sources.db]
+kind = "postgres"
+url = "postgres://leak_probe:${{PLANTED}}@127.0.0.1:55432/postgres"
+sslmode = "disable"
+slot = "leak_probe"
+publication = "leak_probe"
+[sinks.cache]
+kind = "cache"
+url = "redis://:${{PLANTED}}@127.0.0.1:56379"
+[sinks.search]
+kind = "search"
+url = "{}"
+username = "admin"
+password = "${{PLANTED}}"
+[sinks.metrics]
+kind = "timeseries"
+engine = "influxdb"
+url = "http://127.0.0.1:58086"
+org = "o"
+bucket = "b"
+token = "${{PLANTED}}"
+"#,
+        crate::support::search::url()
+    );
+    ws.write_config(&cfg);
+    ws.write_pipeline(
+        "p",
+        "source = \"db\"\n[match]\nrelations = [\"public.t\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"k:{{ key.id }}\"]\n",
+    );
+    let mut seen = String::new();
+    for args in [vec!["check"], vec!["status"], vec!["dlq", "list"], vec!["run"]] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_polysync"))
+            .args(&args)
+            .arg("--config")
+            .arg(ws.config_path())
+            .env("PLANTED", SECRET)
+            .kill_on_drop(true)
+            .output();
+        let out = match tokio::time::timeout(Duration::from_secs(20), out).await {
+            Ok(o) => o.unwrap(),
+            Err(_) => panic!("polysync {args:?} did not finish (it should refuse the wrong password)"),
+        };
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!text.contains(SECRET), "polysync {args:?} printed the secret:\n{text}");
+        seen.push_str(&text);
+    }
+    assert!(seen.contains("leak_probe"), "the run failed for the expected reason (authentication):\n{seen}");
+}

@@ -1,0 +1,92 @@
+//! A loopback TCP proxy in front of a real server, for faults no peer can show on demand: an
+//! outage without losing the server's data (`set_down`) and a slow network (`set_delay`).
+//! Tests that use it say so.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Handle to a running proxy.
+#[derive(Clone)]
+pub struct Proxy {
+    /// `127.0.0.1:<port>` to connect to instead of the server.
+    pub addr: String,
+    down: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
+    generation: watch::Sender<u64>,
+}
+
+impl Proxy {
+    /// Start forwarding to `target` (`host:port`).
+    pub async fn start(target: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (generation, _) = watch::channel(0u64);
+        let p = Proxy { addr, down: Arc::default(), delay_ms: Arc::default(), generation };
+        let (me, target) = (p.clone(), target.to_string());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else { return };
+                if me.down.load(Ordering::SeqCst) {
+                    drop(client); // refused while down
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&target).await else { continue };
+                let mut gen_rx = me.generation.subscribe();
+                let delay = Arc::clone(&me.delay_ms);
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = cr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            let d = delay.load(Ordering::SeqCst);
+                            if d > 0 {
+                                tokio::time::sleep(Duration::from_millis(d)).await;
+                            }
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let down = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = sr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                        _ = gen_rx.changed() => {} // cut by set_down
+                    }
+                });
+            }
+        });
+        p
+    }
+
+    /// Cut every connection and refuse new ones (`true`), or accept again (`false`).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Delay every client→server chunk by this much (a slow server as seen from the client).
+    pub fn set_delay(&self, d: Duration) {
+        self.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+}
