@@ -18,7 +18,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use base64::Engine;
 use tokio_util::sync::CancellationToken;
 
-use crate::change::{Change, Name, Op, Position, Row, SNAPSHOT_ORIGIN, Value, Version};
+use crate::change::{Change, Name, Op, Position, Row, SNAPSHOT_ORIGIN, Version};
 use crate::checkpoint::AckWindow;
 use crate::checkpoint::snapshot::{SnapshotProgress, SnapshotTask, TaskState, progress_path};
 use crate::pipeline::matcher::RelationPattern;
@@ -53,33 +53,6 @@ pub fn request(state_dir: &std::path::Path, source: &str, pipeline: &str) -> std
     std::fs::write(&tmp, serde_json::to_vec(&Request { source: source.into(), pipeline: pipeline.into() })?)?;
     std::fs::rename(&tmp, dir.join(format!("{id}.json")))?;
     Ok(id)
-}
-
-/// Convert one scanned attribute value (the same exact mapping as stream records).
-pub fn attribute(v: &AttributeValue) -> Value {
-    match v {
-        AttributeValue::S(s) => Value::Text(s.clone()),
-        AttributeValue::N(n) => Value::Decimal(n.clone()),
-        AttributeValue::B(b) => Value::Bytes(b.as_ref().to_vec()),
-        AttributeValue::Bool(b) => Value::Bool(*b),
-        AttributeValue::Null(_) => Value::Null,
-        AttributeValue::Ss(items) => Value::Set(items.iter().map(|s| Value::Text(s.clone())).collect()),
-        AttributeValue::Ns(items) => Value::Set(items.iter().map(|s| Value::Decimal(s.clone())).collect()),
-        AttributeValue::Bs(items) => Value::Set(items.iter().map(|b| Value::Bytes(b.as_ref().to_vec())).collect()),
-        AttributeValue::L(items) => Value::List(items.iter().map(attribute).collect()),
-        AttributeValue::M(m) => {
-            let mut pairs: Vec<(String, Value)> = m.iter().map(|(k, v)| (k.clone(), attribute(v))).collect();
-            pairs.sort_by(|a, b| a.0.cmp(&b.0));
-            Value::Map(pairs)
-        }
-        other => Value::Other { type_name: "dynamodb".into(), text: format!("{other:?}") },
-    }
-}
-
-fn image(m: &HashMap<String, AttributeValue>) -> Row {
-    let mut names: Vec<&String> = m.keys().collect();
-    names.sort();
-    names.into_iter().map(|n| (Name::from(n.as_str()), attribute(&m[n]))).collect()
 }
 
 /// `LastEvaluatedKey` (key attributes are S, N or B) as JSON text for the progress file.
@@ -311,7 +284,7 @@ impl Backfiller {
                         })?;
                     let n = page.items().len();
                     for (i, item) in page.items().iter().enumerate() {
-                        let row = image(item);
+                        let row = super::decode::scanned_image(item);
                         let key: Row = self
                             .key_names
                             .iter()

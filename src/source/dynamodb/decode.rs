@@ -10,33 +10,44 @@ use chrono::{DateTime, Utc};
 
 use crate::change::{Change, Name, Op, Position, Row, Value, Version};
 
-/// Convert one attribute value.
-pub fn attribute(v: &AttributeValue) -> Value {
-    match v {
-        AttributeValue::S(s) => Value::Text(s.clone()),
-        AttributeValue::N(n) => Value::Decimal(n.clone()),
-        AttributeValue::B(b) => Value::Bytes(b.as_ref().to_vec()),
-        AttributeValue::Bool(b) => Value::Bool(*b),
-        AttributeValue::Null(_) => Value::Null,
-        AttributeValue::Ss(items) => Value::Set(items.iter().map(|s| Value::Text(s.clone())).collect()),
-        AttributeValue::Ns(items) => Value::Set(items.iter().map(|s| Value::Decimal(s.clone())).collect()),
-        AttributeValue::Bs(items) => Value::Set(items.iter().map(|b| Value::Bytes(b.as_ref().to_vec())).collect()),
-        AttributeValue::L(items) => Value::List(items.iter().map(attribute).collect()),
-        AttributeValue::M(m) => {
-            let mut pairs: Vec<(String, Value)> = m.iter().map(|(k, v)| (k.clone(), attribute(v))).collect();
-            pairs.sort_by(|a, b| a.0.cmp(&b.0));
-            Value::Map(pairs)
+/// One exact mapping for both SDKs' `AttributeValue`: stream records
+/// (`aws-sdk-dynamodbstreams`) and Scan items (`aws-sdk-dynamodb`) are distinct types of the
+/// same shape.
+macro_rules! attribute_mapping {
+    ($av:ty, $attribute:ident, $image:ident) => {
+        /// Convert one attribute value.
+        pub fn $attribute(v: &$av) -> Value {
+            type A = $av;
+            match v {
+                A::S(s) => Value::Text(s.clone()),
+                A::N(n) => Value::Decimal(n.clone()),
+                A::B(b) => Value::Bytes(b.as_ref().to_vec()),
+                A::Bool(b) => Value::Bool(*b),
+                A::Null(_) => Value::Null,
+                A::Ss(items) => Value::Set(items.iter().map(|s| Value::Text(s.clone())).collect()),
+                A::Ns(items) => Value::Set(items.iter().map(|s| Value::Decimal(s.clone())).collect()),
+                A::Bs(items) => Value::Set(items.iter().map(|b| Value::Bytes(b.as_ref().to_vec())).collect()),
+                A::L(items) => Value::List(items.iter().map($attribute).collect()),
+                A::M(m) => {
+                    let mut pairs: Vec<(String, Value)> = m.iter().map(|(k, v)| (k.clone(), $attribute(v))).collect();
+                    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+                    Value::Map(pairs)
+                }
+                other => Value::Other { type_name: "dynamodb".into(), text: format!("{other:?}") },
+            }
         }
-        other => Value::Other { type_name: "dynamodb".into(), text: format!("{other:?}") },
-    }
+
+        /// An item image as a row (attributes sorted by name).
+        pub fn $image(m: &HashMap<String, $av>) -> Row {
+            let mut names: Vec<&String> = m.keys().collect();
+            names.sort();
+            names.into_iter().map(|n| (Name::from(n.as_str()), $attribute(&m[n]))).collect()
+        }
+    };
 }
 
-/// An item image as a row (attributes sorted by name).
-pub fn image(m: &HashMap<String, AttributeValue>) -> Row {
-    let mut names: Vec<&String> = m.keys().collect();
-    names.sort();
-    names.into_iter().map(|n| (Name::from(n.as_str()), attribute(&m[n]))).collect()
-}
+attribute_mapping!(AttributeValue, attribute, image);
+attribute_mapping!(aws_sdk_dynamodb::types::AttributeValue, scanned_attribute, scanned_image);
 
 /// A stream record as a change; `None` (with the reason) for records that cannot be one.
 pub fn change(source: &Name, relation: &Name, shard: &Name, rec: &Record) -> Result<Change, String> {
