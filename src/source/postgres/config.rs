@@ -102,6 +102,9 @@ pub struct SnapshotSettings {
     /// Rows per second across the source's snapshots (default unlimited).
     #[serde(default)]
     pub max_rows_per_second: Option<u64>,
+    /// Chunks of one table read ahead while earlier ones are applied (default 2).
+    #[serde(default)]
+    pub chunks_in_flight: Option<usize>,
 }
 
 impl SnapshotSettings {
@@ -112,6 +115,10 @@ impl SnapshotSettings {
     /// Effective parallelism.
     pub fn parallelism(&self) -> usize {
         self.parallelism.unwrap_or(2).clamp(1, 64)
+    }
+    /// Effective chunks in flight per table.
+    pub fn chunks_in_flight(&self) -> usize {
+        self.chunks_in_flight.unwrap_or(2).clamp(1, 64)
     }
 }
 

@@ -474,69 +474,109 @@ async fn run_task(shared: &Shared, id: &str) -> Result<(), String> {
     let relation = Name::from(task.relation.as_str());
     let pipeline = Name::from(task.pipeline.as_str());
     let mut long_running: HashMap<String, Instant> = HashMap::new();
+    // Chunks read but not yet confirmed, oldest first: reading the next chunk overlaps with
+    // applying the previous ones, up to `chunks_in_flight` (memory: that many chunks).
+    let max_in_flight = m.settings.chunks_in_flight();
+    let mut in_flight: VecDeque<InFlightChunk<'_>> = VecDeque::new();
+    // Where the next read starts (ahead of `last_key`, the last applied chunk's end).
+    let mut read_from = last_key.clone();
+    let mut reading_done = false;
     loop {
         if m.cancel.is_cancelled() {
             return Ok(());
         }
-        let chunk_id: u64 = rand::random::<u64>() >> 1;
-        let _guard = ChunkGuard(&m.coordinator, chunk_id);
-        let emit = |kind: &str| format!("{kind} {chunk_id} {}", task.relation);
-        client
-            .execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&PREFIX, &emit("low")])
-            .await
-            .map_err(|e| setup::pg_error_text(&e))?;
-        settle(&client, &mut long_running).await?;
-        let rows = match &last_key {
-            None => client.query(&first, &[]).await,
-            Some(k) => {
-                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                    k.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-                client.query(&next, &params).await
+        if !reading_done && in_flight.len() < max_in_flight {
+            let chunk_id: u64 = rand::random::<u64>() >> 1;
+            let guard = ChunkGuard(&m.coordinator, chunk_id);
+            let emit = |kind: &str| format!("{kind} {chunk_id} {}", task.relation);
+            client
+                .execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&PREFIX, &emit("low")])
+                .await
+                .map_err(|e| setup::pg_error_text(&e))?;
+            settle(&client, &mut long_running).await?;
+            let rows = match &read_from {
+                None => client.query(&first, &[]).await,
+                Some(k) => {
+                    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                        k.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                    client.query(&next, &params).await
+                }
             }
-        }
-        .map_err(|e| format!("{}: {}", task.relation, setup::pg_error_text(&e)))?;
-        let n = rows.len();
-        let mut chunk_rows = Vec::with_capacity(n);
-        let mut new_last = last_key.clone();
-        for r in &rows {
-            let mut row = Row::with_capacity(shape.columns.len());
-            let mut texts: Vec<Option<String>> = Vec::with_capacity(shape.columns.len());
-            for (i, c) in shape.columns.iter().enumerate() {
-                let t: Option<String> = r.get(i);
-                let v = match &t {
-                    Some(t) => text_to_value(c.1, &c.2, t.as_bytes()),
-                    None => crate::change::Value::Null,
+            .map_err(|e| format!("{}: {}", task.relation, setup::pg_error_text(&e)))?;
+            let n = rows.len();
+            let mut chunk_rows = Vec::with_capacity(n);
+            let mut new_last = read_from.clone();
+            for r in &rows {
+                let mut row = Row::with_capacity(shape.columns.len());
+                let mut texts: Vec<Option<String>> = Vec::with_capacity(shape.columns.len());
+                for (i, c) in shape.columns.iter().enumerate() {
+                    let t: Option<String> = r.get(i);
+                    let v = match &t {
+                        Some(t) => text_to_value(c.1, &c.2, t.as_bytes()),
+                        None => crate::change::Value::Null,
+                    };
+                    row.push(Arc::clone(&c.0), v);
+                    texts.push(t);
+                }
+                let key: Row = shape
+                    .key
+                    .iter()
+                    .map(|&i| {
+                        (
+                            Arc::clone(&shape.columns[i].0),
+                            row.iter().nth(i).map(|(_, v)| v.clone()).unwrap_or(crate::change::Value::Null),
+                        )
+                    })
+                    .collect();
+                new_last = Some(shape.key.iter().map(|&i| texts[i].clone().unwrap_or_default()).collect());
+                chunk_rows.push((key, row));
+            }
+            m.coordinator.put_chunk(
+                chunk_id,
+                Chunk {
+                    relation: Arc::clone(&relation),
+                    pipeline: Arc::clone(&pipeline),
+                    rows: chunk_rows,
+                    outcome: None,
+                },
+            );
+            let high: String = client
+                .query_one("SELECT pg_logical_emit_message(true, $1, $2)::text", &[&PREFIX, &emit("high")])
+                .await
+                .map_err(|e| setup::pg_error_text(&e))?
+                .get(0);
+            let high: u64 = high.parse::<crate::change::Lsn>().map(|l| l.0).map_err(|_| format!("bad LSN {high}"))?;
+            let start = read_from.clone();
+            read_from = new_last.clone();
+            reading_done = n < chunk_size;
+            in_flight.push_back(InFlightChunk { id: chunk_id, high, start, end: new_last, rows: n, _guard: guard });
+            // Rate limit across this source's snapshots.
+            if let (Some(limit), Some(rate)) = (m.settings.max_rows_per_second, &shared.rate) {
+                let wait = {
+                    let mut r = rate.lock().unwrap_or_else(|p| p.into_inner());
+                    r.1 += n as u64;
+                    let due = Duration::from_secs_f64(r.1 as f64 / limit.max(1) as f64);
+                    due.saturating_sub(r.0.elapsed())
                 };
-                row.push(Arc::clone(&c.0), v);
-                texts.push(t);
+                tokio::select! {
+                    _ = m.cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
             }
-            let key: Row = shape
-                .key
-                .iter()
-                .map(|&i| {
-                    (
-                        Arc::clone(&shape.columns[i].0),
-                        row.iter().nth(i).map(|(_, v)| v.clone()).unwrap_or(crate::change::Value::Null),
-                    )
-                })
-                .collect();
-            new_last = Some(shape.key.iter().map(|&i| texts[i].clone().unwrap_or_default()).collect());
-            chunk_rows.push((key, row));
+            if !reading_done && in_flight.len() < max_in_flight {
+                continue;
+            }
         }
-        m.coordinator.put_chunk(
-            chunk_id,
-            Chunk { relation: Arc::clone(&relation), pipeline: Arc::clone(&pipeline), rows: chunk_rows, outcome: None },
-        );
-        let high: String = client
-            .query_one("SELECT pg_logical_emit_message(true, $1, $2)::text", &[&PREFIX, &emit("high")])
-            .await
-            .map_err(|e| setup::pg_error_text(&e))?
-            .get(0);
-        let high: u64 = high.parse::<crate::change::Lsn>().map(|l| l.0).map_err(|_| format!("bad LSN {high}"))?;
-        // Applied everywhere once the slot's confirmed position passes the high watermark.
+        // Wait for the oldest chunk: applied everywhere once the slot's confirmed position
+        // passes its high watermark.
+        let Some(front) = in_flight.front() else {
+            tracing::info!(source = %m.source, table = %task.relation, pipeline = %task.pipeline, rows = done_rows, "snapshot finished");
+            shared.update(id, |t| t.state = TaskState::Done)?;
+            return Ok(());
+        };
         let outcome = loop {
-            if m.window.confirmed() > high
-                && let Some(o) = m.coordinator.outcome(chunk_id)
+            if m.window.confirmed() > front.high
+                && let Some(o) = m.coordinator.outcome(front.id)
             {
                 break o;
             }
@@ -546,13 +586,19 @@ async fn run_task(shared: &Shared, id: &str) -> Result<(), String> {
             }
         };
         let Some(emitted) = outcome else {
+            // The window saw a truncate or too many changes: read again from this chunk's
+            // start (later chunks in flight are dropped and read again too).
             tracing::debug!(source = %m.source, table = %task.relation, "chunk window saw a truncate or too many changes; reading it again");
+            read_from = front.start.clone();
+            in_flight.clear();
+            reading_done = false;
             continue;
         };
+        let done = in_flight.pop_front().expect("front exists");
         rows_metric.inc_by(emitted as u64);
-        done_rows += n as u64;
-        last_key = new_last;
-        let finished = n < chunk_size;
+        done_rows += done.rows as u64;
+        last_key = done.end.clone();
+        let finished = reading_done && in_flight.is_empty();
         if let Some(e) = estimate {
             remaining.set(if finished {
                 0
@@ -564,28 +610,18 @@ async fn run_task(shared: &Shared, id: &str) -> Result<(), String> {
             t.last_key = last_key.clone();
             t.rows = done_rows;
             t.chunks += 1;
-            if finished {
-                t.state = TaskState::Done;
-            }
         })?;
-        if finished {
-            tracing::info!(source = %m.source, table = %task.relation, pipeline = %task.pipeline, rows = done_rows, "snapshot finished");
-            return Ok(());
-        }
-        // Rate limit across this source's snapshots.
-        if let (Some(limit), Some(rate)) = (m.settings.max_rows_per_second, &shared.rate) {
-            let wait = {
-                let mut r = rate.lock().unwrap_or_else(|p| p.into_inner());
-                r.1 += n as u64;
-                let due = Duration::from_secs_f64(r.1 as f64 / limit.max(1) as f64);
-                due.saturating_sub(r.0.elapsed())
-            };
-            tokio::select! {
-                _ = m.cancel.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
     }
+}
+
+/// A chunk read and handed to the stream, not yet confirmed.
+struct InFlightChunk<'a> {
+    id: u64,
+    high: u64,
+    start: Option<Vec<String>>,
+    end: Option<Vec<String>>,
+    rows: usize,
+    _guard: ChunkGuard<'a>,
 }
 
 /// How long a transaction the commit log still calls in progress may be in the gap between
