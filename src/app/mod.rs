@@ -244,6 +244,19 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
     let (reload_tx, mut reload_rx) = mpsc::channel::<Trigger>(1);
     let hup = reload::sighup(reload_tx.clone(), background.clone())
         .map_err(|e| AppError::Local(format!("SIGHUP handler: {e}")))?;
+    // Watch files from the start: an edit made while sources connect (slot creation can take
+    // seconds) is queued and served once running, never missed.
+    let _watcher = if config.reload.watch {
+        match reload::watch(&config.path, &config.pipelines_dir, reload_tx.clone(), background.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch config files; reload with SIGHUP only");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let pipelines = load::load_all(&config)?;
     for w in crate::tls::plaintext_warnings(&config) {
         tracing::warn!("{w}");
@@ -370,17 +383,6 @@ pub async fn run(config: Config, stop: CancellationToken) -> Result<(), AppError
     }
     source_tasks.close();
     drop(fail_tx);
-    let _watcher = if config.reload.watch {
-        match reload::watch(&config.path, &config.pipelines_dir, reload_tx.clone(), background.clone()) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch config files; reload with SIGHUP only");
-                None
-            }
-        }
-    } else {
-        None
-    };
     tracing::info!(pipelines = pipelines.len(), sinks = topology.sinks.len(), lanes, "polysync running");
     // READY once every source streams and every sink answers; watchdog pings while running.
     {
