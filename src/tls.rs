@@ -212,6 +212,13 @@ impl ServerCertVerifier for IgnoreHostName {
     }
 }
 
+/// Whether a connection error is the server's certificate being refused (unknown issuer, wrong
+/// name, expired...). Clients such as fred pass rustls's error on as text only, hence the text
+/// match. Such an error does not heal by retrying, so at start-up it is a refusal to start.
+pub fn is_certificate_rejection(message: &str) -> bool {
+    message.contains("InvalidCertificate") || message.contains("invalid peer certificate")
+}
+
 /// Is `host` this machine (where plaintext never crosses a network)?
 pub fn is_loopback(host: &str) -> bool {
     let h = host.trim_start_matches('[').trim_end_matches(']');

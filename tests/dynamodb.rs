@@ -635,3 +635,193 @@ async fn backfill_of_a_20000_item_table_with_writes_during_the_scan_ends_exact()
     eprintln!("ddb backfill: {ITEMS} items with {writes} concurrent write rounds converged");
     d.stop().await.unwrap();
 }
+
+/// Seeded random puts, updates and deletes on a streamed table while the daemon is killed with
+/// SIGKILL at seeded moments and restarted from its checkpoints: the cache (version-guarded
+/// `set`) and the search index (per-key monotonic versions) end exactly equal to the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_at_seeded_moments_converges_in_cache_and_search() {
+    use rand::{Rng, SeedableRng};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let _g = shared().await;
+    let kills: u64 = std::env::var("POLYSYNC_FAULT_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(20) / 2;
+    let seed: u64 = std::env::var("POLYSYNC_TEST_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(20261201);
+    eprintln!("fault seed {seed} (set POLYSYNC_TEST_SEED to reproduce)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let client = ddb().await;
+    let table = unique("ddbkill");
+    create_table(&client, &table, true).await;
+    let p = format!("{}:", unique("dk"));
+    let index = unique("ddbkill").to_lowercase();
+    let ws = Workspace::new();
+    ws.write_config(&format!(
+        "{}\n[sinks.search]\nkind = \"search\"\nurl = \"{}\"\n",
+        config(&table, "", None),
+        crate::support::search::url()
+    ));
+    ws.write_pipeline(
+        "profiles",
+        &format!(
+            "source = \"ddb\"\n[match]\nrelations = [\"*\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{p}{{{{ key.user_id }}}}\"\nformat = \"json\"\n[[sink]]\ntarget = \"search\"\nindex = \"{index}\"\nid = \"{{{{ key.user_id }}}}\"\n"
+        ),
+    );
+    let (stop, writes) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let writer = {
+        let (client, table, stop, writes) = (client.clone(), table.clone(), Arc::clone(&stop), Arc::clone(&writes));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(rng.random());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let u = format!("u{}", rng.random_range(0..300));
+                match rng.random_range(0..10) {
+                    0..=4 => {
+                        put(
+                            &client,
+                            &table,
+                            item(
+                                &u,
+                                &[
+                                    ("n", AttributeValue::N(n.to_string())),
+                                    ("name", AttributeValue::S(format!("put {n}"))),
+                                ],
+                            ),
+                        )
+                        .await
+                    }
+                    5..=7 => {
+                        // Only existing items are updated (an update would otherwise create a
+                        // partial item).
+                        let _ = client
+                            .update_item()
+                            .table_name(&table)
+                            .key("user_id", AttributeValue::S(u))
+                            .update_expression("SET n = :n, #nm = :nm")
+                            .condition_expression("attribute_exists(user_id)")
+                            .expression_attribute_names("#nm", "name")
+                            .expression_attribute_values(":n", AttributeValue::N(n.to_string()))
+                            .expression_attribute_values(":nm", AttributeValue::S(format!("updated {n}")))
+                            .send()
+                            .await;
+                    }
+                    _ => {
+                        client
+                            .delete_item()
+                            .table_name(&table)
+                            .key("user_id", AttributeValue::S(u))
+                            .send()
+                            .await
+                            .unwrap();
+                    }
+                }
+                n += 1;
+                writes.store(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..4))).await;
+            }
+        })
+    };
+    let log = ws.path().join("daemon.log");
+    for _ in 0..kills {
+        let d = ChildDaemon::spawn(&ws.config_path(), &log);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..2000))).await;
+        d.kill9().await;
+    }
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+    let expected = table_docs(&client, &table).await;
+    let redis = TestRedis::connect().await;
+    let mut last = Vec::new();
+    for _ in 0..600 {
+        last =
+            crate::support::converge::diff("cache", &expected, &crate::support::converge::redis_docs(&redis, &p).await);
+        last.extend(crate::support::converge::diff(
+            "search",
+            &expected,
+            &crate::support::converge::search_docs(&index).await,
+        ));
+        if last.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        last.is_empty(),
+        "{} differences, first: {:#?}\nlog tail: {}",
+        last.len(),
+        &last[..last.len().min(10)],
+        std::fs::read_to_string(&log).unwrap_or_default().lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    );
+    eprintln!(
+        "ddb kill -9 scenario: {} writes, {kills} kills, {} items, converged in cache and search",
+        writes.load(Ordering::SeqCst),
+        expected.len()
+    );
+    assert!(d.terminate().await.success());
+    crate::support::search::delete_index(&index).await;
+}
+
+/// A 400 KB item (DynamoDB's item limit; with both images its stream record is twice that)
+/// goes whole to the cache, is dead-lettered by the search sink whose `max_document_bytes` it
+/// exceeds (with the sizes in the reason), and the items after it still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_400_kb_item_is_delivered_where_it_fits_and_dead_lettered_where_it_does_not() {
+    let _g = shared().await;
+    let client = ddb().await;
+    let table = unique("big");
+    create_table(&client, &table, true).await;
+    let p = format!("{}:", unique("db4"));
+    let index = unique("ddbbig").to_lowercase();
+    let ws = Workspace::new();
+    ws.write_config(&format!(
+        "{}\n[sinks.search]\nkind = \"search\"\nurl = \"{}\"\nmax_document_bytes = \"256KiB\"\n",
+        config(&table, "", None),
+        crate::support::search::url()
+    ));
+    ws.write_pipeline(
+        "profiles",
+        &format!(
+            "source = \"ddb\"\n[match]\nrelations = [\"*\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{p}{{{{ key.user_id }}}}\"\nformat = \"json\"\n[[sink]]\ntarget = \"search\"\nindex = \"{index}\"\nid = \"{{{{ key.user_id }}}}\"\n"
+        ),
+    );
+    let d = InProcess::start(&ws.config_path());
+    // 399,000 bytes of attribute value: with the key and names the item is just under 400 KB.
+    let blob = "b".repeat(399_000);
+    put(&client, &table, item("big", &[("blob", AttributeValue::S(blob.clone()))])).await;
+    client
+        .update_item()
+        .table_name(&table)
+        .key("user_id", AttributeValue::S("big".into()))
+        .update_expression("SET tag = :t")
+        .expression_attribute_values(":t", AttributeValue::S("second".into()))
+        .send()
+        .await
+        .unwrap();
+    put(&client, &table, item("after", &[("n", AttributeValue::N("1".into()))])).await;
+    let redis = TestRedis::connect().await;
+    wait_for("the item after the big one, and the big one's update", WAIT, || async {
+        redis.exists(&format!("{p}after")).await
+            && redis.get(&format!("{p}big")).await.is_some_and(|v| v.contains("\"second\""))
+    })
+    .await;
+    let cached: serde_json::Value = serde_json::from_str(&redis.get(&format!("{p}big")).await.unwrap()).unwrap();
+    assert_eq!(cached["blob"].as_str().map(str::len), Some(399_000), "the cache holds the whole item");
+    assert_eq!(cached["tag"], "second");
+    wait_for("both changes of the big item dead-lettered by search", WAIT, || async {
+        ws.dead_letters().iter().filter(|l| l.sink == "search").count() == 2
+    })
+    .await;
+    for l in ws.dead_letters() {
+        assert_eq!(l.sink, "search", "{l:?}");
+        assert!(l.reason.contains("over max_document_bytes"), "{}", l.reason);
+        assert_eq!(l.change.key_display(), "user_id=big");
+    }
+    wait_for("the item after the big one in the index", WAIT, || async {
+        crate::support::search::doc(&index, "after").await.is_some()
+    })
+    .await;
+    assert!(crate::support::search::doc(&index, "big").await.is_none());
+    d.stop().await.unwrap();
+    crate::support::search::delete_index(&index).await;
+}

@@ -1,6 +1,8 @@
 //! Fault injection: a mixed workload on two tables feeds a cache (version-guarded `set`) and a
-//! search index; faults are injected while it runs; every scenario ends in an exact convergence
-//! check of both stores against PostgreSQL (duplicates allowed, loss and regression never).
+//! search index, and in the kill and outage scenarios also a graph (an edge per order, moved
+//! when the order's item changes) and InfluxDB (a point per order change); faults are injected
+//! while it runs; every scenario ends in an exact convergence check of every store against
+//! PostgreSQL (duplicates allowed, loss and regression never).
 //!
 //! Counts and pauses are reduced in `make test` (and CI); `make test-faults` runs the full
 //! scenario (20 kills, 30 s outages) by setting `POLYSYNC_FAULT_KILLS` and `POLYSYNC_FAULT_PAUSE`.
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
-use crate::support::converge::{Docs, assert_converged, pg_rows, redis_docs, search_docs};
+use crate::support::converge::{Docs, assert_converged, graph_edges, influx_last, pg_rows, redis_docs, search_docs};
 use crate::support::daemon::{ChildDaemon, pg_cache_config_with};
 use crate::support::pg::{TestDb, connect};
 use crate::support::proxy::Proxy;
@@ -30,20 +32,33 @@ fn seed() -> u64 {
     s
 }
 
-/// The scenario's stores: key prefixes and the index.
+/// The scenario's stores: key prefixes, the index, and (when `all`) the graph's id prefix and
+/// the InfluxDB database.
 struct Stores {
     items: String,
     orders: String,
     index: String,
+    all: bool,
+    graph: String,
+    influx_db: String,
 }
 
 impl Stores {
+    /// Cache and search only.
     fn new() -> Stores {
         Stores {
             items: format!("{}:", unique("fi")),
             orders: format!("{}:", unique("fo")),
             index: unique("faults").to_lowercase(),
+            all: false,
+            graph: format!("{}:", unique("fg")),
+            influx_db: unique("faults"),
         }
+    }
+
+    /// Every sink kind: cache, search, graph and time series.
+    fn all() -> Stores {
+        Stores { all: true, ..Stores::new() }
     }
 
     fn pipelines(&self, ws: &Workspace) {
@@ -61,9 +76,26 @@ impl Stores {
                 self.index
             ),
         );
+        if !self.all {
+            return;
+        }
+        // An order is an edge from the order to its item; changing `total` moves the edge.
+        let g = &self.graph;
+        ws.write_pipeline(
+            "orders-graph",
+            &format!(
+                "name = \"orders-graph\"\nsource = \"db\"\n[match]\nrelations = [\"public.orders\"]\n[[sink]]\ntarget = \"graph\"\n[[sink.edge]]\nlabel = \"ordered\"\nid = \"{g}o:{{{{ key.id }}}}\"\nfrom = {{ label = \"order\", id = \"{g}order:{{{{ key.id }}}}\" }}\nto = {{ label = \"item\", id = \"{g}item:{{{{ row.total }}}}\" }}\n"
+            ),
+        );
+        // Every insert and update of an order is a point at its commit time; the last point per
+        // order holds the current total.
+        ws.write_pipeline(
+            "orders-metrics",
+            "name = \"orders-metrics\"\nsource = \"db\"\n[match]\nrelations = [\"public.orders\"]\nops = [\"insert\", \"update\"]\n[[sink]]\ntarget = \"metrics\"\n[[sink.point]]\nmeasurement = \"order_total\"\ntags = { order = \"{{ key.id }}\" }\nfields = { total = { path = \"after.total\", type = \"bigint\" } }\n",
+        );
     }
 
-    /// Wait until both stores equal the tables (a bounded wait: what is in flight lands).
+    /// Wait until every store equals the tables (a bounded wait: what is in flight lands).
     async fn assert_converged(&self, db: &TestDb, slot: &str) {
         db.wait_caught_up(slot, WAIT).await;
         let items =
@@ -75,7 +107,43 @@ impl Stores {
         assert_converged("cache items", &items, &redis_docs(&redis, &self.items).await);
         assert_converged("cache orders", &orders, &redis_docs(&redis, &self.orders).await);
         assert_converged("search items", &items, &search_docs(&self.index).await);
-        eprintln!("converged: {} items, {} orders in cache and search", items.len(), orders.len());
+        if self.all {
+            let g = &self.graph;
+            let edges = pg_rows(
+                &db.client,
+                &format!(
+                    "SELECT 'o:' || id, json_build_object('from', '{g}order:' || id, 'to', '{g}item:' || total)::text FROM orders"
+                ),
+            )
+            .await;
+            assert_converged("graph edges", &edges, &graph_edges(g).await);
+            let totals =
+                pg_rows(&db.client, "SELECT id::text, json_build_object('total', total)::text FROM orders").await;
+            assert_converged(
+                "influxdb last point per order",
+                &totals,
+                &influx_last(&self.influx_db, "order_total", "order", "total").await,
+            );
+        }
+        eprintln!(
+            "converged: {} items, {} orders in cache and search{}",
+            items.len(),
+            orders.len(),
+            if self.all { ", graph and InfluxDB" } else { "" }
+        );
+    }
+
+    /// Drop what the scenario created outside PostgreSQL.
+    async fn cleanup(&self) {
+        crate::support::search::delete_index(&self.index).await;
+        if self.all {
+            crate::support::graph::query(
+                "g.V().hasId(startingWith(p)).drop().iterate(); 0",
+                serde_json::json!({ "p": self.graph }),
+            )
+            .await;
+            crate::support::converge::influx_drop(&self.influx_db).await;
+        }
     }
 }
 
@@ -144,27 +212,52 @@ fn workload(url: String, seed: u64, stop: Arc<AtomicBool>, committed: Arc<Atomic
     })
 }
 
-fn config(db: &TestDb, slot: &str, cache_url: &str, search_url: &str, extra_source: &str) -> String {
+/// Where the daemon reaches each sink (a proxy in front of some in some scenarios).
+struct Urls {
+    cache: String,
+    search: String,
+    graph: String,
+}
+
+impl Urls {
+    fn direct() -> Urls {
+        Urls {
+            cache: crate::support::redis::url(),
+            search: crate::support::search::url(),
+            graph: crate::support::graph::url(),
+        }
+    }
+}
+
+fn config(db: &TestDb, slot: &str, urls: &Urls, stores: &Stores, extra_source: &str) -> String {
+    let more = format!(
+        "\n[sinks.graph]\nkind = \"graph\"\nurl = \"{}\"\ntimeout = \"5s\"\n\n[sinks.metrics]\nkind = \"timeseries\"\nengine = \"influxdb\"\nurl = \"{}\"\ndatabase = \"{}\"\ncreate_database = true\ntimeout = \"5s\"\n",
+        urls.graph,
+        crate::support::converge::influx_url(),
+        stores.influx_db
+    );
     let sinks = format!(
-        "\n[sinks.search]\nkind = \"search\"\nurl = \"{search_url}\"\ntimeout = \"5s\"\n\n[reload]\nwatch = false\n"
+        "\n[sinks.search]\nkind = \"search\"\nurl = \"{}\"\ntimeout = \"5s\"\n{}\n[reload]\nwatch = false\n",
+        urls.search,
+        if stores.all { more.as_str() } else { "" }
     );
     pg_cache_config_with(&db.url, slot, slot, extra_source, &sinks).replace(
         &format!("url = \"{}\"\ntimeout", crate::support::redis::url()),
-        &format!("url = \"{cache_url}\"\ntimeout"),
+        &format!("url = \"{}\"\ntimeout", urls.cache),
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_at_seeded_moments_with_reloads_converges_in_cache_and_search() {
+async fn kill_9_at_seeded_moments_with_reloads_converges_in_every_sink() {
     let _g = shared().await;
     let kills = env_u64("POLYSYNC_FAULT_KILLS", 20);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
     let db = TestDb::create("faultkill").await;
     schema(&db).await;
     let slot = unique("s");
-    let stores = Stores::new();
+    let stores = Stores::all();
     let ws = Workspace::new();
-    ws.write_config(&config(&db, &slot, &crate::support::redis::url(), &crate::support::search::url(), ""));
+    ws.write_config(&config(&db, &slot, &Urls::direct(), &stores, ""));
     stores.pipelines(&ws);
     let log = ws.path().join("daemon.log");
     // The slot exists before the workload starts, so every change is streamed.
@@ -198,13 +291,14 @@ async fn kill_9_at_seeded_moments_with_reloads_converges_in_cache_and_search() {
         committed.load(Ordering::SeqCst)
     );
     assert!(d.terminate().await.success());
-    crate::support::search::delete_index(&stores.index).await;
+    stores.cleanup().await;
     db.cleanup().await;
 }
 
-/// Stopping the real OpenSearch and Redis would lose Redis's data (the local Redis has no
-/// persistence), so the cache outage is a cut at a loopback proxy (a mock at the TCP level,
-/// named as such); OpenSearch and PostgreSQL are really stopped and restarted.
+/// Stopping the real Redis or Gremlin Server would lose their data (the local Redis has no
+/// persistence, TinkerGraph lives in memory), so those outages are cuts at a loopback proxy (a
+/// mock at the TCP level, named as such); OpenSearch, InfluxDB and PostgreSQL are really
+/// stopped and restarted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sink_outages_a_killed_walsender_and_a_postgres_restart_converge() {
     let _g = exclusive().await;
@@ -212,11 +306,20 @@ async fn sink_outages_a_killed_walsender_and_a_postgres_restart_converge() {
     let db = TestDb::create("faultout").await;
     schema(&db).await;
     let slot = unique("s");
-    let stores = Stores::new();
+    let stores = Stores::all();
     let redis_addr = crate::support::redis::url().trim_start_matches("redis://").trim_end_matches('/').to_string();
-    let proxy = Proxy::start(&redis_addr).await;
+    let cache_proxy = Proxy::start(&redis_addr).await;
+    let graph_url = url::Url::parse(&crate::support::graph::url()).unwrap();
+    let graph_proxy =
+        Proxy::start(&format!("{}:{}", graph_url.host_str().unwrap(), graph_url.port_or_known_default().unwrap()))
+            .await;
+    let urls = Urls {
+        cache: format!("redis://{}", cache_proxy.addr),
+        search: crate::support::search::url(),
+        graph: format!("ws://{}{}", graph_proxy.addr, graph_url.path()),
+    };
     let ws = Workspace::new();
-    ws.write_config(&config(&db, &slot, &format!("redis://{}", proxy.addr), &crate::support::search::url(), ""));
+    ws.write_config(&config(&db, &slot, &urls, &stores, ""));
     stores.pipelines(&ws);
     let log = ws.path().join("daemon.log");
     let d = ChildDaemon::spawn(&ws.config_path(), &log);
@@ -227,26 +330,40 @@ async fn sink_outages_a_killed_walsender_and_a_postgres_restart_converge() {
     let mut faults = 0;
 
     // 1. The cache unreachable (connections cut, new ones refused), a reload in the middle.
-    proxy.set_down(true);
+    cache_proxy.set_down(true);
     tokio::time::sleep(pause / 2).await;
     d.signal(libc::SIGHUP);
     tokio::time::sleep(pause / 2).await;
-    proxy.set_down(false);
+    cache_proxy.set_down(false);
     faults += 1;
     // 2. OpenSearch stopped and started again.
     peers(&["--stop", "opensearch"]);
     tokio::time::sleep(pause).await;
     peers(&["opensearch"]);
     faults += 1;
-    // 3. Both at once.
-    proxy.set_down(true);
-    peers(&["--stop", "opensearch"]);
+    // 3. The graph unreachable.
+    graph_proxy.set_down(true);
     tokio::time::sleep(pause).await;
-    proxy.set_down(false);
-    peers(&["opensearch"]);
+    graph_proxy.set_down(false);
     faults += 1;
-    // 4. The walsender terminated in the middle of streaming a large transaction.
-    db.exec("BEGIN; UPDATE items SET v = v + 1000; INSERT INTO orders SELECT 1000000 + i, i FROM generate_series(1, 30000) i; COMMIT;")
+    // 4. InfluxDB stopped and started again, a reload in the middle.
+    peers(&["--stop", "influxdb"]);
+    tokio::time::sleep(pause / 2).await;
+    d.signal(libc::SIGHUP);
+    tokio::time::sleep(pause / 2).await;
+    peers(&["influxdb"]);
+    faults += 1;
+    // 5. All four at once.
+    cache_proxy.set_down(true);
+    graph_proxy.set_down(true);
+    peers(&["--stop", "opensearch", "influxdb"]);
+    tokio::time::sleep(pause).await;
+    cache_proxy.set_down(false);
+    graph_proxy.set_down(false);
+    peers(&["opensearch", "influxdb"]);
+    faults += 1;
+    // 6. The walsender terminated in the middle of streaming a large transaction.
+    db.exec("BEGIN; UPDATE items SET v = v + 1000; INSERT INTO orders SELECT 1000000 + i, i FROM generate_series(1, 10000) i; COMMIT;")
         .await;
     for _ in 0..3 {
         let _ = db
@@ -256,7 +373,7 @@ async fn sink_outages_a_killed_walsender_and_a_postgres_restart_converge() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         faults += 1;
     }
-    // 5. PostgreSQL restarted mid-stream (the daemon reconnects; the workload too).
+    // 7. PostgreSQL restarted mid-stream (the daemon reconnects; the workload too).
     peers(&["--restart", "postgres"]);
     faults += 1;
     tokio::time::sleep(pause).await;
@@ -267,11 +384,11 @@ async fn sink_outages_a_killed_walsender_and_a_postgres_restart_converge() {
     let db = TestDb { client: connect(&db.url).await, ..db };
     stores.assert_converged(&db, &slot).await;
     eprintln!(
-        "outage scenario: {} transactions committed, {faults} faults (cache cut, search stop, both, 3 walsender kills, postgres restart), converged",
+        "outage scenario: {} transactions committed, {faults} faults (cache cut, search stop, graph cut, InfluxDB stop, all four, 3 walsender kills, postgres restart), converged",
         committed.load(Ordering::SeqCst)
     );
     assert!(d.terminate().await.success());
-    crate::support::search::delete_index(&stores.index).await;
+    stores.cleanup().await;
     db.cleanup().await;
 }
 
@@ -289,7 +406,8 @@ async fn a_slow_sink_keeps_memory_bounded_and_the_fast_sink_moving() {
     let proxy = Proxy::start(&search_addr).await;
     let ws = Workspace::new();
     let port = crate::support::free_port();
-    let cfg = config(&db, &slot, &crate::support::redis::url(), &format!("http://{}", proxy.addr), "")
+    let urls = Urls { search: format!("http://{}", proxy.addr), ..Urls::direct() };
+    let cfg = config(&db, &slot, &urls, &stores, "")
         .replace("[metrics]\nenabled = false", &format!("[metrics]\nlisten = \"127.0.0.1:{port}\""))
         .replace("[runtime]\n", "[runtime]\nmax_in_flight = 20000\n");
     ws.write_config(&cfg);
@@ -325,7 +443,7 @@ async fn a_slow_sink_keeps_memory_bounded_and_the_fast_sink_moving() {
     proxy.set_delay(Duration::ZERO);
     stores.assert_converged(&db, &slot).await;
     assert!(d.terminate().await.success());
-    crate::support::search::delete_index(&stores.index).await;
+    stores.cleanup().await;
     db.cleanup().await;
 }
 
@@ -407,7 +525,7 @@ async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_o
     let slot = unique("s");
     let stores = Stores::new();
     let ws = Workspace::new();
-    ws.write_config(&config(&db, &slot, &crate::support::redis::url(), &crate::support::search::url(), ""));
+    ws.write_config(&config(&db, &slot, &Urls::direct(), &stores, ""));
     ws.write_pipeline(
         "things-cache",
         &format!(
@@ -465,7 +583,7 @@ async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_o
             .collect::<Vec<_>>()
     );
     assert!(d.terminate().await.success());
-    crate::support::search::delete_index(&stores.index).await;
+    stores.cleanup().await;
     db.cleanup().await;
 }
 

@@ -13,6 +13,7 @@ mod ops;
 mod pg_cache;
 mod pg_tls;
 mod pipelines;
+mod redis_tls;
 mod search;
 mod snapshot;
 mod timeseries;

@@ -80,3 +80,60 @@ pub fn assert_converged(what: &str, expected: &Docs, actual: &Docs) {
     let d = diff(what, expected, actual);
     assert!(d.is_empty(), "{} differences, first: {:#?}", d.len(), &d[..d.len().min(10)]);
 }
+
+/// Every edge whose id starts with `prefix` (prefix stripped) → `{"from": out-vertex id, "to":
+/// in-vertex id}`, from the Gremlin Server.
+pub async fn graph_edges(prefix: &str) -> Docs {
+    let rows = super::graph::query(
+        "g.E().hasId(startingWith(p)).project('id','from','to').by(id()).by(outV().id()).by(inV().id())",
+        serde_json::json!({ "p": prefix }),
+    )
+    .await;
+    let mut out = Docs::new();
+    for r in rows.as_array().cloned().unwrap_or_default() {
+        let id = r["id"].as_str().unwrap_or_default();
+        out.insert(
+            id.strip_prefix(prefix).unwrap_or(id).to_string(),
+            serde_json::json!({ "from": r["from"], "to": r["to"] }),
+        );
+    }
+    out
+}
+
+/// The test InfluxDB's HTTP address.
+pub fn influx_url() -> String {
+    std::env::var("POLYSYNC_TEST_INFLUX").unwrap_or_else(|_| "http://127.0.0.1:58086".into())
+}
+
+async fn influx_q(db: Option<&str>, method: &str, q: &str) -> Value {
+    let mut url = format!(
+        "{}/query?epoch=u&q={}",
+        influx_url(),
+        url::form_urlencoded::byte_serialize(q.as_bytes()).collect::<String>()
+    );
+    if let Some(db) = db {
+        url.push_str(&format!("&db={db}"));
+    }
+    let req = if method == "POST" { reqwest::Client::new().post(url) } else { reqwest::Client::new().get(url) };
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+/// The latest value of `field` per value of `tag` in `measurement` (tag value → `{field: v}`).
+pub async fn influx_last(db: &str, measurement: &str, tag: &str, field: &str) -> Docs {
+    let v =
+        influx_q(Some(db), "GET", &format!("SELECT last(\"{field}\") FROM \"{measurement}\" GROUP BY \"{tag}\"")).await;
+    let mut out = Docs::new();
+    for series in v["results"][0]["series"].as_array().cloned().unwrap_or_default() {
+        let key = series["tags"][tag].as_str().unwrap_or_default().to_string();
+        let last = series["values"][0][1].clone();
+        let mut doc = serde_json::Map::new();
+        doc.insert(field.to_string(), last);
+        out.insert(key, Value::Object(doc));
+    }
+    out
+}
+
+/// Drop a test database.
+pub async fn influx_drop(db: &str) {
+    influx_q(None, "POST", &format!("DROP DATABASE \"{db}\"")).await;
+}

@@ -18,7 +18,7 @@ pub async fn call(method: &str, path: &str, body: Option<&str>) -> (u16, serde_j
 /// `GET /index/_doc/id` → (_version, _source) if found.
 pub async fn doc(index: &str, id: &str) -> Option<(i64, serde_json::Value)> {
     let (status, v) = call("GET", &format!("/{index}/_doc/{id}"), None).await;
-    if status == 404 || v["found"] == false {
+    if status != 200 || v["found"] != true {
         return None;
     }
     Some((v["_version"].as_i64().unwrap(), v["_source"].clone()))

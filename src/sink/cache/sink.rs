@@ -108,7 +108,15 @@ impl CacheSink {
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             .build_pool(cfg.connections.unwrap_or(2))
             .map_err(|e| fatal(&e))?;
-        let _connection_task = pool.init().await.map_err(|e| err(name, &endpoint, SinkErrorKind::Transient, e))?;
+        let _connection_task = pool.init().await.map_err(|e| {
+            if crate::tls::is_certificate_rejection(&e.to_string()) {
+                fatal(&format!(
+                    "TLS: the server's certificate is not trusted for this address ({e}); check tls_ca_file and that the URL's host name is on the certificate"
+                ))
+            } else {
+                err(name, &endpoint, SinkErrorKind::Transient, e)
+            }
+        })?;
         let cluster = cfg.is_cluster();
         let sha: String = if cluster {
             pool.next().script_load_cluster(GUARDED_WRITE).await
