@@ -1,6 +1,7 @@
 //! Steady-state latency measured from the sink side: rows inserted at a fixed rate, Redis
-//! keyspace notifications timestamp each key's arrival, latency = arrival − the generator's
-//! COMMIT returning for that row.
+//! keyspace notifications timestamp each key's arrival (a `set` of `lat:<id>`, or its `del`
+//! for invalidating consumers), latency = arrival − the generator's COMMIT returning for that
+//! row. The same measurement serves polysync and the Debezium runner.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,18 +25,40 @@ pub struct Outcome {
     pub cpu_cores: f64,
     /// Daemon resident memory at the end.
     pub rss_mib: f64,
+    /// Rows the generator committed.
+    pub sent: usize,
+}
+
+/// What marks a row's arrival in Redis.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// The consumer writes `lat:<id>`.
+    Set,
+    /// The consumer deletes `lat:<id>`; the generator creates each key before its row commits
+    /// (a DEL of a missing key is not announced).
+    Del,
+    /// Not observed (a consumer that writes nothing): only the load is generated.
+    Untracked,
 }
 
 /// Insert into `lat` at `rate` rows/s (0: as fast as possible) for `dur`, then wait for every
-/// key to arrive (up to 30 s more).
-pub async fn run(db_url: &str, redis_url: &str, pid: u32, rate: u64, dur: Duration, next_id: &mut i64) -> Outcome {
+/// key to arrive (up to 30 s more). `pid` is the consumer process (CPU and memory).
+pub async fn run(
+    db_url: &str,
+    redis_url: &str,
+    pid: u32,
+    rate: u64,
+    dur: Duration,
+    next_id: &mut i64,
+    arrival: Arrival,
+) -> Outcome {
     let cfg = Config::from_url(redis_url).expect("redis url");
     let admin = Builder::from_config(cfg.clone()).build().expect("redis client");
     admin.init().await.expect("redis");
     let _: Value = admin
         .custom(
             fred::types::CustomCommand::new_static("CONFIG", None, false),
-            vec!["SET".to_string(), "notify-keyspace-events".into(), "E$".into()],
+            vec!["SET".to_string(), "notify-keyspace-events".into(), "E$g".into()],
         )
         .await
         .expect("enable keyspace notifications");
@@ -44,8 +67,11 @@ pub async fn run(db_url: &str, redis_url: &str, pid: u32, rate: u64, dur: Durati
     let store = Arc::clone(&arrivals);
     let addr = redis_url.trim_start_matches("redis://").trim_end_matches('/').to_string();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let listener = tokio::spawn(subscribe(addr, store, ready_tx));
-    let _ = ready_rx.await;
+    let event = if arrival == Arrival::Set { "set" } else { "del" };
+    let listener = (arrival != Arrival::Untracked).then(|| tokio::spawn(subscribe(addr, event, store, ready_tx)));
+    if listener.is_some() {
+        let _ = ready_rx.await;
+    }
 
     let db = connect(db_url).await;
     let first_id = *next_id;
@@ -61,6 +87,10 @@ pub async fn run(db_url: &str, redis_url: &str, pid: u32, rate: u64, dur: Durati
         }
         let from = *next_id;
         let to = from + batch as i64 - 1;
+        if arrival == Arrival::Del {
+            let keys: Vec<(String, String)> = (from..=to).map(|i| (format!("lat:{i}"), "x".to_string())).collect();
+            let _: () = admin.mset(keys).await.expect("create the keys to be deleted");
+        }
         db.batch_execute(&format!("INSERT INTO lat (id) SELECT generate_series({from}, {to})")).await.expect("insert");
         let at = Instant::now();
         for _ in from..=to {
@@ -69,14 +99,16 @@ pub async fn run(db_url: &str, redis_url: &str, pid: u32, rate: u64, dur: Durati
         *next_id = to + 1;
     }
     let sent = commits.len();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(if arrival == Arrival::Untracked { 0 } else { 30 });
     while arrivals.lock().unwrap().len() < sent && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let wall = start.elapsed().as_secs_f64();
     let cpu = daemon::cpu_seconds(pid) - cpu0;
     let (rss, _) = daemon::memory(pid);
-    listener.abort();
+    if let Some(l) = listener {
+        l.abort();
+    }
     let got = arrivals.lock().unwrap().clone();
     let mut lat: Vec<f64> = got
         .iter()
@@ -89,7 +121,7 @@ pub async fn run(db_url: &str, redis_url: &str, pid: u32, rate: u64, dur: Durati
     let pct = |p: f64| if lat.is_empty() { f64::NAN } else { lat[((lat.len() as f64 - 1.0) * p) as usize] };
     let last_arrival = got.iter().map(|(_, t)| *t).max().unwrap_or(start);
     let span = last_arrival.duration_since(start).as_secs_f64().max(dur.as_secs_f64() * 0.5);
-    if got.len() < sent {
+    if got.len() < sent && arrival != Arrival::Untracked {
         eprintln!(
             "bench: {} of {sent} keys had arrived 30 s after the run ended (the rest were still queued)",
             got.len()
@@ -102,15 +134,21 @@ pub async fn run(db_url: &str, redis_url: &str, pid: u32, rate: u64, dur: Durati
         max_ms: pct(1.0),
         cpu_cores: cpu / wall,
         rss_mib: rss as f64 / 1048576.0,
+        sent,
     }
 }
 
 /// A plain RESP subscriber (one connection, `SUBSCRIBE`, then `message` pushes): the arrival of
 /// every `lat:<id>` key, timestamped when read.
-async fn subscribe(addr: String, store: Arc<Mutex<Vec<(i64, Instant)>>>, ready: tokio::sync::oneshot::Sender<()>) {
+async fn subscribe(
+    addr: String,
+    event: &'static str,
+    store: Arc<Mutex<Vec<(i64, Instant)>>>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let mut s = tokio::net::TcpStream::connect(&addr).await.expect("redis for notifications");
-    s.write_all(b"SUBSCRIBE __keyevent@0__:set\r\n").await.expect("subscribe");
+    s.write_all(format!("SUBSCRIBE __keyevent@0__:{event}\r\n").as_bytes()).await.expect("subscribe");
     let mut r = BufReader::new(s);
     let mut line = String::new();
     let mut ready = Some(ready);

@@ -29,7 +29,8 @@ CREATE TABLE orders (id bigint PRIMARY KEY, user_id bigint NOT NULL, region text
 CREATE TABLE order_items (order_id bigint NOT NULL, product_id bigint NOT NULL, user_id bigint NOT NULL, qty int NOT NULL, PRIMARY KEY (order_id, product_id));
 CREATE TABLE lat (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp());
 CREATE TABLE big (id bigint PRIMARY KEY, payload text NOT NULL);
-CREATE PUBLICATION bench_pub FOR TABLE products, orders, order_items, lat, big;
+CREATE TABLE lat_done (id int PRIMARY KEY);
+CREATE PUBLICATION bench_pub FOR TABLE products, orders, order_items, lat, lat_done, big;
 ";
 
 /// A fresh database with the schema.
