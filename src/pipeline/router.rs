@@ -103,18 +103,6 @@ impl Emitter {
         self.router.lane_of(change)
     }
 
-    /// Room for a change for `lane` if there is some right now, without waiting. The fast path
-    /// of a busy source: no cancellation or timer futures are built per change (the drain
-    /// profile showed them, with their locks, among the top costs). `None`: wait with
-    /// [`Emitter::reserve`].
-    pub fn try_reserve(&self, lane: usize) -> Option<Reservation<'_>> {
-        if self.window.in_flight() >= self.window.capacity() as u64 {
-            return None;
-        }
-        let permit = self.router.lanes[lane].try_reserve().ok()?;
-        Some(Reservation { permit, window: &self.window })
-    }
-
     /// Wait until a change for `lane` can be accepted. Cancel-safe: nothing is taken until
     /// [`Reservation::send`].
     pub async fn reserve(&self, lane: usize) -> Result<Reservation<'_>, Closed> {

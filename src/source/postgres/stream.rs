@@ -360,10 +360,6 @@ pub async fn run_session(
         }
         while let Some(change) = session.pending.pop_front() {
             let lane = emitter.lane_of(&change);
-            if let Some(r) = emitter.try_reserve(lane) {
-                r.send(change);
-                continue;
-            }
             let reserved = loop {
                 tokio::select! {
                     biased;
