@@ -147,11 +147,7 @@ fn workspace(db: &TestDb, slot: &str, p: &str, sink: &str) -> Workspace {
 }
 
 async fn refusal(ws: &Workspace) -> String {
-    let d = InProcess::start(&ws.config_path());
-    match tokio::time::timeout(Duration::from_secs(30), d.result()).await {
-        Ok(Err(e)) => e.to_string(),
-        other => panic!("expected a refusal, got {:?}", other.map(|r| r.is_ok())),
-    }
+    crate::support::daemon::refusal(&ws.config_path()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -140,3 +140,12 @@ pub fn init_test_logging() {
         .with_test_writer()
         .try_init();
 }
+
+/// Start the daemon in-process and expect it to refuse to start within 30 s; the error text.
+pub async fn refusal(config: &Path) -> String {
+    let d = InProcess::start(config);
+    match tokio::time::timeout(std::time::Duration::from_secs(30), d.result()).await {
+        Ok(Err(e)) => e.to_string(),
+        other => panic!("expected a refusal, got {:?}", other.map(|r| r.is_ok())),
+    }
+}
