@@ -97,7 +97,9 @@ fields = {{ count = {{ value = "1", type = "bigint" }} }}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn influxdb_points_hold_exact_values_and_escaped_names_round_trip() {
-    let _g = shared().await;
+    // Alone: under parallel load a first write right after CREATE DATABASE was seen missing
+    // (under investigation, see the README's Status).
+    let _g = crate::support::exclusive().await;
     let db = TestDb::create("influx").await;
     db.exec(ORDERS).await;
     let influx_db = unique("ts");
@@ -189,7 +191,9 @@ fields = { v = "after.v" }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anything_the_encoder_writes_influxdb_parses_back_exactly() {
-    let _g = shared().await;
+    // Alone: under parallel load a first write right after CREATE DATABASE was seen missing
+    // (under investigation, see the README's Status).
+    let _g = crate::support::exclusive().await;
     use polysync::sink::timeseries::lineproto::{FieldValue, encode_line};
     let influx_db = unique("tp");
     create_db(&influx_db).await;
