@@ -59,17 +59,6 @@ on_delete = "drop"
     );
 }
 
-async fn wait_slot(db: &TestDb, slot: &str) {
-    wait_for("slot active", WAIT, || async {
-        db.client
-            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot])
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
-}
-
 async fn edge_props(id: &str) -> serde_json::Value {
     query("g.E(eid).valueMap()", json!({ "eid": id })).await[0].clone()
 }
@@ -86,7 +75,7 @@ async fn changes_become_vertices_and_edges_that_move_update_drop_and_survive_rep
     ws.write_config(&pg_cache_config(&db.url, &slot, &graph_sink()));
     pipelines(&ws, &p);
     let d = InProcess::start(&ws.config_path());
-    wait_slot(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     db.exec(&format!("SELECT pg_create_logical_replication_slot('{replay_slot}', 'pgoutput')")).await;
     let long = "x".repeat(100_000);
     let tricky = "it's \"quoted\"'); g.V().drop(); // ünïcødé 😀 \\ end";
@@ -176,7 +165,7 @@ async fn gremlin_server_down_mid_stream_loses_nothing_and_duplicates_nothing() {
     ws.write_config(&pg_cache_config(&db.url, &slot, &graph_sink()));
     pipelines(&ws, &p);
     let d = InProcess::start(&ws.config_path());
-    wait_slot(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     // TinkerGraph keeps its graph in memory, so what is written before the stop is lost by
     // the server itself; everything from the stop on must arrive exactly once.
     crate::support::peers(&["--stop", "gremlin"]);
@@ -209,7 +198,7 @@ async fn coalesce_mode_gives_the_same_graph() {
     ws.write_config(&pg_cache_config(&db.url, &slot, &(graph_sink() + "compat = \"coalesce\"\n")));
     pipelines(&ws, &p);
     let d = InProcess::start(&ws.config_path());
-    wait_slot(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     db.exec("INSERT INTO products VALUES (1, 'Lamp')").await;
     db.exec("INSERT INTO order_items VALUES (1, 1, 100, 1, 1.00, 'a'), (2, 1, 101, 1, 1.00, 'b')").await;
     db.exec("UPDATE order_items SET qty = 5, user_id = 102 WHERE order_id = 2").await;

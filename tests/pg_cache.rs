@@ -9,17 +9,6 @@ use crate::support::{Workspace, exclusive, shared, unique, wait_for};
 
 const CATCH_UP: Duration = Duration::from_secs(60);
 
-async fn wait_streaming(db: &TestDb, slot: &str) {
-    wait_for(&format!("slot {slot} to be active"), CATCH_UP, || async {
-        db.client
-            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot])
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invalidates_exactly_the_keys_its_templates_name() {
     let _g = shared().await;
@@ -65,7 +54,7 @@ keys = ["{p}:deleted:{{{{ key.id }}}}"]
         ),
     );
     let daemon = InProcess::start(&ws.config_path());
-    wait_streaming(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     let redis = TestRedis::connect().await;
     let all = [
         "cart:1",
@@ -168,7 +157,7 @@ columns = ["id", "name", "price", "stock"]
         ),
     );
     let daemon = InProcess::start(&ws.config_path());
-    wait_streaming(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     // A second slot at (about) the same place: a later run from it replays everything below.
     db.exec(&format!("SELECT pg_create_logical_replication_slot('{replay_slot}', 'pgoutput')")).await;
 
@@ -266,7 +255,7 @@ format = "json"
         ),
     );
     let daemon = InProcess::start(&ws.config_path());
-    wait_streaming(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     // ~96 KB of incompressible text: stored out of line (TOAST).
     let big = "(SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 3000))";
     db.exec(&format!("INSERT INTO docs VALUES (1, 'first', {big}); INSERT INTO docs_full VALUES (1, 'first', {big});"))
@@ -321,7 +310,7 @@ keys = ["{p}:w:{{{{ key.id }}}}"]
         ),
     );
     let daemon = InProcess::start(&ws.config_path());
-    wait_streaming(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     let start = db.confirmed(&slot).await;
     for _ in 0..50 {
         db.exec("INSERT INTO busy (v) SELECT md5(random()::text) FROM generate_series(1, 100)").await;
@@ -361,7 +350,7 @@ columns = ["id", "name", "price", "stock"]
         ),
     );
     let daemon = InProcess::start(&ws.config_path());
-    wait_streaming(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     db.exec("INSERT INTO products SELECT i, 'p' || i, i, i FROM generate_series(1, 10) i").await;
     db.wait_caught_up(&slot, CATCH_UP).await;
 
@@ -406,7 +395,7 @@ async fn a_cut_replication_connection_reconnects_and_loses_nothing() {
         ),
     );
     let daemon = InProcess::start(&ws.config_path());
-    wait_streaming(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     let writer = {
         let url = db.url.clone();
         tokio::spawn(async move {

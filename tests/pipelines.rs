@@ -12,17 +12,6 @@ use crate::support::{Workspace, free_port, http_get, metric_value, shared, uniqu
 
 const CATCH_UP: Duration = Duration::from_secs(60);
 
-async fn wait_slot(db: &TestDb, slot: &str) {
-    wait_for("slot to be active", CATCH_UP, || async {
-        db.client
-            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot])
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn vrl_filters_drops_fields_and_splits_one_change_into_two_documents() {
     let _g = shared().await;
@@ -61,7 +50,7 @@ columns = ["id", "sku", "name", "price"]
         ),
     );
     let d = InProcess::start(&ws.config_path());
-    wait_slot(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     db.exec(
         "INSERT INTO products VALUES (1, 'SKU-1', 'Lamp', 12.30, 'hunter2', true), (2, 'SKU-2', 'Hidden', 9.99, 'x', false), (3, 'SKU-3', 'Desk', 1234567890.05, 'y', true);
          UPDATE products SET price = 13.00 WHERE id = 1;
@@ -115,7 +104,7 @@ async fn a_failing_transform_is_dead_lettered_and_replay_delivers_it_after_the_f
     };
     ws.write_pipeline("codes", &pipeline(".after.n = to_int!(.after.code)"));
     let d = InProcess::start(&ws.config_path());
-    wait_slot(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     db.exec("INSERT INTO codes VALUES (1, '41'), (2, 'forty-two'), (3, '43')").await;
     db.wait_caught_up(&slot, CATCH_UP).await;
     let redis = TestRedis::connect().await;
@@ -186,7 +175,7 @@ async fn a_vrl_compile_error_is_located_and_the_running_pipelines_keep_deliverin
     ws.write_pipeline("good", &invalidate(&p, "g"));
     let log = ws.path().join("daemon.log");
     let d = ChildDaemon::spawn(&ws.config_path(), &log);
-    wait_slot(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     // Line 2 of the file: `to_int(` called with no argument.
     let bad = "source = \"db\"\ntransform = '.after.x = to_int()'\n[match]\nrelations = [\"public.items\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"k:{{ key.id }}\"]\n";
     ws.write_pipeline("bad", bad);
@@ -226,7 +215,7 @@ async fn reload_under_load(watch: bool) {
     }
     let log = ws.path().join("daemon.log");
     let d = ChildDaemon::spawn(&ws.config_path(), &log);
-    wait_slot(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     let inserted = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
     let writer = {
         let (url, inserted) = (db.url.clone(), std::sync::Arc::clone(&inserted));

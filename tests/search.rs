@@ -22,17 +22,6 @@ fn pipeline(index: &str, extra: &str) -> String {
     )
 }
 
-async fn wait_slot(db: &TestDb, slot: &str) {
-    wait_for("slot active", WAIT, || async {
-        db.client
-            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot])
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn inserts_updates_and_deletes_become_versioned_documents_and_replays_never_roll_back() {
     let _g = shared().await;
@@ -47,7 +36,7 @@ async fn inserts_updates_and_deletes_become_versioned_documents_and_replays_neve
     ws.write_config(&pg_cache_config(&db.url, &slot, &search_sink("")));
     ws.write_pipeline("catalog", &pipeline(&index, ""));
     let d = InProcess::start(&ws.config_path());
-    wait_slot(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     db.exec(&format!("SELECT pg_create_logical_replication_slot('{replay_slot}', 'pgoutput')")).await;
     db.exec("INSERT INTO products SELECT i, 'p' || i, i * 1.25, i FROM generate_series(1, 50) i").await;
     db.exec("UPDATE products SET price = 99.90, name = 'renamed' WHERE id = 7").await;
@@ -106,7 +95,7 @@ async fn one_unmappable_document_is_dead_lettered_and_the_rest_are_indexed_once(
     ));
     ws.write_pipeline("catalog", &pipeline(&format!("{p}-alias"), ""));
     let d = InProcess::start(&ws.config_path());
-    wait_slot(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     let (status, mapping) = call("GET", &format!("/{index}/_mapping"), None).await;
     assert_eq!(status, 200, "index created at start with its mapping");
     assert_eq!(mapping[&index]["mappings"]["properties"]["price"]["type"], "float");
@@ -138,7 +127,7 @@ async fn opensearch_down_mid_stream_holds_the_slot_and_loses_nothing() {
     ws.write_config(&pg_cache_config(&db.url, &slot, &search_sink("timeout = \"3s\"")));
     ws.write_pipeline("catalog", &pipeline(&index, ""));
     let d = InProcess::start(&ws.config_path());
-    wait_slot(&db, &slot).await;
+    db.wait_streaming(&slot).await;
     db.exec("INSERT INTO products SELECT i, 'p' || i, i, i FROM generate_series(1, 20) i").await;
     db.wait_caught_up(&slot, WAIT).await;
 

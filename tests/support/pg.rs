@@ -63,6 +63,30 @@ impl TestDb {
     }
 
     /// Wait until the slot has confirmed everything written so far.
+    /// Wait until a walsender streams from `slot` and the slot's creation has finished.
+    ///
+    /// `pg_replication_slots.active` alone is not enough: while `pg_create_logical_replication_slot`
+    /// runs, the creating backend holds the slot (active), and creation waits for every running
+    /// transaction of the cluster to end. A change committed in that time precedes the slot's
+    /// consistent point and is never decoded; under parallel tests with long transactions this
+    /// made a test's first writes vanish. A walsender (listed in `pg_stat_replication`) holding a
+    /// slot with a `confirmed_flush_lsn` means creation is over and the daemon is streaming.
+    pub async fn wait_streaming(&self, slot: &str) {
+        let timeout = std::time::Duration::from_secs(90);
+        super::wait_for(&format!("a walsender streaming from slot {slot}"), timeout, || async {
+            self.client
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                     WHERE s.slot_name = $1 AND s.confirmed_flush_lsn IS NOT NULL",
+                    &[&slot],
+                )
+                .await
+                .unwrap()
+                .is_some()
+        })
+        .await;
+    }
+
     pub async fn wait_caught_up(&self, slot: &str, timeout: std::time::Duration) {
         let target = self.current_lsn().await;
         super::wait_for(&format!("slot {slot} to confirm {}", polysync::change::Lsn(target)), timeout, || async {
