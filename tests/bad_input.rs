@@ -135,6 +135,16 @@ async fn run_refuses_missing_objects_with_a_precise_message() {
     let err = refused(&ws).await;
     assert!(err.contains("pipeline typo") && err.contains("public.t has no column \"usr_id\""), "{err}");
 
+    // A declared text column the table does not have (checked with a transform too).
+    let ws = Workspace::new();
+    ws.write_config(&pg_cache_config(&db.url, &slot, ""));
+    ws.write_pipeline(
+        "texttypo",
+        &format!("source = \"db\"\ntext_columns = [\"nte\"]\ntransform = '.x = 1'\n[match]\nrelations = [\"public.t\"]\n{GOOD_SINK}"),
+    );
+    let err = refused(&ws).await;
+    assert!(err.contains("pipeline texttypo") && err.contains("public.t has no column \"nte\""), "{err}");
+
     // A published table without a primary key or REPLICA IDENTITY FULL.
     let ws = Workspace::new();
     ws.write_config(&pg_cache_config(&db.url, &format!("{slot}_k"), ""));

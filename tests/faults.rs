@@ -147,6 +147,15 @@ impl Stores {
     }
 }
 
+/// SIGHUP the daemon and wait until its log says the reload finished (not merely that the
+/// signal was sent), so a reload is known to have run inside the fault window.
+async fn reload(d: &ChildDaemon, log: &std::path::Path) {
+    let count = || std::fs::read_to_string(log).unwrap_or_default().matches("reloaded").count();
+    let before = count();
+    d.signal(libc::SIGHUP);
+    wait_for("the reload to finish", WAIT, || async { count() > before }).await;
+}
+
 async fn schema(db: &TestDb) {
     db.exec(
         "CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL, stock int NOT NULL, v bigint NOT NULL); \
@@ -332,32 +341,38 @@ async fn sink_outages_a_killed_walsender_and_a_postgres_restart_converge() {
     // 1. The cache unreachable (connections cut, new ones refused), a reload in the middle.
     cache_proxy.set_down(true);
     tokio::time::sleep(pause / 2).await;
-    d.signal(libc::SIGHUP);
+    reload(&d, &log).await;
     tokio::time::sleep(pause / 2).await;
     cache_proxy.set_down(false);
     faults += 1;
-    // 2. OpenSearch stopped and started again.
+    // 2. OpenSearch stopped and started again, a reload in the middle.
     peers(&["--stop", "opensearch"]);
-    tokio::time::sleep(pause).await;
+    tokio::time::sleep(pause / 2).await;
+    reload(&d, &log).await;
+    tokio::time::sleep(pause / 2).await;
     peers(&["opensearch"]);
     faults += 1;
-    // 3. The graph unreachable.
+    // 3. The graph unreachable, a reload in the middle.
     graph_proxy.set_down(true);
-    tokio::time::sleep(pause).await;
+    tokio::time::sleep(pause / 2).await;
+    reload(&d, &log).await;
+    tokio::time::sleep(pause / 2).await;
     graph_proxy.set_down(false);
     faults += 1;
     // 4. InfluxDB stopped and started again, a reload in the middle.
     peers(&["--stop", "influxdb"]);
     tokio::time::sleep(pause / 2).await;
-    d.signal(libc::SIGHUP);
+    reload(&d, &log).await;
     tokio::time::sleep(pause / 2).await;
     peers(&["influxdb"]);
     faults += 1;
-    // 5. All four at once.
+    // 5. All four at once, a reload in the middle.
     cache_proxy.set_down(true);
     graph_proxy.set_down(true);
     peers(&["--stop", "opensearch", "influxdb"]);
-    tokio::time::sleep(pause).await;
+    tokio::time::sleep(pause / 2).await;
+    reload(&d, &log).await;
+    tokio::time::sleep(pause / 2).await;
     cache_proxy.set_down(false);
     graph_proxy.set_down(false);
     peers(&["opensearch", "influxdb"]);
@@ -365,26 +380,30 @@ async fn sink_outages_a_killed_walsender_and_a_postgres_restart_converge() {
     // 6. The walsender terminated in the middle of streaming a large transaction.
     db.exec("BEGIN; UPDATE items SET v = v + 1000; INSERT INTO orders SELECT 1000000 + i, i FROM generate_series(1, 10000) i; COMMIT;")
         .await;
-    for _ in 0..3 {
+    for i in 0..3 {
         let _ = db
             .client
             .execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL", &[&slot])
             .await;
+        if i == 1 {
+            reload(&d, &log).await; // while the source reconnects
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         faults += 1;
     }
-    // 7. PostgreSQL restarted mid-stream (the daemon reconnects; the workload too).
+    // 7. PostgreSQL restarted mid-stream (the daemon reconnects; the workload too), then a
+    // reload while the source catches up.
     peers(&["--restart", "postgres"]);
     faults += 1;
+    reload(&d, &log).await;
     tokio::time::sleep(pause).await;
-    d.signal(libc::SIGHUP);
     stop.store(true, Ordering::SeqCst);
     w.await.unwrap();
     // The test's own connection did not survive the restart.
     let db = TestDb { client: connect(&db.url).await, ..db };
     stores.assert_converged(&db, &slot).await;
     eprintln!(
-        "outage scenario: {} transactions committed, {faults} faults (cache cut, search stop, graph cut, InfluxDB stop, all four, 3 walsender kills, postgres restart), converged",
+        "outage scenario: {} transactions committed, {faults} faults (cache cut, search stop, graph cut, InfluxDB stop, all four, 3 walsender kills, postgres restart), 7 reloads inside them, converged",
         committed.load(Ordering::SeqCst)
     );
     assert!(d.terminate().await.success());
@@ -412,7 +431,8 @@ async fn a_slow_sink_keeps_memory_bounded_and_the_fast_sink_moving() {
         .replace("[runtime]\n", "[runtime]\nmax_in_flight = 20000\n");
     ws.write_config(&cfg);
     stores.pipelines(&ws);
-    let d = ChildDaemon::spawn(&ws.config_path(), &ws.path().join("daemon.log"));
+    let log = ws.path().join("daemon.log");
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
     wait_for("slot created", WAIT, || async { db.confirmed(&slot).await > 0 }).await;
     seed_rows(&db).await;
     proxy.set_delay(Duration::from_millis(300));
@@ -440,6 +460,12 @@ async fn a_slow_sink_keeps_memory_bounded_and_the_fast_sink_moving() {
     eprintln!("slow sink: cache applied {cache}, search applied {search}, peak RSS {rss} kB");
     assert!(cache > search, "the fast sink is ahead ({cache} vs {search})");
     assert!(rss < 300 * 1024, "peak RSS {rss} kB with a 20,000-change window");
+    // A reload while the index is still slow: it finishes, and the cache goes on to apply
+    // every one of its 104,000 changes (2,000 item inserts, 100,000 orders, 2,000 item updates)
+    // before the index is made fast again.
+    reload(&d, &log).await;
+    wait_for("the cache to apply everything after the reload", WAIT, || async { applied("cache").await >= 104_000.0 })
+        .await;
     proxy.set_delay(Duration::ZERO);
     stores.assert_converged(&db, &slot).await;
     assert!(d.terminate().await.success());
@@ -496,10 +522,18 @@ async fn a_full_state_disk_stops_consumption_and_confirms_nothing_unrecorded() {
         "the slot must not confirm changes whose dead letters were not written; log:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+    // A stuck lane does not keep SIGTERM from ending the daemon.
     assert!(d.terminate().await.code().is_some());
-    // More room: a restart records every dead letter and the slot moves past them.
-    let _ = std::process::Command::new("mount").args(["-o", "remount,size=16m"]).arg(&state).status();
+    // Restarted on the still-full disk: stuck again; a reload runs and changes nothing of that.
     let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    let failures = || std::fs::read_to_string(&log).unwrap_or_default().matches("cannot record a dead letter").count();
+    let before = failures();
+    wait_for("the restarted daemon to hit the full disk", WAIT, || async { failures() > before }).await;
+    reload(&d, &log).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(db.confirmed(&slot).await < end, "nothing unrecorded is confirmed after the reload either");
+    // More room: the same daemon (no restart) records every dead letter and the slot moves past them.
+    let _ = std::process::Command::new("mount").args(["-o", "remount,size=16m"]).arg(&state).status();
     db.wait_caught_up(&slot, WAIT).await;
     let ids: std::collections::BTreeSet<i64> = ws
         .dead_letters()
@@ -521,7 +555,7 @@ async fn a_full_state_disk_stops_consumption_and_confirms_nothing_unrecorded() {
 async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_on() {
     let _g = shared().await;
     let db = TestDb::create("poison").await;
-    db.exec("CREATE TABLE things (id bigint PRIMARY KEY, n numeric, name text NOT NULL, blob text)").await;
+    db.exec("CREATE TABLE things (id bigint PRIMARY KEY, n numeric, name text NOT NULL, blob text, note bytea)").await;
     let slot = unique("s");
     let stores = Stores::new();
     let ws = Workspace::new();
@@ -536,7 +570,8 @@ async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_o
     ws.write_pipeline(
         "things-search",
         &format!(
-            "source = \"db\"\n[match]\nrelations = [\"public.things\"]\n[[sink]]\ntarget = \"search\"\nindex = \"{}\"\nid = \"{{{{ key.id }}}}\"\n",
+            // `note` is a legacy bytea column holding UTF-8 text: declared, it is indexed as text.
+            "source = \"db\"\ntext_columns = [\"note\"]\n[match]\nrelations = [\"public.things\"]\n[[sink]]\ntarget = \"search\"\nindex = \"{}\"\nid = \"{{{{ key.id }}}}\"\n",
             stores.index
         ),
     );
@@ -553,6 +588,10 @@ async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_o
     db.exec(&format!("INSERT INTO things VALUES (2, 1, '{}', NULL)", "k".repeat(70_000))).await; // key over the limit
     db.exec(&format!("INSERT INTO things VALUES (3, 1, 'big-term', '{}')", "x".repeat(40_000))).await; // immense term
     db.exec("INSERT INTO things VALUES (4, 2.5, 'fine', 'ok')").await;
+    // Invalid UTF-8 in the declared text column (0xc3 opens a 2-byte sequence, 0x28 is not a
+    // continuation byte); then valid UTF-8 in it.
+    db.exec("INSERT INTO things VALUES (5, 3, 'bad-text', NULL, '\\x6f6bc328')").await;
+    db.exec("INSERT INTO things VALUES (6, 4, 'good-text', NULL, convert_to('héllo ✓', 'UTF8'))").await;
     db.wait_caught_up(&slot, WAIT).await;
     let letters = ws.dead_letters();
     let reason = |id: i64, sink: &str| {
@@ -570,11 +609,24 @@ async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_o
         "{}",
         reason(3, "search")
     );
+    let bad_text = reason(5, "-");
+    assert!(
+        bad_text.contains("things-search")
+            && bad_text.contains("after.note of public.things (id=5)")
+            && bad_text.contains("not valid UTF-8: invalid byte 0xc3 at offset 2 of 4 bytes"),
+        "{bad_text}"
+    );
     let redis = TestRedis::connect().await;
     assert!(redis.get(&format!("{}fine", stores.items)).await.is_some(), "the stream went on");
+    assert!(redis.get(&format!("{}bad-text", stores.items)).await.is_some(), "the cache pipeline keeps bytes");
     let docs: Docs = search_docs(&stores.index).await;
+    assert_eq!(docs.get("6").map(|d| d["note"].clone()), Some(serde_json::json!("héllo ✓")), "decoded as text");
     assert!(
-        docs.contains_key("4") && docs.contains_key("2") && !docs.contains_key("3") && !docs.contains_key("1"),
+        docs.contains_key("4")
+            && docs.contains_key("2")
+            && !docs.contains_key("3")
+            && !docs.contains_key("1")
+            && !docs.contains_key("5"),
         "{:?} {:?}",
         docs.keys().collect::<Vec<_>>(),
         letters

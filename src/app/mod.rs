@@ -63,6 +63,9 @@ pub fn source_needs(pipelines: &[Arc<Pipeline>], source: &str) -> (BTreeSet<Stri
     for p in pipelines.iter().filter(|p| &*p.source == source) {
         for rel in p.exact_relations() {
             tables.insert(rel.to_string());
+            for col in &p.text_columns {
+                columns.entry(rel.to_string()).or_default().push((p.name.to_string(), col.to_string()));
+            }
             if p.transform.is_some() {
                 continue; // templates read the transformed event, not table columns
             }

@@ -165,6 +165,11 @@ impl Row {
         self.fields.iter().find(|(n, _)| &**n == name).map(|(_, v)| v)
     }
 
+    /// The value of a field, to replace it in place (e.g. decoding a declared text column).
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Value> {
+        self.fields.iter_mut().find(|(n, _)| &**n == name).map(|(_, v)| v)
+    }
+
     /// Fields in source order.
     pub fn iter(&self) -> impl Iterator<Item = (&Name, &Value)> {
         self.fields.iter().map(|(n, v)| (n, v))

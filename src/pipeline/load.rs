@@ -41,6 +41,8 @@ struct RawPipeline {
     transform: Option<Spanned<String>>,
     #[serde(default)]
     snapshot: Option<Spanned<String>>,
+    #[serde(default)]
+    text_columns: Vec<Spanned<String>>,
     #[serde(default, rename = "sink")]
     sinks: Vec<Spanned<toml::Table>>,
 }
@@ -210,6 +212,18 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
         }
     };
 
+    let mut text_columns: Vec<Name> = Vec::new();
+    for c in &raw.text_columns {
+        let column = c.get_ref();
+        if column.is_empty() {
+            errors.push(at(c.span().start, "text_columns: a column name cannot be empty".into()));
+        } else if text_columns.iter().any(|t| &**t == column) {
+            errors.push(at(c.span().start, format!("text_columns lists {column:?} twice")));
+        } else {
+            text_columns.push(Name::from(column.as_str()));
+        }
+    }
+
     if raw.sinks.is_empty() {
         errors.push(at(0, "pipeline has no [[sink]]; add at least one".into()));
     }
@@ -255,5 +269,6 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
         ops,
         actions,
         snapshot_initial,
+        text_columns,
     })
 }

@@ -11,6 +11,7 @@ pub mod process;
 pub mod router;
 pub mod scope;
 pub mod template;
+pub mod text_columns;
 pub mod vrl;
 
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ pub struct Pipeline {
     pub transform: Option<Arc<vrl::VrlProgram>>,
     /// `snapshot = "initial"`: the first start reads every existing row of its tables.
     pub snapshot_initial: bool,
+    /// Binary columns that hold UTF-8 text: decoded (strictly) before the filter runs.
+    pub text_columns: Vec<Name>,
 }
 
 /// A sink action bound to its target name.
@@ -91,6 +94,10 @@ impl Pipeline {
             if self.filter.is_some() { ", filtered (VRL)" } else { "" },
             if self.transform.is_some() { ", transformed (VRL)" } else { "" },
         )];
+        if !self.text_columns.is_empty() {
+            let cols: Vec<&str> = self.text_columns.iter().map(|c| &**c).collect();
+            lines.push(format!("  text columns (binary decoded as UTF-8): [{}]", cols.join(", ")));
+        }
         for a in &self.actions {
             lines.push(format!("  -> sink {} ({}): {}", a.target, a.kind, a.action.describe()));
         }

@@ -38,6 +38,15 @@ pub fn apply(def: &Pipeline, change: &Change, only: Option<&str>, out: &mut Vec<
         sink: "-".into(),
         reason: format!("{} ({}): {what} failed: {e}", def.name, def.file.display()),
     };
+    let decoded;
+    let change = match super::text_columns::decode(change, &def.text_columns) {
+        Ok(None) => change,
+        Ok(Some(c)) => {
+            decoded = c;
+            &decoded
+        }
+        Err(e) => return out.push(fail("text_columns", e)),
+    };
     if let Some(filter) = &def.filter {
         match filter.test(change) {
             Outcome::Ok(true) => {}
