@@ -83,9 +83,16 @@ pub async fn run(mut inp: LaneInputs) {
                                 pipeline: Arc::clone(&def.name),
                                 payload,
                             };
-                            let sent = tokio::select! {
-                                r = sink.lanes[inp.index % sink.lanes.len()].send(rec) => r.is_ok(),
-                                _ = inp.hard_stop.cancelled() => false,
+                            // Without waiting when there is room (no cancellation future per
+                            // record); otherwise wait, unless the hard stop fires.
+                            let tx = &sink.lanes[inp.index % sink.lanes.len()];
+                            let sent = match tx.try_send(rec) {
+                                Ok(()) => true,
+                                Err(mpsc::error::TrySendError::Full(rec)) => tokio::select! {
+                                    r = tx.send(rec) => r.is_ok(),
+                                    _ = inp.hard_stop.cancelled() => false,
+                                },
+                                Err(mpsc::error::TrySendError::Closed(_)) => false,
                             };
                             if !sent {
                                 return; // shutting down: nothing more is acknowledged

@@ -530,43 +530,60 @@ impl ReplicationStream {
     /// Next message. Cancel-safe: partially received frames stay buffered.
     pub async fn recv(&mut self) -> Result<ReplMessage, ReplError> {
         loop {
-            let f = self.conn.reader.next().await?;
-            match f.tag {
-                b'd' => {
-                    let mut b = f.body;
-                    if b.is_empty() {
-                        continue;
-                    }
-                    match b.get_u8() {
-                        b'w' if b.len() >= 24 => {
-                            let wal_start = b.get_u64();
-                            let wal_end = b.get_u64();
-                            let _send_time = b.get_i64();
-                            return Ok(ReplMessage::XLogData { wal_start, wal_end, data: b });
-                        }
-                        b'k' if b.len() >= 17 => {
-                            let wal_end = b.get_u64();
-                            let _t = b.get_i64();
-                            let reply_requested = b.get_u8() == 1;
-                            return Ok(ReplMessage::Keepalive { wal_end, reply_requested });
-                        }
-                        other => {
-                            return Err(ReplError::Protocol {
-                                endpoint: self.conn.endpoint.clone(),
-                                msg: format!("unknown CopyData message {:?}", other as char),
-                            });
-                        }
-                    }
-                }
-                b'E' => return Err(parse_error(&self.conn.endpoint, &f.body)),
-                b'c' => {
-                    return Err(ReplError::Io {
-                        endpoint: self.conn.endpoint.clone(),
-                        source: io::Error::new(io::ErrorKind::UnexpectedEof, "server ended the replication stream"),
-                    });
-                }
-                _ => {}
+            if let Some(m) = self.try_recv_buffered()? {
+                return Ok(m);
             }
+            let f = self.conn.reader.next().await?;
+            if let Some(m) = self.message(f)? {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// The next message if it has already been read from the socket: no waiting, no future.
+    /// The server sends changes in bursts, so the consumer takes most messages this way.
+    pub fn try_recv_buffered(&mut self) -> Result<Option<ReplMessage>, ReplError> {
+        while let Some(f) = self.conn.reader.try_frame()? {
+            if let Some(m) = self.message(f)? {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A frame as a replication message; `None` for frames that carry none.
+    fn message(&self, f: Frame) -> Result<Option<ReplMessage>, ReplError> {
+        match f.tag {
+            b'd' => {
+                let mut b = f.body;
+                if b.is_empty() {
+                    return Ok(None);
+                }
+                match b.get_u8() {
+                    b'w' if b.len() >= 24 => {
+                        let wal_start = b.get_u64();
+                        let wal_end = b.get_u64();
+                        let _send_time = b.get_i64();
+                        Ok(Some(ReplMessage::XLogData { wal_start, wal_end, data: b }))
+                    }
+                    b'k' if b.len() >= 17 => {
+                        let wal_end = b.get_u64();
+                        let _t = b.get_i64();
+                        let reply_requested = b.get_u8() == 1;
+                        Ok(Some(ReplMessage::Keepalive { wal_end, reply_requested }))
+                    }
+                    other => Err(ReplError::Protocol {
+                        endpoint: self.conn.endpoint.clone(),
+                        msg: format!("unknown CopyData message {:?}", other as char),
+                    }),
+                }
+            }
+            b'E' => Err(parse_error(&self.conn.endpoint, &f.body)),
+            b'c' => Err(ReplError::Io {
+                endpoint: self.conn.endpoint.clone(),
+                source: io::Error::new(io::ErrorKind::UnexpectedEof, "server ended the replication stream"),
+            }),
+            _ => Ok(None),
         }
     }
 

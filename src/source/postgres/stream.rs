@@ -355,6 +355,9 @@ pub async fn run_session(
     }
     loop {
         // Hand queued changes to the lanes, answering the server while we wait for room.
+        if !session.pending.is_empty() && hard_stop.is_cancelled() {
+            return StreamEnd::Stopped;
+        }
         while let Some(change) = session.pending.pop_front() {
             let lane = emitter.lane_of(&change);
             let reserved = loop {
@@ -375,39 +378,49 @@ pub async fn run_session(
             tracing::trace!(end_lsn = %crate::change::Lsn(end_lsn), issued_in_flight = window.in_flight(), "commit mark");
             window.mark(end_lsn);
         }
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            _ = status.tick() => send_status!(false),
-            msg = stream.recv() => match msg {
-                Err(e) => return StreamEnd::Failed(e),
-                Ok(ReplMessage::Keepalive { wal_end, reply_requested }) => {
-                    session.received = session.received.max(wal_end);
-                    tracing::trace!(wal_end = %crate::change::Lsn(wal_end), in_tx = session.tx.is_some(), "keepalive");
-                    if session.tx.is_none() {
-                        // Between transactions: everything decoded before wal_end is received.
-                        window.mark(wal_end);
-                        if window.in_flight() == 0 {
-                            // Caught up: nothing read is waiting for a sink.
-                            metrics().source_lag.with_label_values(&[&source]).set(0.0);
-                        }
-                    }
-                    if reply_requested {
-                        send_status!(true);
-                    }
+        // A message already read needs no select; otherwise wait for one, a status tick or
+        // the stop request.
+        let msg = match stream.try_recv_buffered() {
+            Ok(Some(m)) => Ok(m),
+            Err(e) => Err(e),
+            Ok(None) => tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = status.tick() => {
+                    send_status!(false);
+                    continue;
                 }
-                Ok(ReplMessage::XLogData { wal_end, data, .. }) => {
-                    session.received = session.received.max(wal_end);
-                    let decoded = match decode(data) {
-                        Ok(m) => m,
-                        Err(e) => return StreamEnd::Corrupt(e.to_string()),
-                    };
-                    match session.handle(decoded) {
-                        Ok(end) => pending_mark = end,
-                        Err(e) => return StreamEnd::Corrupt(e),
-                    }
-                }
+                m = stream.recv() => m,
             },
+        };
+        match msg {
+            Err(e) => return StreamEnd::Failed(e),
+            Ok(ReplMessage::Keepalive { wal_end, reply_requested }) => {
+                session.received = session.received.max(wal_end);
+                tracing::trace!(wal_end = %crate::change::Lsn(wal_end), in_tx = session.tx.is_some(), "keepalive");
+                if session.tx.is_none() {
+                    // Between transactions: everything decoded before wal_end is received.
+                    window.mark(wal_end);
+                    if window.in_flight() == 0 {
+                        // Caught up: nothing read is waiting for a sink.
+                        metrics().source_lag.with_label_values(&[&source]).set(0.0);
+                    }
+                }
+                if reply_requested {
+                    send_status!(true);
+                }
+            }
+            Ok(ReplMessage::XLogData { wal_end, data, .. }) => {
+                session.received = session.received.max(wal_end);
+                let decoded = match decode(data) {
+                    Ok(m) => m,
+                    Err(e) => return StreamEnd::Corrupt(e.to_string()),
+                };
+                match session.handle(decoded) {
+                    Ok(end) => pending_mark = end,
+                    Err(e) => return StreamEnd::Corrupt(e),
+                }
+            }
         }
     }
     // Shutdown: stop reading, wait for what is in flight, confirm it.
