@@ -621,7 +621,7 @@ async fn backfill_of_a_20000_item_table_with_writes_during_the_scan_ends_exact()
             last = crate::support::converge::diff(
                 "cache",
                 &expected,
-                &crate::support::converge::redis_docs(&redis, &p).await,
+                &crate::support::converge::redis_docs(&redis.client, &p).await,
             );
             if last.is_empty() {
                 return true;
@@ -734,8 +734,11 @@ async fn kill_9_at_seeded_moments_converges_in_cache_and_search() {
     let redis = TestRedis::connect().await;
     let mut last = Vec::new();
     for _ in 0..600 {
-        last =
-            crate::support::converge::diff("cache", &expected, &crate::support::converge::redis_docs(&redis, &p).await);
+        last = crate::support::converge::diff(
+            "cache",
+            &expected,
+            &crate::support::converge::redis_docs(&redis.client, &p).await,
+        );
         last.extend(crate::support::converge::diff(
             "search",
             &expected,

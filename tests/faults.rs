@@ -104,8 +104,8 @@ impl Stores {
         let orders =
             pg_rows(&db.client, "SELECT id::text, row_to_json(t)::text FROM (SELECT id, total FROM orders) t").await;
         let redis = TestRedis::connect().await;
-        assert_converged("cache items", &items, &redis_docs(&redis, &self.items).await);
-        assert_converged("cache orders", &orders, &redis_docs(&redis, &self.orders).await);
+        assert_converged("cache items", &items, &redis_docs(&redis.client, &self.items).await);
+        assert_converged("cache orders", &orders, &redis_docs(&redis.client, &self.orders).await);
         assert_converged("search items", &items, &search_docs(&self.index).await);
         if self.all {
             let g = &self.graph;

@@ -5,10 +5,14 @@
 //! Usage: `polysync-bench [--changes N] [--runs R] [--quick] [--no-debezium] [--only LIST]
 //! [--before BIN] [--out FILE]`. `--only` picks scenarios (`drain,big,steady,fanout`);
 //! `--before BIN` adds a second polysync binary (e.g. the build before an optimisation) to the
-//! backlog drain, run side by side with the current one on identical slots.
+//! backlog drain and the big transaction, run side by side with the current one on identical slots.
 //! Environment: `POLYSYNC_TEST_PG` (admin URL), `POLYSYNC_TEST_REDIS`, `POLYSYNC_TEST_OPENSEARCH`,
 //! `POLYSYNC_TEST_GREMLIN`, `POLYSYNC_TEST_INFLUX` (as `make peers` writes them).
 
+// The test suite's convergence checker, shared so the fan-out run is checked key by key too.
+#[allow(dead_code)]
+#[path = "../../tests/support/converge.rs"]
+mod converge;
 mod daemon;
 mod latency;
 mod workload;
@@ -295,32 +299,45 @@ async fn main() {
     if a.runs("big") {
         let big_rows: u64 = if a.quick { 200_000 } else { 1_000_000 };
         let (db_url, db) = workload::fresh_db(&admin_url, "polysync_bench_big").await;
-        let mut peaks = Vec::new();
-        let mut times = Vec::new();
         for run in 0..a.runs {
             create_slot(&db, &format!("big_{run}")).await;
+            if a.before.is_some() {
+                create_slot(&db, &format!("big_before_{run}")).await;
+            }
         }
         db.batch_execute(&format!("INSERT INTO big SELECT i, repeat('x', 100) FROM generate_series(1, {big_rows}) i"))
             .await
             .unwrap();
         let target = current_lsn(&db).await;
-        let big = Backlog { bin: &bin, admin: &db, db_url: &db_url, target };
         let cache_sink = format!("[sinks.out]\nkind = \"cache\"\nurl = \"{redis_url}\"\n");
+        // The current build and, with --before, the other one, alternating run by run.
+        let mut builds = vec![("", bin.as_path())];
+        if let Some(b) = a.before.as_deref() {
+            builds.push(("before_", b));
+        }
+        let mut measured: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); builds.len()];
         for run in 0..a.runs {
-            if let Some((s, peak, _)) =
-                polysync_drain(&big, &format!("big_{run}"), &cache_sink, invalidate_pipelines(), None).await
-            {
-                times.push(s);
-                peaks.push(peak as f64 / 1048576.0);
+            for (i, (tag, b)) in builds.iter().enumerate() {
+                let big = Backlog { bin: b, admin: &db, db_url: &db_url, target };
+                if let Some((s, peak, _)) =
+                    polysync_drain(&big, &format!("big_{tag}{run}"), &cache_sink, invalidate_pipelines(), None).await
+                {
+                    measured[i].0.push(s);
+                    measured[i].1.push(peak as f64 / 1048576.0);
+                }
             }
         }
         let _ = writeln!(r, "## One transaction of {big_rows} rows (→ Redis invalidate)\n");
-        let _ = writeln!(
-            r,
-            "* time to apply: {} s; peak RSS (VmHWM): **{} MiB** (target ≤ 150 MB)\n",
-            fmt_stats(&times, "").trim(),
-            fmt_stats(&peaks, "").trim()
-        );
+        for ((tag, b), (times, peaks)) in builds.iter().zip(&measured) {
+            let who = if tag.is_empty() { String::new() } else { format!("before build (`{}`): ", b.display()) };
+            let _ = writeln!(
+                r,
+                "* {who}time to apply: {} s; peak RSS (VmHWM): **{} MiB** (target ≤ 150 MB)",
+                fmt_stats(times, "").trim(),
+                fmt_stats(peaks, "").trim()
+            );
+        }
+        let _ = writeln!(r);
         eprintln!("bench: big transaction done");
         workload::drop_db(&admin, "polysync_bench_big").await;
     }
@@ -396,6 +413,8 @@ async fn main() {
         let n = workload::backlog(&db, fan_n).await;
         let target = current_lsn(&db).await;
         let idx = format!("bench-fan-{}", std::process::id());
+        // Graph ids unique to this run: TinkerGraph keeps earlier runs' edges in memory.
+        let gp = format!("bench{}:", std::process::id());
         let sinks = format!(
             "[sinks.cache]\nkind = \"cache\"\nurl = \"{redis_url}\"\n[sinks.search]\nkind = \"search\"\nurl = \"{}\"\n[sinks.graph]\nkind = \"graph\"\nurl = \"{}\"\n[sinks.metrics]\nkind = \"timeseries\"\nengine = \"influxdb\"\nurl = \"{}\"\ndatabase = \"bench\"\ncreate_database = true\n",
             env("POLYSYNC_TEST_OPENSEARCH", "http://127.0.0.1:59200"),
@@ -405,7 +424,7 @@ async fn main() {
         let pipelines = vec![
             ("cache", "source = \"shop\"\n[match]\nrelations = [\"public.products\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"fan:product:{{ key.id }}\"\nformat = \"json\"\n".to_string()),
             ("search", format!("source = \"shop\"\n[match]\nrelations = [\"public.products\"]\n[[sink]]\ntarget = \"search\"\nindex = \"{idx}\"\nid = \"{{{{ key.id }}}}\"\n")),
-            ("graph", "source = \"shop\"\n[match]\nrelations = [\"public.order_items\"]\n[[sink]]\ntarget = \"graph\"\n[[sink.edge]]\nlabel = \"bought\"\nid = \"bench:{{ key.order_id }}:{{ key.product_id }}\"\nfrom = { label = \"customer\", id = \"bench:c:{{ row.user_id }}\" }\nto = { label = \"product\", id = \"bench:p:{{ key.product_id }}\" }\nproperties = { qty = \"row.qty\" }\n".to_string()),
+            ("graph", format!("source = \"shop\"\n[match]\nrelations = [\"public.order_items\"]\n[[sink]]\ntarget = \"graph\"\n[[sink.edge]]\nlabel = \"bought\"\nid = \"{gp}{{{{ key.order_id }}}}:{{{{ key.product_id }}}}\"\nfrom = {{ label = \"customer\", id = \"{gp}c:{{{{ row.user_id }}}}\" }}\nto = {{ label = \"product\", id = \"{gp}p:{{{{ key.product_id }}}}\" }}\nproperties = {{ qty = \"row.qty\" }}\n")),
             ("metrics", "source = \"shop\"\n[match]\nrelations = [\"public.orders\"]\n[[sink]]\ntarget = \"metrics\"\n[[sink.point]]\nmeasurement = \"order_value\"\nops = [\"insert\"]\ntags = { region = \"{{ after.region }}\" }\nfields = { total = { path = \"after.total\", type = \"double\" } }\n".to_string()),
         ];
         let cfg = format!("{}{sinks}", source_cfg(&db_url, "fan", ""));
@@ -430,6 +449,7 @@ async fn main() {
             finished.push((s.to_string(), v, at));
         }
         d.stop();
+        let checked = fanout_convergence(&db, &redis_url, &idx, &gp).await;
         let _ = writeln!(
             r,
             "## Fan-out ({n} changes → cache + search + graph + timeseries at once)\n\nAll four sinks are fed by one source; \
@@ -479,6 +499,7 @@ async fn main() {
                  others wait for it through the shared in-flight window, which is why their finishing times match."
             );
         }
+        let _ = writeln!(r, "\n{checked}");
         let _ = writeln!(
             r,
             "\nBatch sizes: cache 512 keys per pipeline, search 500 documents per `_bulk`, graph 100 changes per request, InfluxDB 5000 points per write (the defaults).\n"
@@ -488,6 +509,7 @@ async fn main() {
             .arg(format!("{}/{idx}", env("POLYSYNC_TEST_OPENSEARCH", "http://127.0.0.1:59200")))
             .status();
         workload::drop_db(&admin, "polysync_bench_fan").await;
+        converge::gremlin_query("g.V().hasId(startingWith(p)).drop()", serde_json::json!({ "p": gp })).await;
         eprintln!("bench: fan-out done");
     }
 
@@ -843,4 +865,46 @@ async fn debezium_steady(
 
 fn which(cmd: &str) -> bool {
     Command::new("sh").arg("-c").arg(format!("command -v {cmd}")).output().is_ok_and(|o| o.status.success())
+}
+
+/// After the fan-out: the cache, the index and the graph compared with the tables key by key
+/// (the same checker as the fault-injection tests). InfluxDB is left out: points of one
+/// transaction and region share measurement, tags and time, so they overwrite each other by
+/// design and there is no per-row state to compare.
+async fn fanout_convergence(db: &tokio_postgres::Client, redis_url: &str, index: &str, graph_prefix: &str) -> String {
+    use fred::prelude::*;
+    let products = converge::pg_rows(
+        db,
+        "SELECT id::text, row_to_json(t)::text FROM (SELECT id, sku, name, price, stock FROM products) t",
+    )
+    .await;
+    let items = converge::pg_rows(
+        db,
+        &format!(
+            "SELECT order_id || ':' || product_id, json_build_object('from', '{graph_prefix}c:' || user_id, 'to', '{graph_prefix}p:' || product_id)::text FROM order_items"
+        ),
+    )
+    .await;
+    let redis = match Config::from_url(redis_url).and_then(|c| Builder::from_config(c).build()) {
+        Ok(client) => client,
+        Err(e) => return format!("Convergence not checked: Redis: {e}"),
+    };
+    if let Err(e) = redis.init().await {
+        return format!("Convergence not checked: Redis: {e}");
+    }
+    let mut diffs = converge::diff("cache", &products, &converge::redis_docs(&redis, "fan:product:").await);
+    diffs.extend(converge::diff("search", &products, &converge::search_docs(index).await));
+    diffs.extend(converge::diff("graph", &items, &converge::graph_edges(graph_prefix).await));
+    let _ = redis.quit().await;
+    let counts =
+        format!("{} products in the cache and the index, {} order items as graph edges", products.len(), items.len());
+    if diffs.is_empty() {
+        format!("**Convergence** after the fan-out (`tests/support/converge.rs`, key by key): {counts}; no difference.")
+    } else {
+        format!(
+            "**Convergence FAILED** after the fan-out ({counts}): {} differences, first: {:?}",
+            diffs.len(),
+            &diffs[..diffs.len().min(5)]
+        )
+    }
 }

@@ -1,5 +1,8 @@
 //! Convergence checker: the source of truth against what each sink holds, every difference
 //! reported by key. Rows are compared as JSON objects (`row_to_json` of the selected columns).
+//!
+//! Self-contained (endpoints from the same `POLYSYNC_TEST_*` variables `make peers` writes), so
+//! the benchmark harness includes this file too and checks its fan-out run with it.
 
 use std::collections::BTreeMap;
 
@@ -21,12 +24,15 @@ pub async fn pg_rows(client: &tokio_postgres::Client, sql: &str) -> Docs {
 }
 
 /// JSON values of every `<prefix><key>` in Redis (version keys excluded).
-pub async fn redis_docs(redis: &super::redis::TestRedis, prefix: &str) -> Docs {
-    let keys: Vec<String> =
-        redis.keys(&format!("{prefix}*")).await.into_iter().filter(|k| !k.ends_with(":__version")).collect();
+pub async fn redis_docs(redis: &fred::clients::Client, prefix: &str) -> Docs {
+    let keys: Vec<String> = redis
+        .custom(fred::types::CustomCommand::new_static("KEYS", None, false), vec![format!("{prefix}*")])
+        .await
+        .unwrap();
+    let keys: Vec<String> = keys.into_iter().filter(|k| !k.ends_with(":__version")).collect();
     let mut out = Docs::new();
     for chunk in keys.chunks(1000) {
-        let values: Vec<Option<String>> = redis.client.mget(chunk.to_vec()).await.unwrap();
+        let values: Vec<Option<String>> = redis.mget(chunk.to_vec()).await.unwrap();
         for (k, v) in chunk.iter().zip(values) {
             if let Some(v) = v {
                 out.insert(k[prefix.len()..].to_string(), serde_json::from_str(&v).unwrap_or(Value::String(v)));
@@ -36,9 +42,26 @@ pub async fn redis_docs(redis: &super::redis::TestRedis, prefix: &str) -> Docs {
     out
 }
 
+/// The test OpenSearch's base URL.
+pub fn search_url() -> String {
+    std::env::var("POLYSYNC_TEST_OPENSEARCH").unwrap_or_else(|_| "http://127.0.0.1:59200".into())
+}
+
+async fn search_call(method: reqwest::Method, path: &str, body: Option<String>) -> (u16, Value) {
+    let url = format!("{}{path}", search_url().trim_end_matches('/'));
+    let mut req = reqwest::Client::new().request(method, &url).header("Content-Type", "application/json");
+    if let Some(b) = body {
+        req = req.body(b);
+    }
+    let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
 /// Every document of an index (`_id` → `_source`), paged with `search_after`.
 pub async fn search_docs(index: &str) -> Docs {
-    super::search::refresh(index).await;
+    search_call(reqwest::Method::POST, &format!("/{index}/_refresh"), None).await;
     let mut out = Docs::new();
     let mut after: Option<Value> = None;
     loop {
@@ -46,7 +69,7 @@ pub async fn search_docs(index: &str) -> Docs {
         if let Some(a) = &after {
             q["search_after"] = a.clone();
         }
-        let (status, v) = super::search::call("POST", &format!("/{index}/_search"), Some(&q.to_string())).await;
+        let (status, v) = search_call(reqwest::Method::POST, &format!("/{index}/_search"), Some(q.to_string())).await;
         assert_eq!(status, 200, "{v}");
         let hits = v["hits"]["hits"].as_array().cloned().unwrap_or_default();
         if hits.is_empty() {
@@ -81,10 +104,37 @@ pub fn assert_converged(what: &str, expected: &Docs, actual: &Docs) {
     assert!(d.is_empty(), "{} differences, first: {:#?}", d.len(), &d[..d.len().min(10)]);
 }
 
+/// The test Gremlin Server's WebSocket URL.
+pub fn gremlin_url() -> String {
+    std::env::var("POLYSYNC_TEST_GREMLIN").unwrap_or_else(|_| "ws://127.0.0.1:58182/gremlin".into())
+}
+
+/// Run a Gremlin script over the server's HTTP endpoint (same port as the WebSocket one);
+/// returns `result.data`. Panics unless the server answers 200.
+pub async fn gremlin_query(script: &str, bindings: Value) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = gremlin_url();
+    let addr = url.trim_start_matches("ws://").split('/').next().unwrap_or_default().to_string();
+    let body = serde_json::json!({ "gremlin": script, "bindings": bindings }).to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.expect("gremlin http");
+    let req = format!(
+        "POST / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nAccept: application/vnd.gremlin-v3.0+json;types=false\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (_, payload) = text.split_once("\r\n\r\n").expect("http answer");
+    let v: Value = serde_json::from_str(payload.trim()).unwrap_or_else(|e| panic!("{e}: {payload}"));
+    assert_eq!(v["status"]["code"], 200, "{script}: {v}");
+    v["result"]["data"].clone()
+}
+
 /// Every edge whose id starts with `prefix` (prefix stripped) → `{"from": out-vertex id, "to":
 /// in-vertex id}`, from the Gremlin Server.
 pub async fn graph_edges(prefix: &str) -> Docs {
-    let rows = super::graph::query(
+    let rows = gremlin_query(
         "g.E().hasId(startingWith(p)).project('id','from','to').by(id()).by(outV().id()).by(inV().id())",
         serde_json::json!({ "p": prefix }),
     )

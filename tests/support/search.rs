@@ -1,7 +1,7 @@
 //! The test OpenSearch node.
 
 pub fn url() -> String {
-    std::env::var("POLYSYNC_TEST_OPENSEARCH").unwrap_or_else(|_| "http://127.0.0.1:59200".into())
+    super::converge::search_url()
 }
 
 pub fn addr() -> String {
