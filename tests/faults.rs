@@ -592,6 +592,7 @@ async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_o
     // continuation byte); then valid UTF-8 in it.
     db.exec("INSERT INTO things VALUES (5, 3, 'bad-text', NULL, '\\x6f6bc328')").await;
     db.exec("INSERT INTO things VALUES (6, 4, 'good-text', NULL, convert_to('héllo ✓', 'UTF8'))").await;
+    db.exec("INSERT INTO things VALUES (7, '-Infinity', 'minus-inf', NULL)").await; // numeric infinities (PG 14+)
     db.wait_caught_up(&slot, WAIT).await;
     let letters = ws.dead_letters();
     let reason = |id: i64, sink: &str| {
@@ -603,6 +604,9 @@ async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_o
     };
     assert!(reason(1, "cache").contains("NaN"), "{}", reason(1, "cache"));
     assert!(reason(1, "search").contains("NaN"), "{}", reason(1, "search"));
+    for sink in ["cache", "search"] {
+        assert!(reason(7, sink).contains("Infinity"), "{}", reason(7, sink));
+    }
     assert!(reason(2, "cache").contains("limit"), "{}", reason(2, "cache"));
     assert!(
         reason(3, "search").contains("immense") || reason(3, "search").contains("32766"),
@@ -626,7 +630,8 @@ async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_o
             && docs.contains_key("2")
             && !docs.contains_key("3")
             && !docs.contains_key("1")
-            && !docs.contains_key("5"),
+            && !docs.contains_key("5")
+            && !docs.contains_key("7"),
         "{:?} {:?}",
         docs.keys().collect::<Vec<_>>(),
         letters
