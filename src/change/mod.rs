@@ -331,6 +331,27 @@ pub struct Change {
     pub origin: Option<Name>,
 }
 
+#[cfg(test)]
+impl Change {
+    /// A PostgreSQL insert at LSN 1 with no commit time, for unit tests.
+    pub fn test_insert(relation: &str, key: Row, after: Option<Row>) -> Change {
+        Change {
+            source: "s".into(),
+            relation: relation.into(),
+            op: Op::Insert,
+            key,
+            before: None,
+            after,
+            unchanged: vec![],
+            position: Position::Pg { commit_lsn: 1, seq: 0 },
+            version: Version::from_u64(1),
+            commit_time: None,
+            tx: None,
+            origin: None,
+        }
+    }
+}
+
 impl Change {
     /// The row a template should read by default: the new row, or the old one for deletes.
     pub fn row(&self) -> Option<&Row> {

@@ -299,25 +299,12 @@ pub fn mark_replayed(dir: &Path, ids: &[String]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::{Op, Position, Row, Version};
+    use crate::change::Row;
 
     fn change(i: i64) -> Change {
         let mut key = Row::default();
         key.push("id".into(), crate::change::Value::Int(i));
-        Change {
-            source: "s".into(),
-            relation: "public.t".into(),
-            op: Op::Insert,
-            key,
-            before: None,
-            after: None,
-            unchanged: vec![],
-            position: Position::Pg { commit_lsn: 1, seq: 0 },
-            version: Version::from_u64(1),
-            commit_time: None,
-            tx: None,
-            origin: None,
-        }
+        Change::test_insert("public.t", key, None)
     }
 
     #[test]

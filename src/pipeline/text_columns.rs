@@ -43,7 +43,6 @@ pub fn decode(change: &Change, columns: &[Name]) -> Result<Option<Change>, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::{Op, Position, Version};
 
     fn change(body: Vec<u8>) -> Change {
         let mut key = Row::default();
@@ -52,20 +51,7 @@ mod tests {
         after.push("id".into(), Value::Int(7));
         after.push("body".into(), Value::Bytes(body));
         after.push("raw".into(), Value::Bytes(vec![0xff]));
-        Change {
-            source: "db".into(),
-            relation: "public.notes".into(),
-            op: Op::Insert,
-            key,
-            before: None,
-            after: Some(after),
-            unchanged: vec![],
-            position: Position::Pg { commit_lsn: 1, seq: 0 },
-            version: Version::from_u64(1),
-            commit_time: None,
-            tx: None,
-            origin: None,
-        }
+        Change::test_insert("public.notes", key, Some(after))
     }
 
     #[test]

@@ -261,7 +261,6 @@ fn derive(original: &Change, ev: &V) -> Result<Change, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::{Position, Version};
 
     fn change() -> Change {
         let mut after = Row::default();
@@ -271,20 +270,7 @@ mod tests {
         after.push("doc".into(), Value::Json(r#"{"a":[1,2]}"#.into()));
         let mut key = Row::default();
         key.push("id".into(), Value::Int(7));
-        Change {
-            source: "s".into(),
-            relation: "public.orders".into(),
-            op: Op::Insert,
-            key,
-            before: None,
-            after: Some(after),
-            unchanged: vec![],
-            position: Position::Pg { commit_lsn: 1, seq: 0 },
-            version: Version::from_u64(1),
-            commit_time: None,
-            tx: None,
-            origin: None,
-        }
+        Change::test_insert("public.orders", key, Some(after))
     }
 
     #[test]
