@@ -18,6 +18,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod dlq;
 pub mod pipeline;
+pub mod retry;
+pub mod runtime;
 pub mod sink;
 pub mod source;
 pub mod telemetry;

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use polysync::config::Config;
-use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of the system allocator: decoding allocates and frees many small values per
 /// change, and the profile of a backlog drain showed glibc's malloc/free among the top costs
@@ -239,6 +238,37 @@ fn dlq(command: DlqCommand) -> ExitCode {
     }
 }
 
+/// Signals are handled here and nowhere else: the first SIGTERM/SIGINT drains, a second one
+/// abandons in-flight work, SIGHUP reloads. Handlers are installed before the daemon starts,
+/// so a SIGHUP during start-up is never the default "terminate".
+fn forward_signals(h: polysync::app::ControlHandles) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        let mut stops = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => stops += 1,
+                _ = int.recv() => stops += 1,
+                r = hup.recv() => {
+                    if r.is_some() {
+                        let _ = h.reload.try_send(());
+                    }
+                    continue;
+                }
+            }
+            if stops == 1 {
+                h.stop.cancel();
+            } else {
+                h.abandon.cancel();
+            }
+        }
+    });
+    Ok(())
+}
+
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("{e}");
@@ -363,9 +393,22 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(code) => return code,
             };
-            match rt.block_on(polysync::app::run(cfg, CancellationToken::new())) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
+            let (controls, handles) = polysync::app::Controls::new();
+            let run = async move {
+                if let Err(e) = forward_signals(handles) {
+                    eprintln!("polysync: cannot install signal handlers: {e}");
+                    return Err(std::process::ExitCode::FAILURE);
+                }
+                Ok(polysync::app::run(cfg, controls).await)
+            };
+            match rt.block_on(run) {
+                Err(code) => code,
+                Ok(Ok(stopped)) if stopped.clean => ExitCode::SUCCESS,
+                Ok(Ok(_)) => {
+                    eprintln!("polysync: stopped with in-flight changes abandoned (they replay on the next start)");
+                    ExitCode::from(3)
+                }
+                Ok(Err(e)) => {
                     tracing::error!(error = %e, "polysync failed");
                     eprintln!("polysync: {e}");
                     ExitCode::FAILURE

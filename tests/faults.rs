@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
-use crate::support::converge::{Docs, assert_converged, graph_edges, influx_last, pg_rows, redis_docs, search_docs};
+use crate::support::converge::{Docs, diff, graph_edges, influx_last, pg_rows, redis_docs, search_docs};
 use crate::support::daemon::{ChildDaemon, pg_cache_config_with};
 use crate::support::pg::{TestDb, connect};
 use crate::support::proxy::Proxy;
@@ -95,7 +95,8 @@ impl Stores {
         );
     }
 
-    /// Wait until every store equals the tables (a bounded wait: what is in flight lands).
+    /// Wait until every store equals the tables (a bounded wait: what is in flight lands, from
+    /// memory or from a sink's spool, which may still be draining after the slot caught up).
     async fn assert_converged(&self, db: &TestDb, slot: &str) {
         db.wait_caught_up(slot, WAIT).await;
         let items =
@@ -103,27 +104,39 @@ impl Stores {
                 .await;
         let orders =
             pg_rows(&db.client, "SELECT id::text, row_to_json(t)::text FROM (SELECT id, total FROM orders) t").await;
+        let g = &self.graph;
+        let edges = pg_rows(
+            &db.client,
+            &format!(
+                "SELECT 'o:' || id, json_build_object('from', '{g}order:' || id, 'to', '{g}item:' || total)::text FROM orders"
+            ),
+        )
+        .await;
+        let totals = pg_rows(&db.client, "SELECT id::text, json_build_object('total', total)::text FROM orders").await;
         let redis = TestRedis::connect().await;
-        assert_converged("cache items", &items, &redis_docs(&redis.client, &self.items).await);
-        assert_converged("cache orders", &orders, &redis_docs(&redis.client, &self.orders).await);
-        assert_converged("search items", &items, &search_docs(&self.index).await);
-        if self.all {
-            let g = &self.graph;
-            let edges = pg_rows(
-                &db.client,
-                &format!(
-                    "SELECT 'o:' || id, json_build_object('from', '{g}order:' || id, 'to', '{g}item:' || total)::text FROM orders"
-                ),
-            )
-            .await;
-            assert_converged("graph edges", &edges, &graph_edges(g).await);
-            let totals =
-                pg_rows(&db.client, "SELECT id::text, json_build_object('total', total)::text FROM orders").await;
-            assert_converged(
-                "influxdb last point per order",
-                &totals,
-                &influx_last(&self.influx_db, "order_total", "order", "total").await,
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let mut d = diff("cache items", &items, &redis_docs(&redis.client, &self.items).await);
+            d.extend(diff("cache orders", &orders, &redis_docs(&redis.client, &self.orders).await));
+            d.extend(diff("search items", &items, &search_docs(&self.index).await));
+            if self.all {
+                d.extend(diff("graph edges", &edges, &graph_edges(g).await));
+                d.extend(diff(
+                    "influxdb last point per order",
+                    &totals,
+                    &influx_last(&self.influx_db, "order_total", "order", "total").await,
+                ));
+            }
+            if d.is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} differences after {WAIT:?}, first: {:#?}",
+                d.len(),
+                &d[..d.len().min(10)]
             );
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         eprintln!(
             "converged: {} items, {} orders in cache and search{}",

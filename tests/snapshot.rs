@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use polysync::checkpoint::snapshot::{SnapshotProgress, TaskState};
 
-use crate::support::converge::{assert_converged, pg_rows, redis_docs, search_docs};
+use crate::support::converge::{eventually_converged, pg_rows, redis_docs, search_docs};
 use crate::support::daemon::{ChildDaemon, InProcess, pg_cache_config_with};
 use crate::support::pg::{TestDb, connect};
 use crate::support::redis::TestRedis;
@@ -109,8 +109,8 @@ async fn initial_snapshot_under_concurrent_writes_ends_exact_in_search_and_cache
 
     let expected = pg_rows(&db.client, ITEMS_JSON).await;
     let redis = TestRedis::connect().await;
-    assert_converged("cache", &expected, &redis_docs(&redis.client, &p).await);
-    assert_converged("search", &expected, &search_docs(&index).await);
+    eventually_converged("cache", &expected, WAIT, || redis_docs(&redis.client, &p)).await;
+    eventually_converged("search", &expected, WAIT, || search_docs(&index)).await;
     d.stop().await.unwrap();
     crate::support::search::delete_index(&index).await;
     db.cleanup().await;
@@ -159,7 +159,7 @@ async fn a_killed_snapshot_resumes_from_the_last_applied_chunk() {
     assert!(done.rows as i64 >= read_rows && done.rows <= ROWS as u64 + inserted, "{done:?} ({inserted} inserted)");
     let expected = pg_rows(&db.client, ITEMS_JSON).await;
     let redis = TestRedis::connect().await;
-    assert_converged("cache after kill -9 and resume", &expected, &redis_docs(&redis.client, &p).await);
+    eventually_converged("cache after kill -9 and resume", &expected, WAIT, || redis_docs(&redis.client, &p)).await;
     assert!(d.terminate().await.success());
     db.cleanup().await;
 }
@@ -226,10 +226,13 @@ async fn on_demand_backfill_of_one_table_while_others_stream_and_a_keyless_table
     // Exactly the even items (the --where), and only the items pipeline received them.
     let expected = pg_rows(&db.client, &format!("{ITEMS_JSON} WHERE id % 2 = 0")).await;
     assert_eq!(expected.len(), 4_000);
-    assert_converged("backfilled items", &expected, &redis_docs(&redis.client, &pi).await);
+    eventually_converged("backfilled items", &expected, WAIT, || redis_docs(&redis.client, &pi)).await;
     let orders_expected = pg_rows(&db.client, "SELECT id::text, row_to_json(o)::text FROM orders o").await;
     assert_eq!(orders_expected.len() as i64, n_orders);
-    assert_converged("orders streamed during the backfill", &orders_expected, &redis_docs(&redis.client, &po).await);
+    eventually_converged("orders streamed during the backfill", &orders_expected, WAIT, || {
+        redis_docs(&redis.client, &po)
+    })
+    .await;
     let status = polysync(&["status"], &ws.config_path());
     let status = String::from_utf8_lossy(&status.stdout);
     assert!(status.contains("done") && status.contains("public.items") && status.contains("4000 rows"), "{status}");

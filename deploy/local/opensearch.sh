@@ -84,10 +84,10 @@ JAVA_OPTS=(-Xms256m -Xmx1g -XX:+UseG1GC -XX:+ExitOnOutOfMemoryError -Djava.awt.h
   -Dfile.encoding=UTF-8 -Dlog4j2.formatMsgNoLookups=true -Djava.io.tmpdir="$BASE/tmp")
 pid=$(spawn "$PIDFILE" "$LOG" "$JAVA_HOME/bin/java" "${JAVA_OPTS[@]}" -cp "$JAR:$BUILD/lib/*" \
   polysync.local.LocalOpenSearch "$BASE" $PORT $TRANSPORT_PORT $CLUSTER)
-rc=0; wait_ready 180 "$pid" ready || rc=$?
+rc=0; wait_ready 300 "$pid" ready || rc=$?
 if [ $rc != 0 ]; then
   [ $rc = 2 ] || stop_pidfile opensearch "$PIDFILE" 30 LocalOpenSearch
-  fail opensearch "$LOG" "$( [ $rc = 2 ] && echo "java exited" || echo "no green/yellow health on $URL after 180s")"
+  fail opensearch "$LOG" "$( [ $rc = 2 ] && echo "java exited" || echo "no green/yellow health on $URL after 300s")"
 fi
 # One node: new indices get no replica, so they are green, not yellow. A persistent cluster
 # setting (kept in the data dir); OpenSearch reads it from cluster metadata, not node settings.

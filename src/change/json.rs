@@ -295,6 +295,9 @@ pub fn change_to_typed(c: &Change) -> J {
     );
     m.insert("tx".into(), c.tx.map(J::from).unwrap_or(J::Null));
     m.insert("origin".into(), c.origin.as_ref().map(|o| J::String(o.to_string())).unwrap_or(J::Null));
+    if c.key_changed {
+        m.insert("key_changed".into(), J::Bool(true));
+    }
     J::Object(m)
 }
 
@@ -347,6 +350,7 @@ pub fn change_from_typed(j: &J) -> Result<Change, String> {
         },
         tx: j.get("tx").and_then(J::as_u64).map(|x| x as u32),
         origin: j.get("origin").and_then(J::as_str).map(Name::from),
+        key_changed: j.get("key_changed").and_then(J::as_bool).unwrap_or(false),
     })
 }
 
@@ -378,6 +382,7 @@ mod tests {
             commit_time: Some(DateTime::parse_from_rfc3339("2024-01-01T00:00:00.5Z").unwrap().with_timezone(&Utc)),
             tx: Some(9),
             origin: None,
+            key_changed: false,
         }
     }
 

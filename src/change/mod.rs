@@ -4,6 +4,7 @@
 //! except through these fields, which is what lets one set of pipelines and sinks serve both.
 
 pub mod json;
+pub mod matcher;
 
 use std::fmt;
 use std::sync::Arc;
@@ -184,6 +185,44 @@ impl Row {
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
     }
+
+    /// Text identifying this row as a key, the same whichever path produced it (the stream or a
+    /// snapshot read): field names and the values' text, never type names or value kinds, in
+    /// the row's order (sources give keys in the table's column order).
+    pub fn identity(&self) -> String {
+        fn value(out: &mut String, v: &Value) {
+            match v {
+                Value::Null => out.push('\u{0}'),
+                Value::List(items) | Value::Set(items) => {
+                    out.push('[');
+                    for i in items {
+                        value(out, i);
+                        out.push('\u{1d}');
+                    }
+                    out.push(']');
+                }
+                Value::Map(m) => {
+                    out.push('{');
+                    for (k, i) in m {
+                        out.push_str(k);
+                        out.push('\u{1d}');
+                        value(out, i);
+                        out.push('\u{1d}');
+                    }
+                    out.push('}');
+                }
+                other => out.push_str(&other.template_text().unwrap_or_default()),
+            }
+        }
+        let mut s = String::new();
+        for (n, v) in self.iter() {
+            s.push_str(n);
+            s.push('\u{1f}');
+            value(&mut s, v);
+            s.push('\u{1e}');
+        }
+        s
+    }
 }
 
 impl FromIterator<(Name, Value)> for Row {
@@ -329,6 +368,9 @@ pub struct Change {
     pub tx: Option<u32>,
     /// Why the change happened when it was not an application write (e.g. `ttl-expiry`).
     pub origin: Option<Name>,
+    /// This delete or insert is one half of an update that moved the row to a new primary key
+    /// (see [`Change::split_key_change`]); pipelines that match `update` receive both halves.
+    pub key_changed: bool,
 }
 
 #[cfg(test)]
@@ -348,11 +390,67 @@ impl Change {
             commit_time: None,
             tx: None,
             origin: None,
+            key_changed: false,
         }
     }
 }
 
 impl Change {
+    /// Move TOAST-unchanged columns back into `after` when the old image carries them
+    /// (PostgreSQL sends the whole old row with `REPLICA IDENTITY FULL`, and key columns with
+    /// the old key). What stays in `unchanged` afterwards is a value polysync does not know.
+    pub fn complete_unchanged(&mut self) {
+        if self.unchanged.is_empty() {
+            return;
+        }
+        let (Some(before), Some(after)) = (&self.before, &mut self.after) else { return };
+        self.unchanged.retain(|name| match before.get(name) {
+            Some(v) => {
+                after.push(Arc::clone(name), v.clone());
+                false
+            }
+            None => true,
+        });
+    }
+
+    /// The key this change's old image shows, when it holds every key column.
+    pub fn old_key(&self) -> Option<Row> {
+        let before = self.before.as_ref()?;
+        let mut old = Row::with_capacity(self.key.len());
+        for (n, _) in self.key.iter() {
+            old.push(Arc::clone(n), before.get(n)?.clone());
+        }
+        Some(old)
+    }
+
+    /// One meaning for a primary-key change in every sink: an update whose old image shows a
+    /// different key becomes the delete of the old key followed by the insert of the new one,
+    /// both marked [`Change::key_changed`]. This change becomes the insert; the delete, which
+    /// comes first, is returned. Each half routes by its own key, so it is ordered with every
+    /// other change of that key (a later re-insert of the old key lands after the delete).
+    /// Positions are left for the source to renumber.
+    pub fn split_key_change(&mut self) -> Option<Change> {
+        if self.op != Op::Update || self.key.is_empty() {
+            return None;
+        }
+        let old = self.old_key().filter(|old| *old != self.key)?;
+        let mut delete = self.clone();
+        delete.op = Op::Delete;
+        delete.key = old;
+        delete.after = None;
+        delete.unchanged = Vec::new();
+        delete.key_changed = true;
+        self.op = Op::Insert;
+        self.before = None;
+        self.key_changed = true;
+        Some(delete)
+    }
+
+    /// True when `column` of the new row was not sent by the source (TOAST-unchanged).
+    pub fn is_unchanged(&self, column: &str) -> bool {
+        self.unchanged.iter().any(|u| &**u == column)
+    }
+
     /// The row a template should read by default: the new row, or the old one for deletes.
     pub fn row(&self) -> Option<&Row> {
         self.after.as_ref().or(self.before.as_ref())

@@ -89,6 +89,13 @@ pub struct RuntimeConfig {
     /// How long SIGTERM waits for in-flight changes before giving up on them (they replay).
     #[serde(with = "units::duration")]
     pub shutdown_timeout: Duration,
+    /// A sink record that waited this long in memory (the sink is slow or down) moves to the
+    /// sink's spool, so the source can go on and confirm.
+    #[serde(with = "units::duration")]
+    pub spill_after: Duration,
+    /// Disk quota of each sink's spool under `state_dir/spool/<sink>` (0: no spool; a slow
+    /// sink then slows every sink, as a full lane is backpressure).
+    pub spool_max_bytes: ByteSize,
 }
 
 impl Default for RuntimeConfig {
@@ -98,6 +105,8 @@ impl Default for RuntimeConfig {
             max_in_flight: 65_536,
             lane_capacity: 4_096,
             shutdown_timeout: Duration::from_secs(30),
+            spill_after: Duration::from_secs(1),
+            spool_max_bytes: ByteSize(1 << 30),
         }
     }
 }

@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{DlqConfig, redact_url};
 
 /// Start the mirror task if configured; returns the sender the DLQ writes into.
-pub async fn start(cfg: &DlqConfig, cancel: CancellationToken) -> Result<Option<mpsc::Sender<String>>, String> {
+pub async fn start(
+    cfg: &DlqConfig,
+    cancel: CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+) -> Result<Option<mpsc::Sender<String>>, String> {
     let Some(url) = &cfg.redis_url else { return Ok(None) };
     let endpoint = redact_url(url.expose());
     let config = Config::from_url(url.expose()).map_err(|e| format!("dlq.redis_url {endpoint}: {e}"))?;
@@ -22,7 +26,7 @@ pub async fn start(cfg: &DlqConfig, cancel: CancellationToken) -> Result<Option<
     let (tx, mut rx) = mpsc::channel::<String>(10_000);
     let stream = cfg.redis_stream.clone();
     let maxlen = cfg.redis_maxlen;
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             let line = tokio::select! {
                 _ = cancel.cancelled() => break,

@@ -164,11 +164,18 @@ impl DeadLetterQueue {
         &self.dir
     }
 
-    /// Append an entry durably. Only after `Ok` may the change be acknowledged.
+    /// Append an entry durably. Only after `Ok` may the change be acknowledged. Blocking
+    /// (fsync): async callers use [`DeadLetterQueue::encode`] and `write_line` on a blocking
+    /// thread.
     pub fn write(&self, entry: &DeadLetter<'_>) -> Result<(), DlqError> {
+        self.write_line(Self::encode(entry))
+    }
+
+    /// The file line of an entry (with its new id and time).
+    pub fn encode(entry: &DeadLetter<'_>) -> String {
         let now = Utc::now();
         let id = format!("{}-{:08x}", now.timestamp_micros(), rand::random::<u32>());
-        let line = json!({
+        json!({
             "id": id,
             "at": now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             "pipeline": entry.pipeline,
@@ -177,7 +184,11 @@ impl DeadLetterQueue {
             "change": change_to_typed(entry.change),
         })
         .to_string()
-            + "\n";
+            + "\n"
+    }
+
+    /// Append an encoded entry durably (blocking: fsync).
+    pub fn write_line(&self, line: String) -> Result<(), DlqError> {
         let len = line.len() as u64;
         let io = |source| DlqError::Io { dir: self.dir.clone(), source };
         let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());

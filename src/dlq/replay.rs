@@ -11,7 +11,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::{StoredDeadLetter, mark_replayed, read_all, replayed_ids};
-use crate::checkpoint::AckWindow;
 use crate::config::Config;
 use crate::pipeline::process::{self, Step};
 use crate::pipeline::{Pipeline, load};
@@ -61,7 +60,7 @@ pub struct Report {
 }
 
 async fn write_one(sink: &dyn Sink, rec: Record) -> Result<(), String> {
-    let batch = [rec];
+    let batch = [Arc::new(rec)];
     let mut result = Err("gave up".to_string());
     for attempt in 0..6u32 {
         match sink.write(&batch).await {
@@ -81,8 +80,6 @@ async fn write_one(sink: &dyn Sink, rec: Record) -> Result<(), String> {
         }
         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
     }
-    let [rec] = batch;
-    rec.ticket.ack();
     result
 }
 
@@ -92,7 +89,6 @@ pub async fn replay(config: &Config, sel: &Selection) -> Result<Report, String> 
     let by_name: HashMap<&str, &Arc<Pipeline>> = pipelines.iter().map(|p| (&*p.name, p)).collect();
     let entries = select(config, sel)?;
     let mut sinks: HashMap<String, Arc<dyn Sink>> = HashMap::new();
-    let window = AckWindow::new("replay", 1 << 16, 0);
     let mut report = Report::default();
     let mut delivered_ids = Vec::new();
     for entry in entries {
@@ -125,8 +121,7 @@ pub async fn replay(config: &Config, sel: &Selection) -> Result<Report, String> 
                         let s = cfg.build(&target, &ctx).await.map_err(|e| e.to_string())?;
                         sinks.insert(target.clone(), s);
                     }
-                    let Some(ticket) = window.try_issue() else { return Err("replay window full".into()) };
-                    let rec = Record { ticket, change: Arc::clone(&change), pipeline: Arc::clone(&def.name), payload };
+                    let rec = Record { change: Arc::clone(&change), pipeline: Arc::clone(&def.name), payload };
                     if let Err(e) = write_one(sinks[&target].as_ref(), rec).await {
                         result = Err(format!("sink {target}: {e}"));
                         break;

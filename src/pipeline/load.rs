@@ -21,9 +21,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::matcher::{OpSet, RelationPattern};
 use super::vrl::{Role, VrlProgram};
 use super::{BoundAction, Pipeline};
+use crate::change::matcher::{OpSet, RelationPattern};
 use crate::change::{Name, Op};
 use crate::config::{Config, ConfigError};
 
@@ -270,5 +270,11 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
         actions,
         snapshot_initial,
         text_columns,
+        fingerprint: {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            text.hash(&mut h);
+            h.finish()
+        },
     })
 }

@@ -1,14 +1,10 @@
 //! Pipelines: what each change matches, how it is reshaped, and which sink actions it feeds.
 //!
-//! Data flow: the source hands changes to the [`router::Router`], which hashes
-//! (relation, key) onto ordered lanes; each [`lane`] runs every matching pipeline for a change
-//! and pushes the resulting records into the sinks' lanes of the same index.
+//! A pipeline is pure: [`process::apply`] turns a change into sink payloads (or dead letters).
+//! The runtime's lanes run pipelines and hand the payloads to the sinks' queues.
 
-pub mod lane;
 pub mod load;
-pub mod matcher;
 pub mod process;
-pub mod router;
 pub mod scope;
 pub mod template;
 pub mod text_columns;
@@ -17,11 +13,10 @@ pub mod vrl;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use matcher::{OpSet, RelationPattern};
+use crate::change::matcher::{OpSet, RelationPattern};
 
 use crate::change::Name;
 use crate::sink::Action;
-use crate::sink::runner::SinkHandle;
 
 /// A compiled pipeline (no connections; `check` builds these too).
 pub struct Pipeline {
@@ -45,6 +40,8 @@ pub struct Pipeline {
     pub snapshot_initial: bool,
     /// Binary columns that hold UTF-8 text: decoded (strictly) before the filter runs.
     pub text_columns: Vec<Name>,
+    /// Hash of the file's text: a reload names the pipelines whose definition changed.
+    pub fingerprint: u64,
 }
 
 /// A sink action bound to its target name.
@@ -63,6 +60,13 @@ impl Pipeline {
     /// Does this pipeline take changes of `relation`?
     pub fn matches_relation(&self, relation: &str) -> bool {
         self.relations.iter().any(|p| p.matches(relation))
+    }
+
+    /// Does this pipeline take a change of this operation? A key change arrives as a delete and
+    /// an insert (see [`crate::change::Change::split_key_change`]); a pipeline matching
+    /// `update` takes both halves, since for it the change is an update.
+    pub fn takes_op(&self, change: &crate::change::Change) -> bool {
+        self.ops.contains(change.op) || (change.key_changed && self.ops.contains(crate::change::Op::Update))
     }
 
     /// Exact relation names it lists (for publication set-up).
@@ -102,45 +106,5 @@ impl Pipeline {
             lines.push(format!("  -> sink {} ({}): {}", a.target, a.kind, a.action.describe()));
         }
         lines
-    }
-}
-
-/// A pipeline with the running sinks its actions write to.
-pub struct RunningPipeline {
-    /// The definition.
-    pub def: Arc<Pipeline>,
-    /// One handle per action, same order.
-    pub sinks: Vec<Arc<SinkHandle>>,
-}
-
-/// The set of pipelines lanes run; swapped whole on reload.
-pub struct PipelineSet {
-    pipelines: Vec<RunningPipeline>,
-}
-
-impl PipelineSet {
-    /// A set from running pipelines.
-    pub fn new(pipelines: Vec<RunningPipeline>) -> PipelineSet {
-        PipelineSet { pipelines }
-    }
-
-    /// Pipelines in the set.
-    pub fn pipelines(&self) -> &[RunningPipeline] {
-        &self.pipelines
-    }
-
-    /// Indexes of pipelines matching (source, relation). Lanes cache the answer per relation.
-    pub fn matching(&self, source: &str, relation: &str) -> Vec<usize> {
-        self.pipelines
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| &*p.def.source == source && p.def.matches_relation(relation))
-            .map(|(i, _)| i)
-            .collect()
-    }
-
-    /// Pipeline by index (from [`PipelineSet::matching`]).
-    pub fn get(&self, i: usize) -> &RunningPipeline {
-        &self.pipelines[i]
     }
 }

@@ -45,4 +45,14 @@ impl Scope for ChangeScope<'_> {
         let v = row.get(first)?;
         walk(Cow::Borrowed(v), &path.steps[1..])
     }
+
+    fn unchanged(&self, path: &Path) -> bool {
+        let c = self.change;
+        let reads_new_row = match path.root {
+            Root::After => true,
+            Root::Row => c.after.is_some(),
+            _ => false,
+        };
+        reads_new_row && matches!(path.steps.first(), Some(Step::Field(f)) if c.is_unchanged(f))
+    }
 }

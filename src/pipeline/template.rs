@@ -151,6 +151,14 @@ pub enum RenderError {
         /// The path as written.
         path: String,
     },
+    /// The path names a column the source did not send (an unchanged TOAST value).
+    #[error(
+        "template field {path} was not sent by the source (an unchanged TOAST value, which PostgreSQL omits unless the table has REPLICA IDENTITY FULL); a key, id or name cannot be built from it"
+    )]
+    Unchanged {
+        /// The path as written.
+        path: String,
+    },
     /// The value exists but has no text form.
     #[error("template field {path} is {kind}, which cannot be part of a key or name")]
     NotText {
@@ -173,6 +181,12 @@ pub enum RenderError {
 pub trait Scope {
     /// The value at `path`, or `None` if there is none.
     fn resolve(&self, path: &Path) -> Option<Cow<'_, Value>>;
+
+    /// True when `path` reads a column the source did not send (TOAST-unchanged): its value is
+    /// unknown, not missing, and each sink treats it as "keep what is stored".
+    fn unchanged(&self, _path: &Path) -> bool {
+        false
+    }
 }
 
 /// Walk steps below a value (into maps, lists and JSON text).
@@ -300,7 +314,13 @@ impl Template {
             match p {
                 Part::Lit(s) => out.push_str(s),
                 Part::Field(path) => {
-                    let v = scope.resolve(path).ok_or_else(|| RenderError::Missing { path: path.to_string() })?;
+                    let v = scope.resolve(path).ok_or_else(|| {
+                        if scope.unchanged(path) {
+                            RenderError::Unchanged { path: path.to_string() }
+                        } else {
+                            RenderError::Missing { path: path.to_string() }
+                        }
+                    })?;
                     let text = v
                         .template_text()
                         .ok_or_else(|| RenderError::NotText { path: path.to_string(), kind: v.type_word() })?;

@@ -6,7 +6,8 @@
 //! ```text
 //! { "op": "update", "relation": "public.orders", "schema": "public", "table": "orders",
 //!   "source": "shop", "key": {…}, "before": {…}|null, "after": {…}|null,
-//!   "unchanged": ["big_column"], "commit_time": t'…'|null, "version": "123456", "origin": null }
+//!   "unchanged": ["big_column"], "commit_time": t'…'|null, "version": "123456", "origin": null,
+//!   "key_changed": false }
 //! ```
 //!
 //! Values keep their exactness: a `numeric` is a string with its digits (convert explicitly with
@@ -199,6 +200,7 @@ pub fn change_to_vrl(c: &Change) -> V {
     m.insert("commit_time".into(), c.commit_time.map(V::Timestamp).unwrap_or(V::Null));
     m.insert("version".into(), V::from(c.version.to_string()));
     m.insert("origin".into(), c.origin.as_ref().map(|o| V::from(&**o)).unwrap_or(V::Null));
+    m.insert("key_changed".into(), V::Boolean(c.key_changed));
     V::Object(m)
 }
 

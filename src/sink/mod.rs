@@ -3,13 +3,12 @@
 //! A sink kind contributes three things: its target config (`[sinks.<name>]`), the *action* a
 //! pipeline configures for it (`[[sink]]` in a pipeline file, compiled into an [`Action`] that
 //! turns a change into [`Payload`]s on the pipeline lanes), and the [`Sink`] that writes batches
-//! of payloads. [`runner`] owns batching, retries, dead-lettering and acknowledgement, so each
-//! sink only has to say what happened to each item.
+//! of payloads. The runtime owns queueing, batching, retries, dead-lettering and
+//! acknowledgement, so each sink only has to say what happened to each item.
 
 pub mod cache;
 pub mod graph;
 pub mod noop;
-pub mod runner;
 pub mod search;
 pub mod timeseries;
 pub mod version;
@@ -21,7 +20,6 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 
 use crate::change::{Change, Name};
-use crate::checkpoint::Ticket;
 use crate::config::ConfigError;
 use crate::pipeline::template::{Path, Scope};
 
@@ -115,13 +113,18 @@ impl SinkConfig {
     }
 }
 
-/// What a pipeline action produced for one sink.
-#[derive(Debug, Clone)]
+/// What a pipeline action produced for one sink (serialisable: a spooled record holds it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Payload {
     /// Cache operation.
     Cache(cache::CacheOp),
     /// Search index/delete.
     Search(search::SearchOp),
+    /// Remove every document of an index (a truncate).
+    SearchClear {
+        /// The index.
+        index: String,
+    },
     /// Graph writes of one change.
     Graph(Vec<graph::GraphOp>),
     /// Time-series points of one change.
@@ -130,10 +133,9 @@ pub enum Payload {
     Discard,
 }
 
-/// One unit of work for a sink, carrying its hold on the change.
+/// One unit of work for a sink.
+#[derive(Debug)]
 pub struct Record {
-    /// The hold to release once applied or dead-lettered.
-    pub ticket: Ticket,
     /// The change it came from (for the DLQ and lag metrics).
     pub change: Arc<Change>,
     /// Pipeline that produced it.
@@ -201,7 +203,7 @@ pub trait Sink: Send + Sync + 'static {
     /// Batch bounds.
     fn limits(&self) -> BatchLimits;
     /// Write a batch.
-    fn write<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>>;
+    fn write<'a>(&'a self, batch: &'a [Arc<Record>]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>>;
     /// Cheap reachability check for readiness.
     fn check(&self) -> BoxFuture<'_, Result<(), SinkError>>;
 }
@@ -213,6 +215,11 @@ pub trait Action: Send + Sync {
     fn render(&self, scope: &dyn Scope, change: &Change, out: &mut Vec<Payload>) -> Result<(), String>;
     /// Template paths the action reads (checked against table columns at start-up).
     fn paths(&self) -> Vec<&Path>;
+    /// Columns a `columns = [...]` list names (checked against table columns at start-up, so a
+    /// typo is refused rather than silently leaving a field out).
+    fn columns(&self) -> Vec<&str> {
+        Vec::new()
+    }
     /// One line for `polysync check`'s plan.
     fn describe(&self) -> String;
 }

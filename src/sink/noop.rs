@@ -46,7 +46,7 @@ impl Sink for NoopSink {
     fn limits(&self) -> BatchLimits {
         self.limits
     }
-    fn write<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
+    fn write<'a>(&'a self, batch: &'a [Arc<Record>]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
         Box::pin(async move { Ok(vec![ItemOutcome::Applied; batch.len()]) })
     }
     fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {

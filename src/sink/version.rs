@@ -79,6 +79,7 @@ mod tests {
             commit_time: Some(Utc.timestamp_opt(secs, 0).unwrap()),
             tx: None,
             origin: None,
+            key_changed: false,
         }
     }
 

@@ -38,6 +38,12 @@ pub mod names {
     pub const SINK_RETRIES: &str = "polysync_sink_retries_total";
     pub const SINK_ERRORS: &str = "polysync_sink_errors_total";
     pub const SINK_UP: &str = "polysync_sink_up";
+    pub const INCOMPLETE_ROWS: &str = "polysync_incomplete_rows_total";
+    pub const SINK_BACKLOG: &str = "polysync_sink_backlog_records";
+    pub const SINK_LAG: &str = "polysync_sink_lag_seconds";
+    pub const SINK_SPOOL_BYTES: &str = "polysync_sink_spool_bytes";
+    pub const SINK_SPILLS: &str = "polysync_sink_spills_total";
+    pub const SINK_SPOOLED: &str = "polysync_sink_spooled_records_total";
     pub const END_TO_END_LAG: &str = "polysync_end_to_end_lag_seconds";
     pub const DLQ_ENTRIES: &str = "polysync_dlq_entries_total";
     pub const DLQ_BYTES: &str = "polysync_dlq_bytes";
@@ -71,6 +77,12 @@ pub mod names {
         SINK_RETRIES,
         SINK_ERRORS,
         SINK_UP,
+        INCOMPLETE_ROWS,
+        SINK_BACKLOG,
+        SINK_LAG,
+        SINK_SPOOL_BYTES,
+        SINK_SPILLS,
+        SINK_SPOOLED,
         END_TO_END_LAG,
         DLQ_ENTRIES,
         DLQ_BYTES,
@@ -132,6 +144,19 @@ pub struct Metrics {
     pub sink_errors: IntCounterVec,
     /// 1 when the sink answered its last request or health check.
     pub sink_up: IntGaugeVec,
+    /// Rows written without some columns because the source did not send them (unchanged TOAST
+    /// values) and the sink held no stored copy to keep them from, by sink.
+    pub incomplete_rows: IntCounterVec,
+    /// Records a sink has not applied yet (in memory and in its spool), by sink.
+    pub sink_backlog: IntGaugeVec,
+    /// Seconds from the source commit of a sink's oldest unapplied record to now, by sink.
+    pub sink_lag: prometheus::GaugeVec,
+    /// Bytes in a sink's spool, by sink.
+    pub sink_spool_bytes: IntGaugeVec,
+    /// Times a sink fell behind and its records went to its spool, by sink.
+    pub sink_spills: IntCounterVec,
+    /// Records written to a sink's spool, by sink.
+    pub sink_spooled: IntCounterVec,
     /// Source commit → sink acknowledgement, by pipeline.
     pub end_to_end_lag: HistogramVec,
     /// DLQ entries written, by pipeline and sink.
@@ -176,6 +201,12 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(source_lag.clone())).expect("unique metric");
+        let sink_lag = prometheus::GaugeVec::new(
+            Opts::new(SINK_LAG, "Seconds from the source commit of the oldest record a sink has not applied to now"),
+            &["sink"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(sink_lag.clone())).expect("unique metric");
         let dlq_bytes = IntGauge::new(DLQ_BYTES, "Bytes held in dead-letter files").expect("valid metric");
         r.register(Box::new(dlq_bytes.clone())).expect("unique metric");
         let dlq_write_failures =
@@ -266,6 +297,22 @@ impl Metrics {
             sink_retries: counter(&r, SINK_RETRIES, "Sink retries", &["sink", "kind"]),
             sink_errors: counter(&r, SINK_ERRORS, "Sink errors", &["sink", "kind"]),
             sink_up: gauge(&r, SINK_UP, "1 when the sink answered its last request or check", &["sink"]),
+            sink_backlog: gauge(&r, SINK_BACKLOG, "Records a sink has not applied yet (memory and spool)", &["sink"]),
+            sink_lag,
+            sink_spool_bytes: gauge(&r, SINK_SPOOL_BYTES, "Bytes in a sink's spool", &["sink"]),
+            sink_spills: counter(
+                &r,
+                SINK_SPILLS,
+                "Times a sink fell behind and its records went to its spool",
+                &["sink"],
+            ),
+            sink_spooled: counter(&r, SINK_SPOOLED, "Records written to a sink's spool", &["sink"]),
+            incomplete_rows: counter(
+                &r,
+                INCOMPLETE_ROWS,
+                "Rows written without columns the source did not send (unchanged TOAST values) and the sink had no stored copy of",
+                &["sink"],
+            ),
             end_to_end_lag: histogram(
                 &r,
                 END_TO_END_LAG,

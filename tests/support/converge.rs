@@ -70,6 +70,9 @@ pub async fn search_docs(index: &str) -> Docs {
             q["search_after"] = a.clone();
         }
         let (status, v) = search_call(reqwest::Method::POST, &format!("/{index}/_search"), Some(q.to_string())).await;
+        if status == 404 {
+            return out; // no index yet: no documents
+        }
         assert_eq!(status, 200, "{v}");
         let hits = v["hits"]["hits"].as_array().cloned().unwrap_or_default();
         if hits.is_empty() {
@@ -96,6 +99,29 @@ pub fn diff(what: &str, expected: &Docs, actual: &Docs) -> Vec<String> {
         out.push(format!("{what}: key {k} should not exist (deleted or never in the source)"));
     }
     out
+}
+
+/// Poll `fetch` until it equals `expected` (what is in flight lands, from memory or from a
+/// sink's spool), or panic with the first differences after `timeout`.
+pub async fn eventually_converged<F, Fut>(what: &str, expected: &Docs, timeout: std::time::Duration, mut fetch: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Docs>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let d = diff(what, expected, &fetch().await);
+        if d.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} differences after {timeout:?}, first: {:#?}",
+            d.len(),
+            &d[..d.len().min(10)]
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 /// Panic with the first differences when a sink has not converged.
@@ -155,7 +181,7 @@ pub fn influx_url() -> String {
     std::env::var("POLYSYNC_TEST_INFLUX").unwrap_or_else(|_| "http://127.0.0.1:58086".into())
 }
 
-async fn influx_q(db: Option<&str>, method: &str, q: &str) -> Value {
+pub async fn influx_q(db: Option<&str>, method: &str, q: &str) -> Value {
     let mut url = format!(
         "{}/query?epoch=u&q={}",
         influx_url(),

@@ -3,10 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use polysync::app::AppError;
+use polysync::app::{AppError, ControlHandles, Controls, Stopped};
 use polysync::config::Config;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 /// Config text for a PostgreSQL source `db` and a cache sink `cache`, plus `extra` TOML.
 pub fn pg_cache_config(db_url: &str, slot: &str, extra: &str) -> String {
@@ -53,22 +52,32 @@ timeout = "2s"
 
 /// The daemon running inside the test process.
 pub struct InProcess {
-    stop: CancellationToken,
-    handle: JoinHandle<Result<(), AppError>>,
+    controls: ControlHandles,
+    handle: JoinHandle<Result<Stopped, AppError>>,
 }
 
 impl InProcess {
     pub fn start(config: &Path) -> InProcess {
         init_test_logging();
         let cfg = Config::load(config).unwrap_or_else(|e| panic!("config: {e}"));
-        let stop = CancellationToken::new();
-        let handle = tokio::spawn(polysync::app::run(cfg, stop.clone()));
-        InProcess { stop, handle }
+        let (controls, handles) = Controls::new();
+        let handle = tokio::spawn(polysync::app::run(cfg, controls));
+        InProcess { controls: handles, handle }
+    }
+
+    /// Ask for a reload (like SIGHUP).
+    pub fn reload(&self) {
+        let _ = self.controls.reload.try_send(());
     }
 
     /// Graceful stop (like SIGTERM); returns the daemon's result.
     pub async fn stop(self) -> Result<(), AppError> {
-        self.stop.cancel();
+        self.stop_status().await.map(|_| ())
+    }
+
+    /// Graceful stop; how it ended.
+    pub async fn stop_status(self) -> Result<Stopped, AppError> {
+        self.controls.stop.cancel();
         self.handle.await.expect("daemon task panicked")
     }
 
@@ -78,7 +87,7 @@ impl InProcess {
     }
 
     pub async fn result(self) -> Result<(), AppError> {
-        self.handle.await.expect("daemon task panicked")
+        self.handle.await.expect("daemon task panicked").map(|_| ())
     }
 }
 

@@ -74,6 +74,29 @@ pub fn peers(args: &[&str]) {
     assert!(status.success(), "peers.sh {args:?} failed");
 }
 
+/// A peer stopped for a test: started again when this is dropped, also when the test fails, so
+/// one failing outage test never takes a server away from the tests after it.
+pub struct Stopped(&'static str);
+
+impl Stopped {
+    /// Stop `peer` (`redis`, `opensearch`, `gremlin`, `influxdb`).
+    pub fn peer(peer: &'static str) -> Stopped {
+        peers(&["--stop", peer]);
+        Stopped(peer)
+    }
+
+    /// Start it again now.
+    pub fn restart(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        peers(&[self.0]);
+    }
+}
+
 /// A temp directory with a config file and a pipelines directory.
 pub struct Workspace {
     pub dir: tempfile::TempDir,

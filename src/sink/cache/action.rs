@@ -25,7 +25,7 @@ use crate::sink::{Action, Payload};
 pub const MAX_KEY_BYTES: usize = 64 * 1024;
 
 /// What the cache sink does for one change.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum CacheOp {
     /// Delete these keys.
     Invalidate {
@@ -62,12 +62,13 @@ pub enum CacheOp {
 }
 
 /// A value for `set`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum SetValue {
     /// A JSON string.
     Json(String),
     /// Hash fields; `replace` drops fields not listed, otherwise they are kept (TOAST-unchanged
-    /// columns) and `remove` lists fields to delete (NULL columns).
+    /// columns: a hash that does not exist is then left absent rather than created from part
+    /// of the row) and `remove` lists fields to delete (NULL columns).
     Hash {
         /// Replace the whole hash.
         replace: bool,
@@ -239,33 +240,19 @@ fn hash_bytes(v: &Value, field: &str) -> Result<Option<Vec<u8>>, String> {
 }
 
 impl Set {
+    /// The value to write, or `None` when it cannot be written whole. Columns the source did
+    /// not send (TOAST-unchanged, and not completed from an old image) are merged: a hash keeps
+    /// its stored fields (and is not created from part of a row), while a JSON string cannot be
+    /// patched, so the key is removed (version-guarded) and the next read reloads it.
     fn value(&self, change: &Change, row: &Row) -> Result<Option<SetValue>, String> {
         let wanted = |name: &str| self.columns.as_ref().is_none_or(|c| c.iter().any(|x| x == name));
-        let unchanged: Vec<&str> = change.unchanged.iter().map(|n| &**n).filter(|n| wanted(n)).collect();
+        let partial = change.unchanged.iter().any(|n| wanted(n));
         match self.format {
             Format::Json => {
-                if unchanged.is_empty() {
-                    return Ok(Some(SetValue::Json(
-                        row_to_natural(row, self.columns.as_deref()).map_err(|e| e.to_string())?,
-                    )));
-                }
-                // TOAST-unchanged columns: complete the row from the old image if the table
-                // sends one (REPLICA IDENTITY FULL); otherwise the value cannot be written
-                // whole, so the key is removed (version-guarded) and the next read reloads it.
-                let Some(before) = &change.before else {
+                if partial {
                     return Ok(None);
-                };
-                let mut full = Row::with_capacity(row.len() + unchanged.len());
-                for (n, v) in row.iter() {
-                    full.push(Arc::clone(n), v.clone());
                 }
-                for u in &change.unchanged {
-                    match before.get(u) {
-                        Some(v) => full.push(Arc::clone(u), v.clone()),
-                        None => return Ok(None),
-                    }
-                }
-                Ok(Some(SetValue::Json(row_to_natural(&full, self.columns.as_deref()).map_err(|e| e.to_string())?)))
+                Ok(Some(SetValue::Json(row_to_natural(row, self.columns.as_deref()).map_err(|e| e.to_string())?)))
             }
             Format::Hash => {
                 let mut fields = Vec::with_capacity(row.len());
@@ -279,7 +266,7 @@ impl Set {
                         None => remove.push(n.to_string()),
                     }
                 }
-                Ok(Some(SetValue::Hash { replace: unchanged.is_empty(), fields, remove }))
+                Ok(Some(SetValue::Hash { replace: !partial, fields, remove }))
             }
         }
     }
@@ -310,6 +297,10 @@ impl Action for Set {
 
     fn paths(&self) -> Vec<&Path> {
         self.key.paths().collect()
+    }
+
+    fn columns(&self) -> Vec<&str> {
+        self.columns.iter().flatten().map(String::as_str).collect()
     }
 
     fn describe(&self) -> String {

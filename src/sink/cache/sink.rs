@@ -23,11 +23,17 @@ use crate::sink::{BatchLimits, ItemOutcome, Payload, Record, Sink, SinkError, Si
 /// Server-side version guard. KEYS: value key, version key. ARGV: version (40-digit, zero
 /// padded so string order is numeric order), op (`j` JSON, `h` hash replace, `m` hash merge,
 /// `d` delete), ttl seconds (0 = none), tombstone ttl seconds, then the JSON value or the count
-/// of hash field pairs, the pairs, and fields to remove.
+/// of hash field pairs, the pairs, and fields to remove. A merge into a hash that is not there
+/// (evicted, expired, never written) writes nothing but the version: a partial row is never
+/// created.
 pub const GUARDED_WRITE: &str = r#"
 local cur = redis.call('GET', KEYS[2])
 if cur and cur > ARGV[1] then return 0 end
 local op = ARGV[2]
+if op == 'm' and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[4]))
+  return 1
+end
 if op == 'd' then
   redis.call('DEL', KEYS[1])
   redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[4]))
@@ -186,16 +192,29 @@ impl CacheSink {
         }
     }
 
+    /// Remove every key matching `pattern` (a truncate). In cluster mode every primary is
+    /// scanned and keys are removed slot by slot (a multi-key command must stay in one slot).
     async fn delete_pattern(&self, pattern: &str) -> Result<(), SinkError> {
-        if self.cluster {
-            return Err(err(
-                &self.name,
-                &self.endpoint,
-                SinkErrorKind::Fatal,
-                "truncate_pattern is not supported in cluster mode",
-            ));
-        }
         let client = self.pool.next();
+        if self.cluster {
+            use fred::types::scan::Scanner;
+            use futures::StreamExt;
+            let mut pages = std::pin::pin!(client.scan_cluster(pattern.to_string(), Some(1000), None));
+            while let Some(page) = pages.next().await {
+                let mut page = page.map_err(|e| self.transient(e))?;
+                let keys = page.take_results().unwrap_or_default();
+                let mut by_slot: std::collections::BTreeMap<u16, Vec<Key>> = Default::default();
+                for k in keys {
+                    by_slot.entry(redis_slot(k.as_bytes())).or_default().push(k);
+                }
+                for (_, keys) in by_slot {
+                    let _: i64 = if self.unlink { client.unlink(keys).await } else { client.del(keys).await }
+                        .map_err(|e| self.transient(e))?;
+                }
+                page.next();
+            }
+            return Ok(());
+        }
         let mut cursor = "0".to_string();
         loop {
             let (next, keys): (String, Vec<String>) = client
@@ -216,7 +235,7 @@ impl CacheSink {
         }
     }
 
-    async fn write_batch(&self, batch: &[Record]) -> Result<Vec<ItemOutcome>, SinkError> {
+    async fn write_batch(&self, batch: &[Arc<Record>]) -> Result<Vec<ItemOutcome>, SinkError> {
         let mut outcomes = vec![ItemOutcome::Applied; batch.len()];
         // Which records each queued command answers for.
         let mut owners: Vec<Vec<usize>> = Vec::new();
@@ -409,7 +428,7 @@ impl Sink for CacheSink {
         self.limits
     }
 
-    fn write<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
+    fn write<'a>(&'a self, batch: &'a [Arc<Record>]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
         Box::pin(self.write_batch(batch))
     }
 

@@ -36,8 +36,35 @@ use crate::pipeline::scope::ChangeScope;
 use crate::pipeline::template::{Path, Root, Scope, Template};
 use crate::sink::{Action, Payload};
 
+/// A property value: the scalar kinds a graph property takes from a column.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum PropValue {
+    /// Boolean.
+    Bool(bool),
+    /// 64-bit integer.
+    Int(i64),
+    /// Double.
+    Double(f64),
+    /// Text (decimals keep their digits; bytes are base64; containers are JSON).
+    Str(String),
+    /// A date, milliseconds since the epoch.
+    Date(i64),
+}
+
+impl From<&PropValue> for GValue {
+    fn from(v: &PropValue) -> GValue {
+        match v {
+            PropValue::Bool(b) => GValue::Bool(*b),
+            PropValue::Int(i) => GValue::Int(*i),
+            PropValue::Double(d) => GValue::Double(*d),
+            PropValue::Str(s) => GValue::Str(s.clone()),
+            PropValue::Date(ms) => GValue::Date(*ms),
+        }
+    }
+}
+
 /// One write against the graph.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum GraphOp {
     /// Upsert a vertex; properties with `None` are removed.
     Vertex {
@@ -46,7 +73,7 @@ pub enum GraphOp {
         /// Label (used when the vertex is created).
         label: String,
         /// Properties.
-        props: Vec<(String, Option<GValue>)>,
+        props: Vec<(String, Option<PropValue>)>,
     },
     /// Drop a vertex (and its edges).
     DropVertex {
@@ -64,7 +91,15 @@ pub enum GraphOp {
         /// (label, id) of the in vertex.
         to: (String, String),
         /// Properties.
-        props: Vec<(String, Option<GValue>)>,
+        props: Vec<(String, Option<PropValue>)>,
+    },
+    /// Drop every vertex (or edge) with this label: a truncate of a table whose mapping drops
+    /// its vertices on delete (edges always go with their row).
+    DropLabel {
+        /// Vertices (true) or edges.
+        vertices: bool,
+        /// The label.
+        label: String,
     },
     /// Drop an edge; `from` (its out vertex) lets the drop join a batched traversal.
     DropEdge {
@@ -206,39 +241,48 @@ pub fn compile(table: toml::Table) -> Result<Arc<dyn Action>, String> {
 }
 
 /// A value as a graph property; `None` for NULL (the property is removed).
-pub fn to_gvalue(v: &Value) -> Option<GValue> {
+pub fn to_gvalue(v: &Value) -> Option<PropValue> {
     Some(match v {
         Value::Null => return None,
-        Value::Bool(b) => GValue::Bool(*b),
-        Value::Int(i) => GValue::Int(*i),
-        Value::Float(f) => GValue::Double(*f),
-        Value::Timestamp(t) => GValue::Date(t.timestamp_millis()),
-        Value::Decimal(s) | Value::Text(s) | Value::Uuid(s) | Value::Json(s) => GValue::Str(s.clone()),
-        Value::Other { text, .. } => GValue::Str(text.clone()),
-        Value::Date(d) => GValue::Str(d.to_string()),
-        Value::Bytes(b) => GValue::Str(base64::engine::general_purpose::STANDARD.encode(b)),
+        Value::Bool(b) => PropValue::Bool(*b),
+        Value::Int(i) => PropValue::Int(*i),
+        Value::Float(f) => PropValue::Double(*f),
+        Value::Timestamp(t) => PropValue::Date(t.timestamp_millis()),
+        Value::Decimal(s) | Value::Text(s) | Value::Uuid(s) | Value::Json(s) => PropValue::Str(s.clone()),
+        Value::Other { text, .. } => PropValue::Str(text.clone()),
+        Value::Date(d) => PropValue::Str(d.to_string()),
+        Value::Bytes(b) => PropValue::Str(base64::engine::general_purpose::STANDARD.encode(b)),
         Value::List(_) | Value::Set(_) | Value::Map(_) => {
             let mut s = String::new();
             let _ = write_natural(&mut s, v, "");
-            GValue::Str(s)
+            PropValue::Str(s)
         }
     })
 }
 
-fn render_props(specs: &[(String, PropSpec)], scope: &dyn Scope) -> Result<Vec<(String, Option<GValue>)>, String> {
-    specs
-        .iter()
-        .map(|(k, spec)| {
-            let v = match spec {
-                PropSpec::Template(t) => Some(GValue::Str(t.render(scope).map_err(|e| format!("property {k}: {e}"))?)),
-                PropSpec::Path(p) => {
-                    let v = scope.resolve(p).ok_or_else(|| format!("property {k}: template field {p} is missing"))?;
-                    to_gvalue(&v)
+/// Properties to set (`None` removes one). A property read from a column the source did not
+/// send (TOAST-unchanged) is left out, so the stored value stays: properties merge.
+fn render_props(specs: &[(String, PropSpec)], scope: &dyn Scope) -> Result<Vec<(String, Option<PropValue>)>, String> {
+    let mut out = Vec::with_capacity(specs.len());
+    for (k, spec) in specs {
+        let v = match spec {
+            PropSpec::Template(t) => {
+                if t.paths().any(|p| scope.unchanged(p)) {
+                    continue;
                 }
-            };
-            Ok((k.clone(), v))
-        })
-        .collect()
+                Some(PropValue::Str(t.render(scope).map_err(|e| format!("property {k}: {e}"))?))
+            }
+            PropSpec::Path(p) => {
+                if scope.unchanged(p) {
+                    continue;
+                }
+                let v = scope.resolve(p).ok_or_else(|| format!("property {k}: template field {p} is missing"))?;
+                to_gvalue(&v)
+            }
+        };
+        out.push((k.clone(), v));
+    }
+    Ok(out)
 }
 
 fn check_id(what: &str, s: String) -> Result<String, String> {
@@ -279,7 +323,28 @@ impl EdgeMap {
 impl Action for GraphMapping {
     fn render(&self, scope: &dyn Scope, change: &Change, out: &mut Vec<Payload>) -> Result<(), String> {
         if change.op == Op::Truncate {
-            return Err(format!("truncate of {} cannot be mapped to graph elements", change.relation));
+            // A truncate deletes every row: what a delete drops, the truncate drops for all rows
+            // of the mapping, by label (after every earlier change and before any later one:
+            // truncates are barriers). Vertices kept on delete are kept here too.
+            let label = |t: &Template| {
+                t.render(scope).map_err(|e| {
+                    format!(
+                        "truncate of {}: the label {t} depends on row data ({e}), so the elements to drop cannot be found",
+                        change.relation
+                    )
+                })
+            };
+            let mut ops = Vec::new();
+            for e in &self.edges {
+                ops.push(GraphOp::DropLabel { vertices: false, label: label(&e.label)? });
+            }
+            for v in self.vertices.iter().filter(|v| v.drop_on_delete) {
+                ops.push(GraphOp::DropLabel { vertices: true, label: label(&v.label)? });
+            }
+            if !ops.is_empty() {
+                out.push(Payload::Graph(ops));
+            }
+            return Ok(());
         }
         let old = old_view(change);
         let old_scope = old.as_ref().map(|c| ChangeScope { change: c, event: None });

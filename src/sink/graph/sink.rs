@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::sync::Mutex;
 
-use super::action::GraphOp;
+use super::action::{GraphOp, PropValue};
 use super::config::{Compat, GraphAuth, GraphSinkConfig};
 use super::gremlin::{Bytecode, Connection, Endpoint, GValue, GremlinError};
 use crate::aws::AwsSettings;
@@ -48,11 +48,11 @@ fn anon() -> Bytecode {
     Bytecode::new()
 }
 
-fn with_props(mut b: Bytecode, props: &[(String, Option<GValue>)], vertex: bool) -> Bytecode {
+fn with_props(mut b: Bytecode, props: &[(String, Option<PropValue>)], vertex: bool) -> Bytecode {
     for (k, v) in props {
         match v {
-            Some(v) if vertex => b.push("property", vec![GValue::Cardinality("single"), s(k), v.clone()]),
-            Some(v) => b.push("property", vec![s(k), v.clone()]),
+            Some(v) if vertex => b.push("property", vec![GValue::Cardinality("single"), s(k), GValue::from(v)]),
+            Some(v) => b.push("property", vec![s(k), GValue::from(v)]),
             None => b.push(
                 "sideEffect",
                 vec![GValue::Traversal(anon().step("properties", vec![s(k)]).step("drop", vec![]))],
@@ -62,7 +62,7 @@ fn with_props(mut b: Bytecode, props: &[(String, Option<GValue>)], vertex: bool)
     b
 }
 
-fn upsert_vertex(compat: Compat, id: &str, label: &str, props: &[(String, Option<GValue>)]) -> Bytecode {
+fn upsert_vertex(compat: Compat, id: &str, label: &str, props: &[(String, Option<PropValue>)]) -> Bytecode {
     let base = match compat {
         Compat::Merge => anon()
             .step("mergeV", vec![GValue::Map(vec![(GValue::T("id"), s(id))])])
@@ -84,7 +84,7 @@ fn upsert_edge(
     label: &str,
     from: &(String, String),
     to: &(String, String),
-    props: &[(String, Option<GValue>)],
+    props: &[(String, Option<PropValue>)],
 ) -> Bytecode {
     let base = match compat {
         Compat::Merge => anon().step("mergeE", vec![GValue::Map(vec![(GValue::T("id"), s(id))])]).step(
@@ -165,6 +165,14 @@ pub fn plan(compat: Compat, ops: &[&GraphOp]) -> Vec<Request> {
             }
             GraphOp::Vertex { id, label, props } => effect(&mut seg, upsert_vertex(compat, id, label, props)),
             GraphOp::DropVertex { id } => effect(&mut seg, anon().step("V", vec![s(id)]).step("drop", vec![])),
+            // Mid-traversal V() exists in Gremlin, mid-traversal E() does not: edges are reached
+            // through their out vertices.
+            GraphOp::DropLabel { vertices: true, label } => {
+                effect(&mut seg, anon().step("V", vec![]).step("hasLabel", vec![s(label)]).step("drop", vec![]))
+            }
+            GraphOp::DropLabel { vertices: false, label } => {
+                effect(&mut seg, anon().step("V", vec![]).step("outE", vec![s(label)]).step("drop", vec![]))
+            }
         }
     }
     flush(&mut requests, &mut drops, &mut seg, &mut seg_edges);
@@ -303,7 +311,7 @@ impl GraphSink {
         })
     }
 
-    async fn write_batch(&self, batch: &[Record]) -> Result<Vec<ItemOutcome>, SinkError> {
+    async fn write_batch(&self, batch: &[Arc<Record>]) -> Result<Vec<ItemOutcome>, SinkError> {
         let mut outcomes = vec![ItemOutcome::Applied; batch.len()];
         let mut ops: Vec<Vec<&GraphOp>> = Vec::with_capacity(batch.len());
         let mut idx = Vec::with_capacity(batch.len());
@@ -334,7 +342,7 @@ impl Sink for GraphSink {
     fn limits(&self) -> BatchLimits {
         self.limits
     }
-    fn write<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
+    fn write<'a>(&'a self, batch: &'a [Arc<Record>]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
         Box::pin(self.write_batch(batch))
     }
     fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {

@@ -22,7 +22,7 @@ use crate::sink::version::external_version;
 use crate::sink::{Action, Payload};
 
 /// What the search sink does for one change.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SearchOp {
     /// Index name.
     pub index: String,
@@ -34,6 +34,19 @@ pub struct SearchOp {
     pub document: Option<String>,
     /// Routing value, if configured.
     pub routing: Option<String>,
+    /// Set when the source did not send some of the row's columns (unchanged TOAST values):
+    /// the stored document's fields are kept where the new one lacks them.
+    pub keep: Option<Keep>,
+}
+
+/// Which stored fields a partial document keeps.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Keep {
+    /// These fields (the unsent columns of a row document).
+    Fields(Vec<String>),
+    /// Every top-level field the new document does not have (a transform's document, whose
+    /// fields polysync cannot map back to columns).
+    Absent,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,6 +62,8 @@ struct RawAction {
     columns: Option<Vec<String>>,
     #[serde(default)]
     routing: Option<String>,
+    #[serde(default)]
+    on_truncate: Option<String>,
 }
 
 enum Document {
@@ -63,6 +78,8 @@ pub struct Index {
     routing: Option<Template>,
     document: Document,
     max_document_bytes: usize,
+    /// A truncate empties the index (default), or is ignored.
+    clear_on_truncate: bool,
 }
 
 /// Compile a `[[sink]]` table aimed at a search target.
@@ -82,7 +99,13 @@ pub fn compile(table: toml::Table, max_document_bytes: usize) -> Result<Arc<dyn 
             Document::Path(p)
         }
     };
+    let clear_on_truncate = match raw.on_truncate.as_deref().unwrap_or("delete") {
+        "delete" => true,
+        "ignore" => false,
+        other => return Err(format!("on_truncate {other:?} is not \"delete\" or \"ignore\"")),
+    };
     Ok(Arc::new(Index {
+        clear_on_truncate,
         index: tpl(&raw.index)?,
         id: tpl(&raw.id)?,
         routing: raw.routing.as_deref().map(tpl).transpose()?,
@@ -104,10 +127,20 @@ fn check_index_name(name: &str) -> Result<(), String> {
 impl Action for Index {
     fn render(&self, scope: &dyn Scope, change: &Change, out: &mut Vec<Payload>) -> Result<(), String> {
         if change.op == Op::Truncate {
-            return Err(format!(
-                "truncate of {} cannot be mapped to documents; re-index with a backfill",
-                change.relation
-            ));
+            if !self.clear_on_truncate {
+                return Ok(());
+            }
+            // Every document of the table goes: the index is emptied (after every earlier
+            // change of this sink is applied, and before any later one: truncates are barriers).
+            let index = self.index.render(scope).map_err(|e| {
+                format!(
+                    "truncate of {}: the index name {} depends on row data ({e}), so the documents to remove cannot be found; use an index per table, or on_truncate = \"ignore\"",
+                    change.relation, self.index
+                )
+            })?;
+            check_index_name(&index)?;
+            out.push(Payload::SearchClear { index });
+            return Ok(());
         }
         let index = self.index.render(scope).map_err(|e| e.to_string())?;
         check_index_name(&index)?;
@@ -117,15 +150,28 @@ impl Action for Index {
         }
         let version = external_version(change)?;
         let routing = self.routing.as_ref().map(|r| r.render(scope)).transpose().map_err(|e| e.to_string())?;
+        let mut keep = None;
         let document = if change.op == Op::Delete {
             None
         } else {
             let json = match &self.document {
                 Document::Row(columns) => {
                     let row = change.after.as_ref().ok_or("no row to index (after is empty)")?;
+                    let unsent: Vec<String> = change
+                        .unchanged
+                        .iter()
+                        .filter(|u| columns.as_ref().is_none_or(|c| c.iter().any(|x| x == &***u)))
+                        .map(|u| u.to_string())
+                        .collect();
+                    if !unsent.is_empty() {
+                        keep = Some(Keep::Fields(unsent));
+                    }
                     row_to_natural(row, columns.as_deref()).map_err(|e| e.to_string())?
                 }
                 Document::Path(p) => {
+                    if !change.unchanged.is_empty() {
+                        keep = Some(Keep::Absent);
+                    }
                     let v = scope.resolve(p).ok_or_else(|| format!("document {p} is missing"))?;
                     if !matches!(&*v, crate::change::Value::Map(_) | crate::change::Value::Json(_)) {
                         return Err(format!("document {p} is {}, not an object", v.type_word()));
@@ -144,7 +190,7 @@ impl Action for Index {
             }
             Some(json)
         };
-        out.push(Payload::Search(SearchOp { index, id, version, document, routing }));
+        out.push(Payload::Search(SearchOp { index, id, version, document, routing, keep }));
         Ok(())
     }
 
@@ -157,6 +203,13 @@ impl Action for Index {
             p.push(d);
         }
         p
+    }
+
+    fn columns(&self) -> Vec<&str> {
+        match &self.document {
+            Document::Row(Some(c)) => c.iter().map(String::as_str).collect(),
+            _ => Vec::new(),
+        }
     }
 
     fn describe(&self) -> String {

@@ -10,6 +10,8 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use futures::future::BoxFuture;
 use opensearch::OpenSearch;
 use opensearch::auth::Credentials;
@@ -18,10 +20,11 @@ use opensearch::http::headers::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use opensearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use opensearch::http::{Method, StatusCode};
 
-use super::action::SearchOp;
+use super::action::{Keep, SearchOp};
 use super::config::{SearchAuth, SearchSinkConfig};
 use crate::aws::AwsSettings;
 use crate::sink::{BatchLimits, ItemOutcome, Payload, Record, Sink, SinkError, SinkErrorKind};
+use crate::telemetry::metrics;
 use crate::tls::TlsMode;
 
 /// A connected search target.
@@ -40,8 +43,8 @@ fn err(name: &str, endpoint: &str, kind: SinkErrorKind, msg: impl std::fmt::Disp
     SinkError { sink: name.to_string(), endpoint: endpoint.to_string(), kind, msg: msg.to_string() }
 }
 
-/// One bulk line pair for an op.
-fn encode(op: &SearchOp, out: &mut String) {
+/// One bulk line pair for an op; `document` replaces the op's own (a merged partial one).
+fn encode(op: &SearchOp, document: Option<&str>, out: &mut String) {
     let action = if op.document.is_some() { "index" } else { "delete" };
     let mut meta = serde_json::json!({
         "_index": op.index,
@@ -54,10 +57,30 @@ fn encode(op: &SearchOp, out: &mut String) {
     }
     out.push_str(&serde_json::json!({ action: meta }).to_string());
     out.push('\n');
-    if let Some(doc) = &op.document {
+    if let Some(doc) = document.or(op.document.as_deref()) {
         out.push_str(doc);
         out.push('\n');
     }
+}
+
+/// A partial document completed from the stored one: fields `keep` names (or every field the
+/// new document lacks) are copied from `stored`, each value's JSON text unchanged.
+pub fn merge_document(new: &str, stored: &str, keep: &Keep) -> Result<String, String> {
+    use serde_json::value::RawValue;
+    let mut doc: std::collections::BTreeMap<String, Box<RawValue>> =
+        serde_json::from_str(new).map_err(|e| format!("document is not a JSON object: {e}"))?;
+    let old: std::collections::BTreeMap<String, Box<RawValue>> =
+        serde_json::from_str(stored).map_err(|e| format!("stored document is not a JSON object: {e}"))?;
+    for (k, v) in old {
+        let wanted = match keep {
+            Keep::Absent => true,
+            Keep::Fields(f) => f.contains(&k),
+        };
+        if wanted && !doc.contains_key(&k) {
+            doc.insert(k, v);
+        }
+    }
+    serde_json::to_string(&doc).map_err(|e| e.to_string())
 }
 
 /// Outcome of one bulk response item.
@@ -266,13 +289,14 @@ impl SearchSink {
     fn send<'a>(
         &'a self,
         ops: &'a [&'a SearchOp],
+        merged: &'a std::collections::HashMap<usize, String>,
         items: Vec<usize>,
         outcomes: &'a mut [ItemOutcome],
     ) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let mut body = String::new();
             for &i in &items {
-                encode(ops[i], &mut body);
+                encode(ops[i], merged.get(&i).map(String::as_str), &mut body);
             }
             let path = if self.refresh_wait { "/_bulk?refresh=wait_for" } else { "/_bulk" };
             let (status, text) = self.request(Method::Post, path, Some(body.into_bytes()), true).await?;
@@ -280,8 +304,8 @@ impl SearchSink {
                 200 => {}
                 413 if items.len() > 1 => {
                     let (a, b) = items.split_at(items.len() / 2);
-                    self.send(ops, a.to_vec(), outcomes).await?;
-                    return self.send(ops, b.to_vec(), outcomes).await;
+                    self.send(ops, merged, a.to_vec(), outcomes).await?;
+                    return self.send(ops, merged, b.to_vec(), outcomes).await;
                 }
                 413 => {
                     outcomes[items[0]] = ItemOutcome::Rejected("413: document larger than the cluster accepts".into());
@@ -310,7 +334,163 @@ impl SearchSink {
         })
     }
 
-    async fn write_batch(&self, batch: &[Record]) -> Result<Vec<ItemOutcome>, SinkError> {
+    /// Documents of partial rows (columns the source did not send), completed from the stored
+    /// copies. Per key the lane orders writes, so the stored copy is the previous change's
+    /// document, whose value for an unsent column is this change's too: an earlier write of the
+    /// same document in this batch, or else the index's copy (one `_mget` for all of those). A
+    /// document with no copy anywhere is written as it is, and counted.
+    async fn complete_partial<'a>(
+        &self,
+        batch: &[Arc<Record>],
+        ops: &[&'a SearchOp],
+        index_of: &[usize],
+    ) -> Result<std::collections::HashMap<usize, String>, SinkError> {
+        use std::collections::HashMap;
+        let mut merged = HashMap::new();
+        if !ops.iter().any(|o| o.keep.is_some() && o.document.is_some()) {
+            return Ok(merged);
+        }
+        type DocKey<'k> = (&'k str, &'k str, Option<&'k str>);
+        let key = |o: &'a SearchOp| -> DocKey<'a> { (o.index.as_str(), o.id.as_str(), o.routing.as_deref()) };
+        // Which partial documents have no earlier write in this batch: those need the index.
+        let mut seen: std::collections::HashSet<DocKey<'a>> = Default::default();
+        let mut fetch: Vec<usize> = Vec::new();
+        for (i, o) in ops.iter().enumerate() {
+            if o.keep.is_some() && o.document.is_some() && !seen.contains(&key(o)) {
+                fetch.push(i);
+            }
+            seen.insert(key(o));
+        }
+        let mut stored: HashMap<usize, Option<String>> = HashMap::new();
+        if !fetch.is_empty() {
+            let docs: Vec<serde_json::Value> = fetch
+                .iter()
+                .map(|&i| {
+                    let mut d = serde_json::json!({ "_index": ops[i].index, "_id": ops[i].id });
+                    if let Some(r) = &ops[i].routing {
+                        d["routing"] = serde_json::Value::String(r.clone());
+                    }
+                    d
+                })
+                .collect();
+            let body = serde_json::to_vec(&serde_json::json!({ "docs": docs })).map_err(|e| self.transient(e))?;
+            let (status, text) = self.request(Method::Post, "/_mget", Some(body), false).await?;
+            if !status.is_success() {
+                return Err(self.transient(format!("_mget for partial documents: {status}: {}", truncate(&text))));
+            }
+            #[derive(serde::Deserialize)]
+            struct Found<'a> {
+                #[serde(default)]
+                found: bool,
+                #[serde(borrow, rename = "_source")]
+                source: Option<&'a serde_json::value::RawValue>,
+            }
+            #[derive(serde::Deserialize)]
+            struct Answer<'a> {
+                #[serde(borrow)]
+                docs: Vec<Found<'a>>,
+            }
+            let answer: Answer<'_> =
+                serde_json::from_str(&text).map_err(|e| self.transient(format!("_mget answer is not JSON: {e}")))?;
+            if answer.docs.len() != fetch.len() {
+                return Err(self.transient(format!(
+                    "_mget answered {} of {} documents",
+                    answer.docs.len(),
+                    fetch.len()
+                )));
+            }
+            for (&i, f) in fetch.iter().zip(answer.docs) {
+                stored.insert(i, f.source.filter(|_| f.found).map(|r| r.get().to_string()));
+            }
+        }
+        // In order: each write leaves the document the next partial one completes from.
+        let mut current: HashMap<DocKey<'a>, Option<String>> = HashMap::new();
+        for (i, o) in ops.iter().enumerate() {
+            let k = key(o);
+            let Some(doc) = &o.document else {
+                current.insert(k, None); // deleted
+                continue;
+            };
+            let Some(keep) = &o.keep else {
+                current.insert(k, Some(doc.clone()));
+                continue;
+            };
+            let base = match current.get(&k) {
+                Some(b) => b.clone(),
+                None => stored.get(&i).cloned().flatten(),
+            };
+            let result = match base {
+                Some(b) => match merge_document(doc, &b, keep) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(sink = %self.name, index = %o.index, id = %o.id, error = %e, "cannot complete a partial document; writing it as it is");
+                        doc.clone()
+                    }
+                },
+                None => {
+                    metrics().incomplete_rows.with_label_values(&[&self.name]).inc();
+                    let rec = &batch[index_of[i]];
+                    tracing::warn!(
+                        sink = %self.name, index = %o.index, id = %o.id, relation = %rec.change.relation,
+                        key = %rec.change.key_display(), missing = ?rec.change.unchanged,
+                        "the source did not send some columns (unchanged TOAST values) and the index holds no copy to keep them from; the document is written without them (set REPLICA IDENTITY FULL on the table, or re-read it with polysync snapshot)"
+                    );
+                    doc.clone()
+                }
+            };
+            current.insert(k, Some(result.clone()));
+            merged.insert(i, result);
+        }
+        Ok(merged)
+    }
+
+    /// Empty an index (a truncate): make every write so far visible, then delete every document,
+    /// repeating while a concurrent write conflicts.
+    async fn clear(&self, index: &str) -> Result<ItemOutcome, SinkError> {
+        for _ in 0..10 {
+            let (status, text) = self.request(Method::Post, &format!("/{index}/_refresh"), None, false).await?;
+            if status == StatusCode::NOT_FOUND {
+                return Ok(ItemOutcome::Applied); // no index, no documents
+            }
+            if !status.is_success() {
+                return Err(self.transient(format!("refresh {index}: {status}: {}", truncate(&text))));
+            }
+            let body = br#"{"query":{"match_all":{}}}"#.to_vec();
+            let path = format!("/{index}/_delete_by_query?conflicts=proceed&refresh=true");
+            let (status, text) = self.request(Method::Post, &path, Some(body), false).await?;
+            if status == StatusCode::NOT_FOUND {
+                return Ok(ItemOutcome::Applied);
+            }
+            if status.as_u16() == 429 || status.is_server_error() {
+                return Err(self.transient(format!("delete_by_query {index}: {status}: {}", truncate(&text))));
+            }
+            if !status.is_success() {
+                return Ok(ItemOutcome::Rejected(format!("delete_by_query {index}: {status}: {}", truncate(&text))));
+            }
+            let answer: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| self.transient(format!("delete_by_query answer: {e}")))?;
+            let failures = answer["failures"].as_array().map_or(0, Vec::len);
+            let conflicts = answer["version_conflicts"].as_u64().unwrap_or(0);
+            if failures == 0 && conflicts == 0 {
+                tracing::info!(sink = %self.name, index, deleted = answer["deleted"].as_u64().unwrap_or(0), "index emptied (truncate)");
+                return Ok(ItemOutcome::Applied);
+            }
+        }
+        Err(self.transient(format!("delete_by_query {index}: documents kept conflicting or failing")))
+    }
+
+    async fn write_batch(&self, batch: &[Arc<Record>]) -> Result<Vec<ItemOutcome>, SinkError> {
+        // A truncate comes alone (the queue makes it a barrier); in any case it splits the batch.
+        if let Some(pos) = batch.iter().position(|r| matches!(r.payload, Payload::SearchClear { .. })) {
+            let mut outcomes = Box::pin(self.write_batch(&batch[..pos])).await?;
+            let Payload::SearchClear { index } = &batch[pos].payload else { unreachable!("matched above") };
+            outcomes.push(self.clear(index).await?);
+            outcomes.extend(Box::pin(self.write_batch(&batch[pos + 1..])).await?);
+            return Ok(outcomes);
+        }
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut outcomes = vec![ItemOutcome::Applied; batch.len()];
         let mut ops: Vec<&SearchOp> = Vec::with_capacity(batch.len());
         let mut index_of = Vec::with_capacity(batch.len());
@@ -323,6 +503,7 @@ impl SearchSink {
                 _ => outcomes[i] = ItemOutcome::Rejected("payload is not for a search sink".into()),
             }
         }
+        let merged = self.complete_partial(batch, &ops, &index_of).await?;
         // Chunk by bytes.
         let mut op_outcomes = vec![ItemOutcome::Applied; ops.len()];
         let mut chunk = Vec::new();
@@ -330,14 +511,14 @@ impl SearchSink {
         for (i, op) in ops.iter().enumerate() {
             let len = op.document.as_ref().map_or(0, |d| d.len()) + op.index.len() + op.id.len() + 120;
             if !chunk.is_empty() && size + len > self.batch_bytes {
-                self.send(&ops, std::mem::take(&mut chunk), &mut op_outcomes).await?;
+                self.send(&ops, &merged, std::mem::take(&mut chunk), &mut op_outcomes).await?;
                 size = 0;
             }
             chunk.push(i);
             size += len;
         }
         if !chunk.is_empty() {
-            self.send(&ops, chunk, &mut op_outcomes).await?;
+            self.send(&ops, &merged, chunk, &mut op_outcomes).await?;
         }
         for (k, o) in op_outcomes.into_iter().enumerate() {
             outcomes[index_of[k]] = o;
@@ -373,7 +554,7 @@ impl Sink for SearchSink {
     fn limits(&self) -> BatchLimits {
         self.limits
     }
-    fn write<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
+    fn write<'a>(&'a self, batch: &'a [Arc<Record>]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
         Box::pin(self.write_batch(batch))
     }
     fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {
@@ -428,11 +609,21 @@ mod tests {
                 version: 7,
                 document: Some("{\"a\":1}".into()),
                 routing: None,
+                keep: None,
             },
+            None,
             &mut s,
         );
         encode(
-            &SearchOp { index: "i".into(), id: "2".into(), version: 8, document: None, routing: Some("r".into()) },
+            &SearchOp {
+                index: "i".into(),
+                id: "2".into(),
+                version: 8,
+                document: None,
+                routing: Some("r".into()),
+                keep: None,
+            },
+            None,
             &mut s,
         );
         let lines: Vec<serde_json::Value> = s.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -442,5 +633,14 @@ mod tests {
         assert_eq!(lines[2]["delete"]["_id"], "2");
         assert_eq!(lines[2]["delete"]["routing"], "r");
         assert_eq!(lines.len(), 3);
+    }
+
+    #[test]
+    fn partial_documents_keep_exactly_the_unsent_fields() {
+        let stored = r#"{"id":5,"big":"long text","price":12.3400000000000000001,"gone":1}"#;
+        let merged = merge_document(r#"{"id":5,"price":1.10}"#, stored, &Keep::Fields(vec!["big".into()])).unwrap();
+        assert_eq!(merged, r#"{"big":"long text","id":5,"price":1.10}"#);
+        let all = merge_document(r#"{"id":5}"#, stored, &Keep::Absent).unwrap();
+        assert!(all.contains(r#""price":12.3400000000000000001"#), "exact digits kept: {all}");
     }
 }

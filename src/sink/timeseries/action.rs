@@ -34,7 +34,7 @@ use crate::sink::version::external_version;
 use crate::sink::{Action, Payload};
 
 /// A typed measure value.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Measure {
     /// DOUBLE, as decimal text (exact digits).
     Double(String),
@@ -49,7 +49,7 @@ pub enum Measure {
 }
 
 /// One point.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Point {
     /// Timestream table (None: the sink's default).
     pub table: Option<String>,
@@ -126,7 +126,7 @@ struct FieldMap {
 struct PointMap {
     measurement: Template,
     table: Option<Template>,
-    ops: crate::pipeline::matcher::OpSet,
+    ops: crate::change::matcher::OpSet,
     time: Option<Path>,
     tags: Vec<(String, Template)>,
     fields: Vec<FieldMap>,
@@ -150,8 +150,8 @@ pub fn compile(table: toml::Table) -> Result<Arc<dyn Action>, String> {
     let mut points = Vec::new();
     for p in raw.point {
         let ops = match p.ops {
-            None => crate::pipeline::matcher::OpSet::from_ops([Op::Insert, Op::Update, Op::Read]),
-            Some(list) => crate::pipeline::matcher::OpSet::from_ops(
+            None => crate::change::matcher::OpSet::from_ops([Op::Insert, Op::Update, Op::Read]),
+            Some(list) => crate::change::matcher::OpSet::from_ops(
                 list.iter()
                     .map(|o| Op::parse(o).ok_or_else(|| format!("unknown op {o:?}")))
                     .collect::<Result<Vec<_>, _>>()?,
@@ -232,6 +232,11 @@ impl Action for Points {
             }
             let mut fields = Vec::with_capacity(p.fields.len());
             for f in &p.fields {
+                // A field read from a column the source did not send (TOAST-unchanged) is left
+                // out of the point: its value at this time is not known.
+                if matches!(&f.source, Source::Path(path) if scope.unchanged(path)) {
+                    continue;
+                }
                 let value = match &f.source {
                     Source::Const(c) => Value::Text(c.clone()),
                     Source::Path(path) => scope

@@ -9,6 +9,8 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use futures::future::BoxFuture;
 
 use super::action::{Measure, Point};
@@ -198,7 +200,7 @@ impl InfluxSink {
         })
     }
 
-    async fn write_batch(&self, batch: &[Record]) -> Result<Vec<ItemOutcome>, SinkError> {
+    async fn write_batch(&self, batch: &[Arc<Record>]) -> Result<Vec<ItemOutcome>, SinkError> {
         let mut outcomes = vec![ItemOutcome::Applied; batch.len()];
         let mut lines = vec![String::new(); batch.len()];
         let mut idx = Vec::with_capacity(batch.len());
@@ -239,7 +241,7 @@ impl Sink for InfluxSink {
     fn limits(&self) -> BatchLimits {
         self.limits
     }
-    fn write<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
+    fn write<'a>(&'a self, batch: &'a [Arc<Record>]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
         Box::pin(self.write_batch(batch))
     }
     fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {

@@ -15,6 +15,8 @@ use aws_sdk_timestreamwrite::operation::write_records::WriteRecordsError;
 use aws_sdk_timestreamwrite::types::{
     Dimension, DimensionValueType, MeasureValue, MeasureValueType, Record as TsRecord, TimeUnit,
 };
+use std::sync::Arc;
+
 use futures::future::BoxFuture;
 
 use super::action::{Measure, Point};
@@ -210,7 +212,7 @@ impl TimestreamSink {
         }
     }
 
-    async fn write_batch(&self, batch: &[Record]) -> Result<Vec<ItemOutcome>, SinkError> {
+    async fn write_batch(&self, batch: &[Arc<Record>]) -> Result<Vec<ItemOutcome>, SinkError> {
         let mut outcomes = vec![ItemOutcome::Applied; batch.len()];
         let mut by_table: BTreeMap<String, Vec<(usize, &Point)>> = BTreeMap::new();
         for (i, rec) in batch.iter().enumerate() {
@@ -249,7 +251,7 @@ impl Sink for TimestreamSink {
     fn limits(&self) -> BatchLimits {
         self.limits
     }
-    fn write<'a>(&'a self, batch: &'a [Record]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
+    fn write<'a>(&'a self, batch: &'a [Arc<Record>]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
         Box::pin(self.write_batch(batch))
     }
     fn check(&self) -> BoxFuture<'_, Result<(), SinkError>> {

@@ -19,11 +19,9 @@ use base64::Engine;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::{Change, Name, Op, Position, Row, SNAPSHOT_ORIGIN, Version};
-use crate::checkpoint::AckWindow;
 use crate::checkpoint::snapshot::{SnapshotProgress, SnapshotTask, TaskState, progress_path};
-use crate::pipeline::matcher::RelationPattern;
-use crate::pipeline::router::Router;
 use crate::sink::version::DDB_SHIFT;
+use crate::source::Output;
 use crate::telemetry::metrics;
 
 /// Seconds subtracted from the scan's start: larger than any plausible clock skew between
@@ -113,11 +111,11 @@ pub struct Backfiller {
     /// State directory (progress, requests).
     pub state_dir: PathBuf,
     /// Pipelines of this source: name, relations, `snapshot = "initial"`.
-    pub pipelines: Vec<(Name, Vec<RelationPattern>, bool)>,
+    pub pipelines: crate::source::postgres::SnapshotPipelines,
     /// Start initial backfills (one instance only: with a lease table, request them instead).
     pub initial_allowed: bool,
     /// Lanes.
-    pub router: Router,
+    pub output: Arc<dyn Output>,
     /// Stop.
     pub cancel: CancellationToken,
     /// Shard readers holding their first iterator …
@@ -155,7 +153,7 @@ impl Backfiller {
         };
         {
             let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
-            for (name, rels, initial) in &self.pipelines {
+            for (name, rels, initial) in self.pipelines.load().iter() {
                 if *initial && rels.iter().any(|r| r.matches(&self.relation)) {
                     if !self.initial_allowed {
                         tracing::warn!(source = %self.source, pipeline = %name, "snapshot = \"initial\" is not started automatically with a lease table (every instance would scan); run `polysync snapshot --pipeline {name}` against one instance");
@@ -216,6 +214,7 @@ impl Backfiller {
             let id = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             if self
                 .pipelines
+                .load()
                 .iter()
                 .any(|(n, rels, _)| **n == *req.pipeline && rels.iter().any(|r| r.matches(&self.relation)))
             {
@@ -260,8 +259,7 @@ impl Backfiller {
         for seg in 0..self.segments {
             let (shared, origin, rows_metric) = (Arc::clone(&shared), Arc::clone(&origin), rows_metric.clone());
             futs.push(async move {
-                let window = AckWindow::new(format!("{}-backfill-{seg}", self.source), self.max_in_flight, 0);
-                let emitter = self.router.emitter(Arc::clone(&window));
+                let window = self.output.partition(&format!("{}-backfill-{seg}", self.source), self.max_in_flight, 0);
                 loop {
                     let start = shared.lock().unwrap_or_else(|p| p.into_inner())[seg].clone();
                     if start == SEGMENT_DONE || self.cancel.is_cancelled() {
@@ -303,13 +301,11 @@ impl Backfiller {
                             commit_time,
                             tx: None,
                             origin: Some(Arc::clone(&origin)),
+                            key_changed: false,
                         };
-                        let lane = emitter.lane_of(&change);
-                        let r = tokio::select! {
-                            r = emitter.reserve(lane) => r.map_err(|_| "lanes closed".to_string())?,
-                            _ = self.cancel.cancelled() => return Ok(()),
-                        };
-                        r.send(change);
+                        if crate::source::send(&*window, change, &self.cancel).await.is_err() {
+                            return Ok(());
+                        }
                     }
                     // The page is applied everywhere before its end is recorded.
                     while window.in_flight() > 0 {

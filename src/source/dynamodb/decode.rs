@@ -83,6 +83,7 @@ pub fn change(source: &Name, relation: &Name, shard: &Name, rec: &Record) -> Res
         commit_time,
         tx: None,
         origin: ttl.then(|| Name::from("ttl-expiry")),
+        key_changed: false,
     })
 }
 

@@ -16,8 +16,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodbstreams::types::{StreamStatus, StreamViewType};
+use futures::future::BoxFuture;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -29,17 +31,9 @@ use crate::aws::AwsSettings;
 use crate::change::Name;
 use crate::checkpoint::lease::LeaseTable;
 use crate::checkpoint::store::{FileStore, ShardInfo, ShardStore};
-use crate::pipeline::router::Router;
+use crate::source::postgres::SnapshotPipelines;
+use crate::source::{Images, Output, Source, SourceAdmin, SourceConfig, SourceEnv, SourceNeeds};
 use crate::telemetry::{Health, metrics};
-
-/// What the stream's records carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Images {
-    /// NewImage present.
-    pub new: bool,
-    /// OldImage present.
-    pub old: bool,
-}
 
 /// A resolved, checked DynamoDB source.
 pub struct DynamoSource {
@@ -51,7 +45,72 @@ pub struct DynamoSource {
     store: Arc<dyn ShardStore>,
     max_in_flight: usize,
     ddb: aws_sdk_dynamodb::Client,
-    backfill: Option<crate::source::postgres::SnapshotPlan>,
+    state_dir: std::path::PathBuf,
+    pipelines: SnapshotPipelines,
+    images: Images,
+}
+
+/// Refuse when the pipelines read an image the stream's records do not carry.
+fn check_images(name: &str, needs: Images, has: Images) -> Result<(), SourceError> {
+    if (needs.new && !has.new) || (needs.old && !has.old) {
+        let view = match (has.new, has.old) {
+            (true, true) => "NEW_AND_OLD_IMAGES",
+            (true, false) => "NEW_IMAGE",
+            (false, true) => "OLD_IMAGE",
+            (false, false) => "KEYS_ONLY",
+        };
+        return Err(setup(
+            name,
+            format!(
+                "the pipelines read {}{}{} but the stream's view type is {view}; use NEW_AND_OLD_IMAGES (or change the pipelines)",
+                if needs.new { "after/row (NewImage)" } else { "" },
+                if needs.new && needs.old { " and " } else { "" },
+                if needs.old { "before (OldImage)" } else { "" },
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Reload-time checks of a DynamoDB source: the images the new pipelines read.
+struct DynamoAdmin {
+    name: Name,
+    cfg: DynamoSourceConfig,
+    images: Images,
+    pipelines: SnapshotPipelines,
+}
+
+impl SourceAdmin for DynamoAdmin {
+    fn recheck<'a>(&'a self, needs: &'a SourceNeeds) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            check_images(&self.name, needs.images, self.images)?;
+            self.pipelines.store(Arc::new(needs.snapshots.clone()));
+            Ok(())
+        })
+    }
+
+    fn same_config(&self, cfg: &SourceConfig) -> bool {
+        matches!(cfg, SourceConfig::Dynamodb(c) if *c == self.cfg)
+    }
+}
+
+impl Source for DynamoSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn admin(&self) -> Arc<dyn SourceAdmin> {
+        Arc::new(DynamoAdmin {
+            name: Arc::clone(&self.name),
+            cfg: self.cfg.clone(),
+            images: self.images,
+            pipelines: Arc::clone(&self.pipelines),
+        })
+    }
+
+    fn run(self: Box<Self>, ctx: super::RunContext) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(self.stream(ctx.output, ctx.health, ctx.cancel, ctx.hard_stop))
+    }
 }
 
 fn setup(source: &str, msg: impl Into<String>) -> SourceError {
@@ -80,11 +139,12 @@ impl DynamoSource {
     pub async fn prepare(
         name: &str,
         cfg: &DynamoSourceConfig,
-        aws: &AwsSettings,
-        state_dir: &std::path::Path,
-        needs: Images,
-        max_in_flight: usize,
+        needs: &SourceNeeds,
+        env: &SourceEnv,
     ) -> Result<DynamoSource, SourceError> {
+        let (aws, state_dir, max_in_flight) = (&env.aws, env.state_dir.as_path(), env.max_in_flight);
+        let (stream_arn, has) = Self::stream_images(name, cfg, aws).await?;
+        check_images(name, needs.images, has)?;
         let mut settings = aws.clone();
         if let Some(e) = &cfg.endpoint_url {
             settings.endpoint_url = Some(e.clone());
@@ -98,59 +158,6 @@ impl DynamoSource {
                 .retry_config(aws_sdk_dynamodbstreams::config::retry::RetryConfig::disabled())
                 .build(),
         );
-        let stream_arn = match (&cfg.table, &cfg.stream_arn) {
-            (Some(table), _) => {
-                let out = ddb.describe_table().table_name(table).send().await.map_err(|e| match &e {
-                    aws_sdk_dynamodb::error::SdkError::ServiceError(s) if s.err().is_resource_not_found_exception() => {
-                        setup(name, format!("DynamoDB table {table:?} does not exist"))
-                    }
-                    _ => setup(name, format!("DescribeTable {table}: {}", aws_text(&e))),
-                })?;
-                out.table()
-                    .and_then(|t| t.latest_stream_arn())
-                    .filter(|_| out.table().and_then(|t| t.stream_specification()).is_some_and(|s| s.stream_enabled()))
-                    .map(str::to_string)
-                    .ok_or_else(|| {
-                        setup(name, format!("DynamoDB table {table:?} has no stream; enable DynamoDB Streams (view type NEW_AND_OLD_IMAGES)"))
-                    })?
-            }
-            (None, Some(arn)) => arn.clone(),
-            (None, None) => unreachable!("validate() requires table or stream_arn"),
-        };
-        let desc = streams.describe_stream().stream_arn(&stream_arn).limit(1).send().await.map_err(|e| {
-            let code = match &e {
-                aws_sdk_dynamodb::error::SdkError::ServiceError(s) => s.err().code().unwrap_or_default().to_string(),
-                _ => String::new(),
-            };
-            if code == "ResourceNotFoundException" {
-                setup(name, format!("stream {stream_arn:?} does not exist (wrong ARN, or the stream was disabled)"))
-            } else {
-                setup(name, format!("DescribeStream {stream_arn}: {}", aws_text(&e)))
-            }
-        })?;
-        let d = desc.stream_description().ok_or_else(|| setup(name, "DescribeStream returned no description"))?;
-        if d.stream_status() == Some(&StreamStatus::Disabled) {
-            return Err(setup(name, format!("stream {stream_arn} is disabled")));
-        }
-        let view = d.stream_view_type().cloned();
-        let has = match view {
-            Some(StreamViewType::NewAndOldImages) => Images { new: true, old: true },
-            Some(StreamViewType::NewImage) => Images { new: true, old: false },
-            Some(StreamViewType::OldImage) => Images { new: false, old: true },
-            _ => Images { new: false, old: false },
-        };
-        if (needs.new && !has.new) || (needs.old && !has.old) {
-            return Err(setup(
-                name,
-                format!(
-                    "the pipelines read {}{}{} but stream {stream_arn} has view type {:?}; use NEW_AND_OLD_IMAGES (or change the pipelines)",
-                    if needs.new { "after/row (NewImage)" } else { "" },
-                    if needs.new && needs.old { " and " } else { "" },
-                    if needs.old { "before (OldImage)" } else { "" },
-                    view.map(|v| v.as_str().to_string()).unwrap_or_else(|| "unknown".into())
-                ),
-            ));
-        }
         let store: Arc<dyn ShardStore> = match &cfg.checkpoint {
             CheckpointConfig::File => Arc::new(
                 FileStore::open(&state_dir.join(format!("checkpoints-{name}.redb")))
@@ -194,14 +201,66 @@ impl DynamoSource {
             store,
             max_in_flight,
             ddb,
-            backfill: None,
+            state_dir: state_dir.to_path_buf(),
+            pipelines: Arc::new(ArcSwap::from_pointee(needs.snapshots.clone())),
+            images: has,
         })
     }
 
-    /// Enable backfills (initial ones with the file store, requested ones always).
-    pub fn with_backfill(mut self, plan: crate::source::postgres::SnapshotPlan) -> DynamoSource {
-        self.backfill = Some(plan);
-        self
+    /// The stream's ARN and which images its records carry.
+    async fn stream_images(
+        name: &str,
+        cfg: &DynamoSourceConfig,
+        aws: &AwsSettings,
+    ) -> Result<(String, Images), SourceError> {
+        let mut settings = aws.clone();
+        if let Some(e) = &cfg.endpoint_url {
+            settings.endpoint_url = Some(e.clone());
+        }
+        let sdk = crate::aws::sdk_config(&settings).await;
+        let ddb = aws_sdk_dynamodb::Client::new(&sdk);
+        let streams = aws_sdk_dynamodbstreams::Client::new(&sdk);
+        let stream_arn = match (&cfg.table, &cfg.stream_arn) {
+            (Some(table), _) => {
+                let out = ddb.describe_table().table_name(table).send().await.map_err(|e| match &e {
+                    aws_sdk_dynamodb::error::SdkError::ServiceError(s) if s.err().is_resource_not_found_exception() => {
+                        setup(name, format!("DynamoDB table {table:?} does not exist"))
+                    }
+                    _ => setup(name, format!("DescribeTable {table}: {}", aws_text(&e))),
+                })?;
+                out.table()
+                    .and_then(|t| t.latest_stream_arn())
+                    .filter(|_| out.table().and_then(|t| t.stream_specification()).is_some_and(|s| s.stream_enabled()))
+                    .map(str::to_string)
+                    .ok_or_else(|| {
+                        setup(name, format!("DynamoDB table {table:?} has no stream; enable DynamoDB Streams (view type NEW_AND_OLD_IMAGES)"))
+                    })?
+            }
+            (None, Some(arn)) => arn.clone(),
+            (None, None) => unreachable!("validate() requires table or stream_arn"),
+        };
+        let desc = streams.describe_stream().stream_arn(&stream_arn).limit(1).send().await.map_err(|e| {
+            let code = match &e {
+                aws_sdk_dynamodb::error::SdkError::ServiceError(s) => s.err().code().unwrap_or_default().to_string(),
+                _ => String::new(),
+            };
+            if code == "ResourceNotFoundException" {
+                setup(name, format!("stream {stream_arn:?} does not exist (wrong ARN, or the stream was disabled)"))
+            } else {
+                setup(name, format!("DescribeStream {stream_arn}: {}", aws_text(&e)))
+            }
+        })?;
+        let d = desc.stream_description().ok_or_else(|| setup(name, "DescribeStream returned no description"))?;
+        if d.stream_status() == Some(&StreamStatus::Disabled) {
+            return Err(setup(name, format!("stream {stream_arn} is disabled")));
+        }
+        let has = match d.stream_view_type() {
+            Some(StreamViewType::NewAndOldImages) => Images { new: true, old: true },
+            Some(StreamViewType::NewImage) => Images { new: true, old: false },
+            Some(StreamViewType::OldImage) => Images { new: false, old: true },
+            _ => Images { new: false, old: false },
+        };
+        Ok((stream_arn, has))
     }
 
     async fn key_names(&self) -> Result<Vec<String>, String> {
@@ -217,11 +276,6 @@ impl DynamoSource {
             .table()
             .map(|t| t.key_schema().iter().map(|k| k.attribute_name().to_string()).collect())
             .unwrap_or_default())
-    }
-
-    /// Source name.
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     /// Every shard of the stream (DescribeStream, paginated).
@@ -255,9 +309,9 @@ impl DynamoSource {
     }
 
     /// Run until `cancel`, or until the stream is gone.
-    pub async fn run(
+    async fn stream(
         self,
-        router: Router,
+        output: Arc<dyn Output>,
         health: Arc<Health>,
         cancel: CancellationToken,
         hard_stop: CancellationToken,
@@ -273,8 +327,8 @@ impl DynamoSource {
         let connected = metrics().source_connected.with_label_values(&[&self.name]);
         let positioned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let spawned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let backfill = match &self.backfill {
-            Some(plan) => match self.key_names().await {
+        let backfill = match Some(()) {
+            Some(()) => match self.key_names().await {
                 Ok(key_names) => Some(tokio::spawn(
                     backfill::Backfiller {
                         source: Arc::clone(&self.name),
@@ -285,10 +339,10 @@ impl DynamoSource {
                         segments: self.cfg.backfill_segments.unwrap_or(4).clamp(1, 1000),
                         page_size: 1000,
                         max_in_flight: self.max_in_flight,
-                        state_dir: plan.state_dir.clone(),
-                        pipelines: plan.pipelines.clone(),
+                        state_dir: self.state_dir.clone(),
+                        pipelines: Arc::clone(&self.pipelines),
                         initial_allowed: matches!(self.cfg.checkpoint, config::CheckpointConfig::File),
-                        router: router.clone(),
+                        output: Arc::clone(&output),
                         cancel: cancel.clone(),
                         positioned: Arc::clone(&positioned),
                         spawned: Arc::clone(&spawned),
@@ -347,7 +401,7 @@ impl DynamoSource {
                                 latest: self.cfg.start == StartAt::Latest,
                                 client: self.streams.clone(),
                                 store: Arc::clone(&self.store),
-                                router: router.clone(),
+                                output: Arc::clone(&output),
                                 max_in_flight: self.max_in_flight,
                                 poll_interval: self.cfg.poll_interval(),
                                 checkpoint_interval: self.cfg.checkpoint_interval(),

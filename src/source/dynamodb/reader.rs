@@ -23,9 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::decode;
 use crate::change::Name;
-use crate::checkpoint::AckWindow;
 use crate::checkpoint::store::{ShardCheckpoint, ShardStore, StoreError};
-use crate::pipeline::router::Router;
+use crate::source::{Output, Partition};
 use crate::telemetry::metrics;
 
 /// DynamoDB Streams allows five GetRecords calls per second per shard.
@@ -50,7 +49,7 @@ pub struct ShardReader {
     /// Checkpoints (and lease ownership).
     pub store: Arc<dyn ShardStore>,
     /// Lanes.
-    pub router: Router,
+    pub output: Arc<dyn Output>,
     /// In-flight limit for this shard.
     pub max_in_flight: usize,
     /// Idle pause.
@@ -118,8 +117,8 @@ impl ShardReader {
     pub async fn run(self, stop: CancellationToken, hard_stop: CancellationToken) -> ReaderEnd {
         let m = metrics();
         let src = self.source.to_string();
-        let window = AckWindow::new(format!("{}:{}", self.source, self.shard), self.max_in_flight, 0);
-        let emitter = self.router.emitter(Arc::clone(&window));
+        let window = self.output.partition(&format!("{}:{}", self.source, self.shard), self.max_in_flight, 0);
+        let window = &*window;
         // Ordinal (window position) → sequence number, for turning confirmations into checkpoints.
         let mut positions: VecDeque<(u64, String)> = VecDeque::new();
         let mut ordinal = 0u64;
@@ -185,7 +184,7 @@ impl ShardReader {
                         }
                         iterator = Some(it)
                     }
-                    Ok(None) => return self.finish(&window, &stop, &hard_stop).await,
+                    Ok(None) => return self.finish(window, &stop, &hard_stop).await,
                     Err(e) => {
                         let c = code(&e).unwrap_or_default();
                         if c == "ResourceNotFoundException" {
@@ -278,14 +277,8 @@ impl ShardReader {
                     let lag = (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
                     m.source_lag.with_label_values(&[&src]).set(lag);
                 }
-                let lane = emitter.lane_of(&change);
-                let reserved = tokio::select! {
-                    r = emitter.reserve(lane) => r,
-                    _ = hard_stop.cancelled() => return ReaderEnd::Stopped,
-                };
-                match reserved {
-                    Ok(r) => r.send(change),
-                    Err(_) => return ReaderEnd::Stopped,
+                if crate::source::send(window, change, &hard_stop).await.is_err() {
+                    return ReaderEnd::Stopped;
                 }
                 ordinal += 1;
                 window.mark(ordinal);
@@ -294,7 +287,7 @@ impl ShardReader {
             }
             m.in_flight.with_label_values(&[&src]).set(window.in_flight() as i64);
             match out.next_shard_iterator() {
-                None => return self.finish(&window, &stop, &hard_stop).await,
+                None => return self.finish(window, &stop, &hard_stop).await,
                 Some(next) => iterator = Some(next.to_string()),
             }
             if records.is_empty() && !pause(self.poll_interval).await {
@@ -302,7 +295,7 @@ impl ShardReader {
             }
         }
         // Stopping: let what is in flight finish (bounded by the hard stop), then save it.
-        self.drain(&window, &hard_stop).await;
+        self.drain(window, &hard_stop).await;
         let confirmed = window.confirmed();
         if let Some((_, seq)) = positions.iter().take_while(|(o, _)| *o <= confirmed).last() {
             saved = Some(seq.clone());
@@ -321,7 +314,7 @@ impl ShardReader {
         );
     }
 
-    async fn drain(&self, window: &AckWindow, hard_stop: &CancellationToken) {
+    async fn drain(&self, window: &dyn Partition, hard_stop: &CancellationToken) {
         while window.in_flight() > 0 {
             tokio::select! {
                 _ = hard_stop.cancelled() => return,
@@ -353,7 +346,12 @@ impl ShardReader {
     }
 
     /// A closed shard: everything read must be applied before it is marked finished.
-    async fn finish(&self, window: &AckWindow, stop: &CancellationToken, hard_stop: &CancellationToken) -> ReaderEnd {
+    async fn finish(
+        &self,
+        window: &dyn Partition,
+        stop: &CancellationToken,
+        hard_stop: &CancellationToken,
+    ) -> ReaderEnd {
         self.drain(window, hard_stop).await;
         if window.in_flight() > 0 {
             return ReaderEnd::Stopped;

@@ -122,6 +122,11 @@ impl SnapshotSettings {
     }
 }
 
+/// Session settings of every connection, replication and SQL alike, so a value has one text
+/// form whether the stream or a snapshot read it (`types.rs` parses exactly these forms).
+pub const SESSION_OPTIONS: &str =
+    "-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3 -c bytea_output=hex -c intervalstyle=postgres";
+
 /// Everything needed to open a connection, resolved from the URL and the explicit fields.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -166,6 +171,7 @@ impl ConnInfo {
         if let Some(p) = &self.password {
             c.password(p.expose());
         }
+        c.options(SESSION_OPTIONS);
         c
     }
 }

@@ -15,12 +15,10 @@ pub mod snapshot;
 pub mod stream;
 pub mod types;
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{ConnInfo, PostgresSourceConfig};
@@ -28,9 +26,12 @@ use replication::ReplConnection;
 use setup::Catalog;
 use stream::{Session, StreamEnd};
 
+use futures::future::BoxFuture;
+
 use super::SourceError;
 use crate::change::Name;
-use crate::pipeline::router::Emitter;
+use crate::change::matcher::RelationPattern;
+use crate::source::{Output, RunContext, Source, SourceAdmin, SourceConfig, SourceEnv, SourceNeeds};
 use crate::telemetry::{Health, metrics};
 
 /// A configured PostgreSQL source, checked and ready to stream.
@@ -39,16 +40,15 @@ pub struct PostgresSource {
     cfg: PostgresSourceConfig,
     info: ConnInfo,
     catalog: Arc<ArcSwap<Catalog>>,
-    snapshots: Option<SnapshotPlan>,
+    /// The pipelines snapshots may serve; a reload replaces the list, so a pipeline added by
+    /// reload can be snapshotted at once.
+    pipelines: SnapshotPipelines,
+    state_dir: std::path::PathBuf,
+    max_in_flight: usize,
 }
 
-/// What the snapshot manager of a source needs from the daemon.
-pub struct SnapshotPlan {
-    /// Where progress files live.
-    pub state_dir: std::path::PathBuf,
-    /// Pipelines of this source: name, relations, `snapshot = "initial"`.
-    pub pipelines: Vec<(Name, Vec<crate::pipeline::matcher::RelationPattern>, bool)>,
-}
+/// Pipelines of a source as snapshots see them: name, relations, `snapshot = "initial"`.
+pub type SnapshotPipelines = Arc<ArcSwap<Vec<(Name, Vec<RelationPattern>, bool)>>>;
 
 /// What a reload needs to check a source for new pipelines: a fresh SQL connection runs the
 /// same start-up checks (adding tables to the publication when allowed) and refreshes the
@@ -59,87 +59,90 @@ pub struct PgAdmin {
     cfg: PostgresSourceConfig,
     info: ConnInfo,
     catalog: Arc<ArcSwap<Catalog>>,
+    pipelines: SnapshotPipelines,
 }
 
-impl PgAdmin {
-    /// Re-run the start-up checks for a new set of tables and columns.
-    pub async fn recheck(&self, wanted: &BTreeSet<String>, columns: &ColumnUses) -> Result<(), SourceError> {
-        let mut tables = wanted.clone();
-        tables.extend(self.cfg.tables.iter().cloned());
-        let client = setup::connect_sql(&self.info, &self.name).await?;
-        let catalog = setup::prepare(&client, &self.name, &self.cfg, &self.info, &tables).await?;
-        setup::check_columns(&catalog, columns)
-            .map_err(|msg| SourceError::Setup { source_name: self.name.to_string(), msg })?;
-        self.catalog.store(Arc::new(catalog));
-        Ok(())
+impl SourceAdmin for PgAdmin {
+    fn recheck<'a>(&'a self, needs: &'a SourceNeeds) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let mut tables = needs.tables.clone();
+            tables.extend(self.cfg.tables.iter().cloned());
+            let client = setup::connect_sql(&self.info, &self.name).await?;
+            let catalog = setup::prepare(&client, &self.name, &self.cfg, &self.info, &tables).await?;
+            setup::check_columns(&catalog, &needs.columns)
+                .map_err(|msg| SourceError::Setup { source_name: self.name.to_string(), msg })?;
+            self.catalog.store(Arc::new(catalog));
+            self.pipelines.store(Arc::new(needs.snapshots.clone()));
+            Ok(())
+        })
     }
 
-    /// The source config this admin was built from (reload compares it).
-    pub fn config(&self) -> &PostgresSourceConfig {
-        &self.cfg
+    fn same_config(&self, cfg: &SourceConfig) -> bool {
+        matches!(cfg, SourceConfig::Postgres(c) if *c == self.cfg)
     }
 }
-
-/// Relation → (pipeline, column) pairs its templates read.
-pub type ColumnUses = BTreeMap<String, Vec<(String, String)>>;
 
 impl PostgresSource {
     /// Connect the SQL connection and run every start-up check (creating publication and
-    /// slot when allowed). `wanted` are the tables pipelines name; `columns` the columns their
-    /// templates read, by table, with the pipeline that reads them.
+    /// slot when allowed) for what the pipelines need.
     pub async fn prepare(
         name: &str,
         cfg: &PostgresSourceConfig,
-        wanted: &BTreeSet<String>,
-        columns: &ColumnUses,
+        needs: &SourceNeeds,
+        env: &SourceEnv,
     ) -> Result<PostgresSource, SourceError> {
         let info =
             cfg.validate(name).map_err(|e| SourceError::Setup { source_name: name.into(), msg: e.to_string() })?;
-        let mut tables = wanted.clone();
+        let mut tables = needs.tables.clone();
         tables.extend(cfg.tables.iter().cloned());
         let client = setup::connect_sql(&info, name).await?;
         let catalog = setup::prepare(&client, name, cfg, &info, &tables).await?;
-        setup::check_columns(&catalog, columns).map_err(|msg| SourceError::Setup { source_name: name.into(), msg })?;
+        setup::check_columns(&catalog, &needs.columns)
+            .map_err(|msg| SourceError::Setup { source_name: name.into(), msg })?;
         Ok(PostgresSource {
             name: Name::from(name),
             cfg: cfg.clone(),
             info,
             catalog: Arc::new(ArcSwap::from_pointee(catalog)),
-            snapshots: None,
+            pipelines: Arc::new(ArcSwap::from_pointee(needs.snapshots.clone())),
+            state_dir: env.state_dir.clone(),
+            max_in_flight: env.max_in_flight,
         })
     }
+}
 
-    /// Enable snapshots (initial ones, resumed ones and signalled ones) for this run.
-    pub fn with_snapshots(mut self, plan: SnapshotPlan) -> PostgresSource {
-        self.snapshots = Some(plan);
-        self
+impl Source for PostgresSource {
+    fn name(&self) -> &str {
+        &self.name
     }
 
-    /// A handle for reload-time checks.
-    pub fn admin(&self) -> PgAdmin {
-        PgAdmin {
+    fn admin(&self) -> Arc<dyn SourceAdmin> {
+        Arc::new(PgAdmin {
             name: Arc::clone(&self.name),
             cfg: self.cfg.clone(),
             info: self.info.clone(),
             catalog: Arc::clone(&self.catalog),
-        }
+            pipelines: Arc::clone(&self.pipelines),
+        })
     }
 
-    /// Source name.
-    pub fn name(&self) -> &str {
-        &self.name
+    fn run(self: Box<Self>, ctx: RunContext) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(self.stream(ctx.output, ctx.health, ctx.cancel, ctx.hard_stop))
     }
+}
 
+impl PostgresSource {
     /// Stream until `cancel`; reconnect with backoff after failures. Returns an error only for
     /// problems a reconnect cannot fix (authentication, a dropped slot).
-    pub async fn run(
+    async fn stream(
         self,
-        emitter: Emitter,
+        output: Arc<dyn Output>,
         health: Arc<Health>,
         cancel: CancellationToken,
         hard_stop: CancellationToken,
     ) -> Result<(), SourceError> {
         let component = format!("source {}", self.name);
+        let partition = output.partition(&self.name, self.max_in_flight, 0);
         let connected = metrics().source_connected.with_label_values(&[&self.name]);
         let reconnects = metrics().source_reconnects.with_label_values(&[&self.name]);
         let dropped: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
@@ -154,48 +157,40 @@ impl PostgresSource {
                 heartbeat: self.cfg.heartbeat_interval(),
                 lag_limit: self.cfg.slot_lag_limit.map(|b| b.0),
                 on_limit: self.cfg.on_slot_lag_limit,
-                state_dir: self.snapshots.as_ref().map(|p| p.state_dir.clone()),
+                state_dir: Some(self.state_dir.clone()),
                 dropped: Arc::clone(&dropped),
                 abort: abort.clone(),
             },
             cancel.clone(),
         ));
-        let new_backoff = || {
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(self.cfg.reconnect_max_delay())
-                .with_jitter()
-                .without_max_times()
-                .build()
-        };
+        let new_backoff = || crate::retry::backoff_between(Duration::from_millis(200), self.cfg.reconnect_max_delay());
         let mut delays = new_backoff();
         let publication = self.cfg.publication.clone();
         let mut options = vec![("proto_version", "1"), ("publication_names", publication.as_str())];
         // Logical messages carry the snapshot watermarks (pgoutput supports them from 14).
         let coordinator = Arc::new(snapshot::Coordinator::default());
-        let snapshots = match (&self.snapshots, self.catalog.load().server_version >= 140000) {
-            (Some(plan), true) => {
+        let snapshots = match self.catalog.load().server_version >= 140000 {
+            true => {
                 options.push(("messages", "true"));
                 let manager = snapshot::Manager {
                     source: Arc::clone(&self.name),
                     info: self.info.clone(),
                     catalog: Arc::clone(&self.catalog),
                     settings: self.cfg.snapshot.clone(),
-                    state_dir: plan.state_dir.clone(),
-                    pipelines: plan.pipelines.clone(),
-                    window: Arc::clone(emitter.window()),
+                    state_dir: self.state_dir.clone(),
+                    pipelines: Arc::clone(&self.pipelines),
+                    partition: Arc::clone(&partition),
                     coordinator: Arc::clone(&coordinator),
                     cancel: cancel.clone(),
                 };
                 Some(tokio::spawn(manager.run()))
             }
-            (Some(plan), false) => {
-                if plan.pipelines.iter().any(|p| p.2) {
+            false => {
+                if self.pipelines.load().iter().any(|p| p.2) {
                     tracing::error!(source = %self.name, "snapshot = \"initial\" needs PostgreSQL 14 or later (pgoutput messages carry the watermarks); no snapshot is taken");
                 }
                 None
             }
-            _ => None,
         };
         let result = loop {
             if cancel.is_cancelled() {
@@ -230,9 +225,15 @@ impl PostgresSource {
             connected.set(1);
             delays = new_backoff();
             let mut session = Session::new(Arc::clone(&self.name), Arc::clone(&self.catalog), Arc::clone(&coordinator));
-            let end =
-                stream::run_session(&mut session, &mut stream, &emitter, self.cfg.status_interval(), &cancel, &abort)
-                    .await;
+            let end = stream::run_session(
+                &mut session,
+                &mut stream,
+                &*partition,
+                self.cfg.status_interval(),
+                &cancel,
+                &abort,
+            )
+            .await;
             connected.set(0);
             if let Some(msg) = dropped.lock().unwrap_or_else(|p| p.into_inner()).clone() {
                 health.set(&component, Err(msg.clone()));

@@ -282,10 +282,7 @@ impl ReplConnection {
             ("application_name", "polysync"),
             ("client_encoding", "UTF8"),
             // Fixed text forms for the values pgoutput sends (see types.rs).
-            (
-                "options",
-                "-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3 -c bytea_output=hex -c intervalstyle=postgres",
-            ),
+            ("options", super::config::SESSION_OPTIONS),
         ];
         frontend::startup_message(params.iter().copied(), &mut conn.out).map_err(io_err)?;
         conn.flush().await?;

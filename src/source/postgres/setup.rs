@@ -91,10 +91,16 @@ pub struct Catalog {
     pub type_names: HashMap<u32, String>,
     /// `schema.table` → primary-key columns (used as the key of REPLICA IDENTITY FULL tables).
     pub primary_keys: HashMap<String, Vec<String>>,
+    /// `schema.table` → the columns of its key as the stream sees it (the replica identity: the
+    /// primary key, or the index of `REPLICA IDENTITY USING INDEX`), in the index's column
+    /// order, which snapshots page by. Keys themselves are built in the table's column order.
+    pub key_columns: HashMap<String, Vec<String>>,
     /// `schema.table` → columns.
     pub columns: HashMap<String, Vec<String>>,
     /// Published tables.
     pub published: BTreeSet<String>,
+    /// Domain type OID → its base type OID: a domain's values take the form of its base type.
+    pub domain_bases: HashMap<u32, u32>,
     /// `server_version_num` (pgoutput's `messages` option, which snapshots need, is 14+).
     pub server_version: u32,
     /// The signal table, when it exists and is published.
@@ -103,6 +109,21 @@ pub struct Catalog {
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+impl Catalog {
+    /// The type a column's values are decoded as: a domain's base type (through domains over
+    /// domains), otherwise the type itself.
+    pub fn decoding_type(&self, oid: u32) -> u32 {
+        let mut t = oid;
+        for _ in 0..16 {
+            match self.domain_bases.get(&t) {
+                Some(b) => t = *b,
+                None => break,
+            }
+        }
+        t
+    }
 }
 
 /// `schema.table` → `"schema"."table"`.
@@ -296,25 +317,25 @@ pub async fn prepare(
         .await
         .map_err(sql)?;
     let mut keyless = Vec::new();
+    let mut identity_index = BTreeSet::new();
     for r in &rows {
         let table: String = r.get(0);
         let ident: String = r.get(1);
         let has_pk: bool = r.get(2);
         let has_ident_index: bool = r.get(3);
-        let ok = match ident.as_str() {
-            "f" => true,
-            "i" => has_ident_index,
-            "d" => has_pk,
-            _ => false,
-        };
-        if !ok {
-            keyless.push(table);
+        match ident.as_str() {
+            "d" if has_pk => {}
+            "i" if has_ident_index => {
+                identity_index.insert(table);
+            }
+            "f" => {}
+            _ => keyless.push(table),
         }
     }
     if !keyless.is_empty() {
         keyless.sort();
         return Err(refuse(format!(
-            "published tables without a primary key or REPLICA IDENTITY FULL: {} (their updates and deletes carry no key; add a primary key or ALTER TABLE … REPLICA IDENTITY FULL)",
+            "published tables without a primary key or replica identity index: {} (their updates and deletes carry no key; add a primary key, or a unique index on NOT NULL columns and ALTER TABLE … REPLICA IDENTITY USING INDEX …)",
             keyless.join(", ")
         )));
     }
@@ -333,6 +354,27 @@ pub async fn prepare(
     {
         catalog.primary_keys.entry(r.get(0)).or_default().push(r.get(1));
     }
+    let mut identity_keys: HashMap<String, Vec<String>> = HashMap::new();
+    for r in client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, a.attname \
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
+             WHERE i.indisreplident AND (n.nspname || '.' || c.relname) = ANY($1) ORDER BY 1, k.ord",
+            &[&identity_index.iter().cloned().collect::<Vec<_>>()],
+        )
+        .await
+        .map_err(sql)?
+    {
+        identity_keys.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    for t in &catalog.published {
+        let key = identity_keys.remove(t).or_else(|| catalog.primary_keys.get(t).cloned());
+        if let Some(k) = key {
+            catalog.key_columns.insert(t.clone(), k);
+        }
+    }
     for r in client
         .query(
             "SELECT n.nspname || '.' || c.relname, a.attname FROM pg_attribute a \
@@ -345,9 +387,19 @@ pub async fn prepare(
     {
         catalog.columns.entry(r.get(0)).or_default().push(r.get(1));
     }
-    for r in client.query("SELECT oid, typname::text FROM pg_type", &[]).await.map_err(sql)? {
-        let oid: u32 = r.get(0);
-        catalog.type_names.insert(oid, r.get(1));
+    for r in client
+        .query(
+            "SELECT t.oid, t.typname::text, n.nspname::text, t.typbasetype FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace",
+            &[],
+        )
+        .await
+        .map_err(sql)?
+    {
+        let (oid, name, namespace, base): (u32, String, String, u32) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        catalog.type_names.insert(oid, super::types::qualified_type_name(&namespace, &name));
+        if base != 0 {
+            catalog.domain_bases.insert(oid, base);
+        }
     }
 
     // Slot.

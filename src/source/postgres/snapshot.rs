@@ -31,9 +31,7 @@ use super::config::{ConnInfo, SnapshotSettings};
 use super::setup::{self, Catalog, quote_relation};
 use super::types::text_to_value;
 use crate::change::{Change, Name, Op, Row};
-use crate::checkpoint::AckWindow;
 use crate::checkpoint::snapshot::{SnapshotProgress, SnapshotTask, TaskState, progress_path};
-use crate::pipeline::matcher::RelationPattern;
 use crate::telemetry::metrics;
 
 /// Logical-message prefix of the watermarks.
@@ -67,12 +65,23 @@ struct Chunk {
     rows: Vec<(Row, Row)>,
     /// Set by the stream at the high watermark: rows emitted, or `None` to read again.
     outcome: Option<Option<usize>>,
+    /// End LSN of the transaction that carried the high watermark, set at its Commit. Only a
+    /// confirmed position at or past it proves the emitted rows were applied: the watermark
+    /// message's own LSN is earlier, and a concurrent commit or a keepalive can be confirmed
+    /// past it before the rows even hold a ticket.
+    commit_end: Option<u64>,
 }
 
 #[derive(Default)]
 struct State {
+    /// Chunks of this process whose low watermark is written or about to be: a low watermark
+    /// opens a window only for them, so one of an earlier process, or of a chunk abandoned
+    /// before the stream reached it, never opens a window that no high watermark closes.
+    expected: HashSet<u64>,
     windows: HashMap<u64, Window>,
     chunks: HashMap<u64, Chunk>,
+    /// Chunks whose high watermark is in the transaction being decoded.
+    awaiting_commit: Vec<u64>,
 }
 
 /// Shared between the stream session (which sees watermarks and changes in WAL order) and the
@@ -111,6 +120,9 @@ impl Coordinator {
         let mut st = self.lock();
         match kind {
             Some("low") => {
+                if !st.expected.contains(&id) {
+                    return Vec::new(); // another process's, or a chunk already abandoned
+                }
                 let relation = Name::from(parts.next().unwrap_or_default());
                 if st.windows.insert(id, Window { relation, seen: HashSet::new(), reread: false }).is_none() {
                     self.open.fetch_add(1, Ordering::SeqCst);
@@ -123,7 +135,11 @@ impl Coordinator {
                     self.open.fetch_sub(1, Ordering::SeqCst);
                 }
                 // A high watermark of an earlier process (replayed after a crash) has no chunk.
-                let Some(chunk) = st.chunks.get_mut(&id) else { return Vec::new() };
+                if !st.chunks.contains_key(&id) {
+                    return Vec::new();
+                }
+                st.awaiting_commit.push(id);
+                let chunk = st.chunks.get_mut(&id).expect("checked above");
                 let Some(window) = window else {
                     chunk.outcome = Some(None);
                     return Vec::new();
@@ -135,7 +151,7 @@ impl Coordinator {
                 let out: Vec<ReadRow> = chunk
                     .rows
                     .iter()
-                    .filter(|(k, _)| !window.seen.contains(&key_text(k)))
+                    .filter(|(k, _)| !window.seen.contains(&k.identity()))
                     .map(|(k, r)| ReadRow {
                         relation: Arc::clone(&chunk.relation),
                         pipeline: Arc::clone(&chunk.pipeline),
@@ -147,6 +163,20 @@ impl Coordinator {
                 out
             }
             _ => Vec::new(),
+        }
+    }
+
+    /// The Commit of the transaction being decoded, with its end LSN.
+    pub fn on_commit(&self, end_lsn: u64) {
+        let mut st = self.lock();
+        if st.awaiting_commit.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut st.awaiting_commit);
+        for id in ids {
+            if let Some(c) = st.chunks.get_mut(&id) {
+                c.commit_end = Some(end_lsn);
+            }
         }
     }
 
@@ -162,14 +192,11 @@ impl Coordinator {
                 w.reread = true;
                 continue;
             }
-            w.seen.insert(key_text(&change.key));
-            // A key change: the old key's row is gone too.
-            if let Some(b) = &change.before {
-                let old: Row =
-                    change.key.iter().filter_map(|(n, _)| b.get(n).map(|v| (Arc::clone(n), v.clone()))).collect();
-                if old.len() == change.key.len() {
-                    w.seen.insert(key_text(&old));
-                }
+            w.seen.insert(change.key.identity());
+            // An update whose old image shows another key (a key change the source did not
+            // split): the old key's row is gone too.
+            if let Some(old) = change.old_key() {
+                w.seen.insert(old.identity());
             }
         }
     }
@@ -186,21 +213,37 @@ impl Coordinator {
         self.signals.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect()
     }
 
-    fn put_chunk(&self, id: u64, chunk: Chunk) {
-        self.lock().chunks.insert(id, chunk);
+    /// A chunk is about to write its low watermark.
+    fn expect(&self, id: u64) {
+        self.lock().expected.insert(id);
     }
 
-    fn outcome(&self, id: u64) -> Option<Option<usize>> {
-        self.lock().chunks.get(&id).and_then(|c| c.outcome)
+    fn put_chunk(&self, id: u64, relation: Name, pipeline: Name, rows: Vec<(Row, Row)>) {
+        self.lock().chunks.insert(id, Chunk { relation, pipeline, rows, outcome: None, commit_end: None });
+    }
+
+    /// The chunk's outcome and the end LSN of its high watermark's transaction, once both
+    /// are known.
+    fn outcome(&self, id: u64) -> Option<(Option<usize>, u64)> {
+        let st = self.lock();
+        let c = st.chunks.get(&id)?;
+        Some((c.outcome?, c.commit_end?))
     }
 
     fn drop_chunk(&self, id: u64) {
         let mut st = self.lock();
+        st.expected.remove(&id);
         st.chunks.remove(&id);
+        st.awaiting_commit.retain(|x| *x != id);
         // A window whose high watermark was never written (the worker failed or stopped).
         if st.windows.remove(&id).is_some() {
             self.open.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    #[cfg(test)]
+    fn open_windows(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 }
 
@@ -211,17 +254,6 @@ impl Drop for ChunkGuard<'_> {
     fn drop(&mut self) {
         self.0.drop_chunk(self.1);
     }
-}
-
-fn key_text(key: &Row) -> String {
-    let mut s = String::new();
-    for (n, v) in key.iter() {
-        s.push_str(n);
-        s.push('=');
-        s.push_str(&format!("{v:?}"));
-        s.push('\u{1f}');
-    }
-    s
 }
 
 /// Everything the snapshot manager of one source needs.
@@ -236,10 +268,10 @@ pub struct Manager {
     pub settings: SnapshotSettings,
     /// Where the progress file lives.
     pub state_dir: PathBuf,
-    /// Pipelines of this source: name, relations, `snapshot = "initial"`.
-    pub pipelines: Vec<(Name, Vec<RelationPattern>, bool)>,
-    /// The source's acknowledgement window (confirmed position).
-    pub window: Arc<AckWindow>,
+    /// Pipelines of this source: name, relations, `snapshot = "initial"` (replaced by reloads).
+    pub pipelines: super::SnapshotPipelines,
+    /// The source's partition (its confirmed position).
+    pub partition: Arc<dyn crate::source::Partition>,
     /// Shared with the stream.
     pub coordinator: Arc<Coordinator>,
     /// Stop.
@@ -285,7 +317,7 @@ impl Manager {
         let signal_table = m.catalog.load().signal_table.clone();
         {
             let mut p = shared.progress.lock().unwrap_or_else(|p| p.into_inner());
-            for (name, rels, _) in m.pipelines.iter().filter(|p| p.2) {
+            for (name, rels, _) in m.pipelines.load().iter().filter(|p| p.2) {
                 for t in
                     published.iter().filter(|t| rels.iter().any(|r| r.matches(t)) && Some(*t) != signal_table.as_ref())
                 {
@@ -306,25 +338,51 @@ impl Manager {
             // Signals → tasks.
             for s in m.coordinator.take_signals() {
                 let mut p = shared.progress.lock().unwrap_or_else(|p| p.into_inner());
-                let Some((_, rels, _)) = m.pipelines.iter().find(|(n, _, _)| **n == *s.pipeline) else {
-                    tracing::error!(source = %m.source, signal = s.id, pipeline = %s.pipeline, "snapshot request for a pipeline this source does not feed; ignored");
+                let pipelines = m.pipelines.load();
+                let catalog = m.catalog.load();
+                let (published, signal_table) = (&catalog.published, catalog.signal_table.as_ref());
+                // A request that cannot be served is recorded as failed, with the reason, so
+                // `polysync snapshot --wait` and `status` report the daemon's answer.
+                let mut reject = |table: &str, why: String| {
+                    tracing::error!(source = %m.source, signal = s.id, pipeline = %s.pipeline, table, reason = %why, "snapshot request rejected");
+                    let mut t =
+                        SnapshotTask::new(format!("signal:{}:{table}", s.id), &s.pipeline, table, s.filter.clone());
+                    t.state = TaskState::Failed;
+                    t.error = Some(why);
+                    p.add(t);
+                };
+                let Some((_, rels, _)) = pipelines.iter().find(|(n, _, _)| **n == *s.pipeline) else {
+                    reject(
+                        s.relation.as_deref().unwrap_or("*"),
+                        format!("source {} runs no pipeline named {:?}", m.source, s.pipeline),
+                    );
+                    let _ = p.save(&shared.path);
                     continue;
                 };
                 let tables: Vec<String> = match &s.relation {
                     Some(t) => {
                         let t = if t.contains('.') { t.clone() } else { format!("public.{t}") };
-                        if !rels.iter().any(|r| r.matches(&t)) || !published.contains(&t) {
-                            tracing::error!(source = %m.source, signal = s.id, pipeline = %s.pipeline, table = %t, "snapshot request for a table the pipeline does not read (or that is not published); ignored");
+                        if !rels.iter().any(|r| r.matches(&t)) {
+                            reject(&t, format!("pipeline {} does not read {t}", s.pipeline));
+                            let _ = p.save(&shared.path);
+                            continue;
+                        }
+                        if !published.contains(&t) {
+                            reject(&t, format!("{t} is not in the publication"));
+                            let _ = p.save(&shared.path);
                             continue;
                         }
                         vec![t]
                     }
                     None => published
                         .iter()
-                        .filter(|t| rels.iter().any(|r| r.matches(t)) && Some(*t) != signal_table.as_ref())
+                        .filter(|t| rels.iter().any(|r| r.matches(t)) && Some(*t) != signal_table)
                         .cloned()
                         .collect(),
                 };
+                if tables.is_empty() {
+                    reject("*", format!("pipeline {} reads no published table", s.pipeline));
+                }
                 for t in tables {
                     if p.add(SnapshotTask::new(format!("signal:{}:{t}", s.id), &s.pipeline, &t, s.filter.clone())) {
                         tracing::info!(source = %m.source, pipeline = %s.pipeline, table = %t, filter = ?s.filter, "snapshot requested");
@@ -370,7 +428,11 @@ impl Manager {
 }
 
 struct TableShape {
+    /// Name, type OID, type name (as values kept as text carry it), SQL type for casts.
     columns: Vec<(Name, u32, Arc<str>, String)>,
+    /// Key columns in the key index's order: what chunks are paged by.
+    page_key: Vec<usize>,
+    /// Key columns in the table's column order: how key rows are built, as the stream does.
     key: Vec<usize>,
 }
 
@@ -390,27 +452,46 @@ async fn shape(client: &tokio_postgres::Client, catalog: &Catalog, relation: &st
         .map(|r| {
             let (name, oid, sql_type, typname, ns): (String, u32, String, String, String) =
                 (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
-            let type_name: Arc<str> =
-                catalog.type_names.get(&oid).map(|s| Arc::from(s.as_str())).unwrap_or_else(|| {
-                    if ns == "pg_catalog" || ns == "public" {
-                        Arc::from(typname)
-                    } else {
-                        Arc::from(format!("{ns}.{typname}"))
-                    }
-                });
-            (Name::from(name), oid, type_name, sql_type)
+            let type_name: Arc<str> = catalog
+                .type_names
+                .get(&oid)
+                .map(|s| Arc::from(s.as_str()))
+                .unwrap_or_else(|| Arc::from(super::types::qualified_type_name(&ns, &typname)));
+            (Name::from(name), catalog.decoding_type(oid), type_name, sql_type)
         })
         .collect();
-    let pk = catalog.primary_keys.get(relation).ok_or_else(|| {
+    let key_names = catalog.key_columns.get(relation).ok_or_else(|| {
         format!(
-            "table {relation} has no primary key: snapshots read in primary-key order, chunk by chunk; add a primary key (a table with only REPLICA IDENTITY FULL cannot be snapshotted)"
+            "table {relation} has no primary key or replica identity index: snapshots read in key order, chunk by chunk; add a primary key"
         )
     })?;
-    let key = pk
+    let page_key = key_names
         .iter()
         .map(|k| columns.iter().position(|c| &*c.0 == k).ok_or_else(|| format!("{relation}: key column {k} not found")))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(TableShape { columns, key })
+    let mut key = page_key.clone();
+    key.sort_unstable();
+    Ok(TableShape { columns, page_key, key })
+}
+
+/// A SQL literal of `text` cast to `sql_type`, for the simple-query protocol (which has no
+/// parameters, but answers in the types' own text output, exactly as pgoutput sends values).
+fn literal(text: &str, sql_type: &str) -> String {
+    format!("E'{}'::{sql_type}", text.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// The rows of a simple query, each column as the server's text output (`None` for NULL).
+async fn text_rows(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, tokio_postgres::Error> {
+    let mut out = Vec::new();
+    for m in client.simple_query(sql).await? {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            out.push((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect());
+        }
+    }
+    Ok(out)
 }
 
 fn quote_ident(s: &str) -> String {
@@ -436,30 +517,35 @@ async fn run_task(shared: &Shared, id: &str) -> Result<(), String> {
         .ok()
         .map(|r| r.get(0));
     let estimate = estimate.filter(|e| *e >= 0).map(|e| e as u64);
-    let select_list: Vec<String> = shape.columns.iter().map(|c| format!("t.{}::text", quote_ident(&c.0))).collect();
-    // Qualified: ORDER BY "id" would sort by the text output column of the same name.
-    let key_list: Vec<String> = shape.key.iter().map(|&i| format!("t.{}", quote_ident(&shape.columns[i].0))).collect();
-    let key_params: Vec<String> =
-        shape.key.iter().enumerate().map(|(n, &i)| format!("${}::text::{}", n + 1, shape.columns[i].3)).collect();
+    // Plain column references: the simple-query protocol returns each value through its
+    // type's output function, the same text pgoutput sends (a `::text` cast would not be: it
+    // prints booleans as `true` and trims `char(n)`).
+    let select_list: Vec<String> = shape.columns.iter().map(|c| format!("t.{}", quote_ident(&c.0))).collect();
+    // Qualified: ORDER BY "id" could otherwise bind to an output column of the same name.
+    let key_list: Vec<String> =
+        shape.page_key.iter().map(|&i| format!("t.{}", quote_ident(&shape.columns[i].0))).collect();
     let filter = task.filter.as_ref().map(|f| format!(" AND ({f})")).unwrap_or_default();
-    let first = format!(
-        "SELECT {} FROM {} AS t WHERE true{filter} ORDER BY {} LIMIT {chunk_size}",
-        select_list.join(", "),
-        quote_relation(&task.relation),
-        key_list.join(", ")
-    );
-    let next = format!(
-        "SELECT {} FROM {} AS t WHERE ({}) > ({}){filter} ORDER BY {} LIMIT {chunk_size}",
-        select_list.join(", "),
-        quote_relation(&task.relation),
-        key_list.join(", "),
-        key_params.join(", "),
-        key_list.join(", ")
-    );
-    let (first, next) = (
-        client.prepare(&first).await.map_err(|e| format!("{}: {}", task.relation, setup::pg_error_text(&e)))?,
-        client.prepare(&next).await.map_err(|e| format!("{}: {}", task.relation, setup::pg_error_text(&e)))?,
-    );
+    let chunk_sql = |after: Option<&Vec<String>>, limit: usize| {
+        let from = match after {
+            None => "true".to_string(),
+            Some(k) => {
+                let lits: Vec<String> =
+                    shape.page_key.iter().zip(k).map(|(&i, text)| literal(text, &shape.columns[i].3)).collect();
+                format!("({}) > ({})", key_list.join(", "), lits.join(", "))
+            }
+        };
+        format!(
+            "SELECT {} FROM {} AS t WHERE {from}{filter} ORDER BY {} LIMIT {limit}",
+            select_list.join(", "),
+            quote_relation(&task.relation),
+            key_list.join(", ")
+        )
+    };
+    // Check the query (and the --where condition) once before the first watermark.
+    client
+        .simple_query(&chunk_sql(None, 0))
+        .await
+        .map_err(|e| format!("{}: {}", task.relation, setup::pg_error_text(&e)))?;
     shared.update(id, |t| {
         t.state = TaskState::Running;
         t.estimate = estimate;
@@ -487,6 +573,7 @@ async fn run_task(shared: &Shared, id: &str) -> Result<(), String> {
         }
         if !reading_done && in_flight.len() < max_in_flight {
             let chunk_id: u64 = rand::random::<u64>() >> 1;
+            m.coordinator.expect(chunk_id);
             let guard = ChunkGuard(&m.coordinator, chunk_id);
             let emit = |kind: &str| format!("{kind} {chunk_id} {}", task.relation);
             client
@@ -494,29 +581,20 @@ async fn run_task(shared: &Shared, id: &str) -> Result<(), String> {
                 .await
                 .map_err(|e| setup::pg_error_text(&e))?;
             settle(&client, &mut long_running).await?;
-            let rows = match &read_from {
-                None => client.query(&first, &[]).await,
-                Some(k) => {
-                    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                        k.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
-                    client.query(&next, &params).await
-                }
-            }
-            .map_err(|e| format!("{}: {}", task.relation, setup::pg_error_text(&e)))?;
+            let rows = text_rows(&client, &chunk_sql(read_from.as_ref(), chunk_size))
+                .await
+                .map_err(|e| format!("{}: {}", task.relation, setup::pg_error_text(&e)))?;
             let n = rows.len();
             let mut chunk_rows = Vec::with_capacity(n);
             let mut new_last = read_from.clone();
-            for r in &rows {
+            for texts in &rows {
                 let mut row = Row::with_capacity(shape.columns.len());
-                let mut texts: Vec<Option<String>> = Vec::with_capacity(shape.columns.len());
-                for (i, c) in shape.columns.iter().enumerate() {
-                    let t: Option<String> = r.get(i);
-                    let v = match &t {
+                for (c, t) in shape.columns.iter().zip(texts) {
+                    let v = match t {
                         Some(t) => text_to_value(c.1, &c.2, t.as_bytes()),
                         None => crate::change::Value::Null,
                     };
                     row.push(Arc::clone(&c.0), v);
-                    texts.push(t);
                 }
                 let key: Row = shape
                     .key
@@ -528,28 +606,18 @@ async fn run_task(shared: &Shared, id: &str) -> Result<(), String> {
                         )
                     })
                     .collect();
-                new_last = Some(shape.key.iter().map(|&i| texts[i].clone().unwrap_or_default()).collect());
+                new_last = Some(shape.page_key.iter().map(|&i| texts[i].clone().unwrap_or_default()).collect());
                 chunk_rows.push((key, row));
             }
-            m.coordinator.put_chunk(
-                chunk_id,
-                Chunk {
-                    relation: Arc::clone(&relation),
-                    pipeline: Arc::clone(&pipeline),
-                    rows: chunk_rows,
-                    outcome: None,
-                },
-            );
-            let high: String = client
-                .query_one("SELECT pg_logical_emit_message(true, $1, $2)::text", &[&PREFIX, &emit("high")])
+            m.coordinator.put_chunk(chunk_id, Arc::clone(&relation), Arc::clone(&pipeline), chunk_rows);
+            client
+                .execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&PREFIX, &emit("high")])
                 .await
-                .map_err(|e| setup::pg_error_text(&e))?
-                .get(0);
-            let high: u64 = high.parse::<crate::change::Lsn>().map(|l| l.0).map_err(|_| format!("bad LSN {high}"))?;
+                .map_err(|e| setup::pg_error_text(&e))?;
             let start = read_from.clone();
             read_from = new_last.clone();
             reading_done = n < chunk_size;
-            in_flight.push_back(InFlightChunk { id: chunk_id, high, start, end: new_last, rows: n, _guard: guard });
+            in_flight.push_back(InFlightChunk { id: chunk_id, start, end: new_last, rows: n, _guard: guard });
             // Rate limit across this source's snapshots.
             if let (Some(limit), Some(rate)) = (m.settings.max_rows_per_second, &shared.rate) {
                 let wait = {
@@ -567,16 +635,16 @@ async fn run_task(shared: &Shared, id: &str) -> Result<(), String> {
                 continue;
             }
         }
-        // Wait for the oldest chunk: applied everywhere once the slot's confirmed position
-        // passes its high watermark.
+        // Wait for the oldest chunk: applied everywhere once the confirmed position reaches the
+        // end of the transaction that carried its high watermark.
         let Some(front) = in_flight.front() else {
             tracing::info!(source = %m.source, table = %task.relation, pipeline = %task.pipeline, rows = done_rows, "snapshot finished");
             shared.update(id, |t| t.state = TaskState::Done)?;
             return Ok(());
         };
         let outcome = loop {
-            if m.window.confirmed() > front.high
-                && let Some(o) = m.coordinator.outcome(front.id)
+            if let Some((o, commit_end)) = m.coordinator.outcome(front.id)
+                && m.partition.confirmed() >= commit_end
             {
                 break o;
             }
@@ -617,7 +685,6 @@ async fn run_task(shared: &Shared, id: &str) -> Result<(), String> {
 /// A chunk read and handed to the stream, not yet confirmed.
 struct InFlightChunk<'a> {
     id: u64,
-    high: u64,
     start: Option<Vec<String>>,
     end: Option<Vec<String>>,
     rows: usize,
@@ -728,4 +795,69 @@ pub async fn request(
             ))
         })?;
     Ok((p.source.to_string(), row.get::<_, i64>(0).to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::Value;
+
+    fn key(id: i64) -> Row {
+        [(Name::from("id"), Value::Int(id))].into_iter().collect()
+    }
+
+    #[test]
+    fn a_low_watermark_opens_a_window_only_for_a_live_chunk() {
+        let c = Coordinator::default();
+        // Another process's low watermark (replayed after a crash): ignored.
+        c.on_message(b"low 7 public.t");
+        assert_eq!(c.open_windows(), 0);
+        // A chunk abandoned before the stream reached its low watermark.
+        c.expect(8);
+        c.drop_chunk(8);
+        c.on_message(b"low 8 public.t");
+        assert_eq!(c.open_windows(), 0, "an abandoned chunk never opens a window");
+        // A live chunk opens one, and its high watermark closes it.
+        c.expect(9);
+        c.on_message(b"low 9 public.t");
+        assert_eq!(c.open_windows(), 1);
+        c.put_chunk(9, "public.t".into(), "p".into(), vec![(key(1), key(1))]);
+        assert_eq!(c.on_message(b"high 9 public.t").len(), 1);
+        assert_eq!(c.open_windows(), 0);
+    }
+
+    #[test]
+    fn a_chunk_is_done_only_with_its_watermark_commit() {
+        let c = Coordinator::default();
+        c.expect(1);
+        c.on_message(b"low 1 public.t");
+        c.put_chunk(1, "public.t".into(), "p".into(), vec![(key(1), key(1)), (key(2), key(2))]);
+        // A change to key 2 inside the window: the stream's version wins.
+        let mut ch = Change::test_insert("public.t", key(2), Some(key(2)));
+        ch.op = Op::Update;
+        c.observe(&ch);
+        let rows = c.on_message(b"high 1 public.t");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].key, key(1));
+        assert!(c.outcome(1).is_none(), "not done before the watermark transaction commits");
+        c.on_commit(500);
+        assert_eq!(c.outcome(1), Some((Some(1), 500)));
+    }
+
+    #[test]
+    fn keys_match_whatever_their_type_name() {
+        let c = Coordinator::default();
+        c.expect(1);
+        c.on_message(b"low 1 s.t");
+        let snap: Row =
+            [(Name::from("k"), Value::Other { type_name: "mood".into(), text: "happy".into() })].into_iter().collect();
+        let stream: Row = [(Name::from("k"), Value::Other { type_name: "s.mood".into(), text: "happy".into() })]
+            .into_iter()
+            .collect();
+        c.put_chunk(1, "s.t".into(), "p".into(), vec![(snap.clone(), snap)]);
+        let mut ch = Change::test_insert("s.t", stream.clone(), Some(stream));
+        ch.op = Op::Update;
+        c.observe(&ch);
+        assert!(c.on_message(b"high 1 s.t").is_empty(), "the stream's change to the key supersedes the chunk row");
+    }
 }

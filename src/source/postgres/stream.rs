@@ -26,7 +26,7 @@ use super::setup::Catalog;
 use super::snapshot::{Coordinator, PREFIX as SNAPSHOT_PREFIX, Signal};
 use super::types::text_to_value;
 use crate::change::{Change, Name, Op, Position, Row, SNAPSHOT_ORIGIN, Version};
-use crate::pipeline::router::Emitter;
+use crate::source::{Partition, SendError};
 use crate::telemetry::metrics;
 
 /// Why the stream loop returned.
@@ -120,6 +120,7 @@ impl Session {
                 commit_time: tx.commit_time,
                 tx: Some(tx.xid),
                 origin: Some(Name::from(format!("{SNAPSHOT_ORIGIN}{}", r.pipeline))),
+                key_changed: false,
             });
         }
         Ok(())
@@ -201,6 +202,7 @@ impl Session {
             commit_time: tx.commit_time,
             tx: Some(tx.xid),
             origin: None,
+            key_changed: false,
         })
     }
 
@@ -218,6 +220,7 @@ impl Session {
             }
             PgOutput::Commit { end_lsn, .. } => {
                 self.tx = None;
+                self.snapshots.on_commit(end_lsn);
                 return Ok(Some(end_lsn));
             }
             PgOutput::Message { transactional: true, prefix, content, .. } if prefix == SNAPSHOT_PREFIX => {
@@ -226,12 +229,7 @@ impl Session {
             }
             PgOutput::Origin { .. } | PgOutput::Message { .. } => {}
             PgOutput::Type { oid, namespace, name } => {
-                let full = if namespace == "pg_catalog" || namespace == "public" {
-                    name
-                } else {
-                    format!("{namespace}.{name}")
-                };
-                self.custom_types.insert(oid, Arc::from(full));
+                self.custom_types.insert(oid, Arc::from(super::types::qualified_type_name(&namespace, &name)));
             }
             PgOutput::Relation { oid, namespace, name, columns: cols, replica_identity } => {
                 let full = format!("{namespace}.{name}");
@@ -250,15 +248,19 @@ impl Session {
                             .cloned()
                             .or_else(|| catalog.type_names.get(&c.type_oid).map(|s| Arc::from(s.as_str())))
                             .unwrap_or_else(|| Arc::from(format!("oid {}", c.type_oid)));
-                        Column { name: Name::from(c.name), type_oid: c.type_oid, type_name }
+                        Column { name: Name::from(c.name), type_oid: catalog.decoding_type(c.type_oid), type_name }
                     })
                     .collect();
-                // The key is the replica identity, except for REPLICA IDENTITY FULL, where
-                // every column is flagged and the primary key (if any) is the meaningful key.
+                // The key is the replica identity (the primary key, or the index of REPLICA
+                // IDENTITY USING INDEX), in the table's column order: the order pgoutput flags
+                // them in and the order snapshots build keys in. REPLICA IDENTITY FULL flags every
+                // column; there the primary key is the key. Without one, the whole row is: an
+                // update then moves the row to a new key, which the key-change split turns into
+                // a delete of the old row and an insert of the new one, each on its own lane.
                 let key = match (replica_identity, catalog.primary_keys.get(&full)) {
                     (b'f', Some(pk)) => {
                         let pos: Vec<usize> =
-                            pk.iter().filter_map(|k| columns.iter().position(|c| &*c.name == k)).collect();
+                            (0..columns.len()).filter(|&i| pk.iter().any(|k| *k == *columns[i].name)).collect();
                         if pos.len() == pk.len() { pos } else { flagged }
                     }
                     _ => flagged,
@@ -298,7 +300,15 @@ impl Session {
                         key = Self::key_of(rel, b);
                     }
                 }
-                let c = self.change(relation, Op::Update, key, before, Some(after), unchanged)?;
+                let mut c = self.change(relation, Op::Update, key, before, Some(after), unchanged)?;
+                c.complete_unchanged();
+                if let Some(delete) = c.split_key_change() {
+                    // The insert half takes the next position of the transaction.
+                    let tx = self.tx.as_mut().ok_or("change outside a transaction")?;
+                    c.position = Position::Pg { commit_lsn: tx.final_lsn, seq: tx.seq };
+                    tx.seq += 1;
+                    self.push(delete);
+                }
                 self.push(c);
             }
             PgOutput::Delete { relation, old: (kind, tuple) } => {
@@ -326,12 +336,12 @@ impl Session {
 pub async fn run_session(
     session: &mut Session,
     stream: &mut ReplicationStream,
-    emitter: &Emitter,
+    partition: &dyn Partition,
     status_interval: Duration,
     cancel: &CancellationToken,
     hard_stop: &CancellationToken,
 ) -> StreamEnd {
-    let window = Arc::clone(emitter.window());
+    let window = partition;
     let mut status = tokio::time::interval(status_interval);
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let source = session.source.to_string();
@@ -358,19 +368,21 @@ pub async fn run_session(
         if !session.pending.is_empty() && hard_stop.is_cancelled() {
             return StreamEnd::Stopped;
         }
-        while let Some(change) = session.pending.pop_front() {
-            let lane = emitter.lane_of(&change);
-            let reserved = loop {
-                tokio::select! {
-                    biased;
-                    _ = hard_stop.cancelled() => return StreamEnd::Stopped,
-                    r = emitter.reserve(lane) => break r,
-                    _ = status.tick() => send_status!(false),
+        while let Some(mut change) = session.pending.pop_front() {
+            loop {
+                match partition.try_send(change) {
+                    Ok(()) => break,
+                    Err(SendError::Closed) => return StreamEnd::Stopped,
+                    Err(SendError::Full(c)) => {
+                        tokio::select! {
+                            biased;
+                            _ = hard_stop.cancelled() => return StreamEnd::Stopped,
+                            r = partition.room(&c) => if r.is_err() { return StreamEnd::Stopped },
+                            _ = status.tick() => send_status!(false),
+                        }
+                        change = *c;
+                    }
                 }
-            };
-            match reserved {
-                Ok(r) => r.send(change),
-                Err(_) => return StreamEnd::Stopped,
             }
         }
         // A Commit's end LSN is confirmable once the changes issued before it are applied.
@@ -464,7 +476,8 @@ mod tests {
             vec![
                 (Op::Insert, "public.t"),
                 (Op::Update, "public.t"),
-                (Op::Update, "public.t"),
+                (Op::Delete, "public.t"),
+                (Op::Insert, "public.t"),
                 (Op::Insert, "public.f"),
                 (Op::Update, "public.f"),
                 (Op::Delete, "public.f"),
@@ -499,21 +512,25 @@ mod tests {
         assert_eq!(rename.unchanged.iter().map(|n| &**n).collect::<Vec<_>>(), vec!["big"]);
         assert!(rename.after.as_ref().unwrap().get("big").is_none());
 
-        // Key change: key is the new key, before holds only the old key.
-        let moved = &c[2];
+        // Key change: the delete of the old key, then the insert of the new one, each routed by
+        // its own key, both marked as halves of one update.
+        let (gone, moved) = (&c[2], &c[3]);
+        assert_eq!(gone.key.get("id"), Some(&Value::Int(1)));
+        assert!(gone.after.is_none() && gone.key_changed);
+        assert_eq!(gone.before.as_ref().unwrap().get("id"), Some(&Value::Int(1)));
         assert_eq!(moved.key.get("id"), Some(&Value::Int(2)));
-        let before = moved.before.as_ref().unwrap();
-        assert_eq!(before.len(), 1);
-        assert_eq!(before.get("id"), Some(&Value::Int(1)));
+        assert!(moved.before.is_none() && moved.key_changed);
+        assert_eq!(moved.after.as_ref().unwrap().get("id"), Some(&Value::Int(2)));
+        assert!(gone.position != moved.position, "each half has its own position");
 
         // REPLICA IDENTITY FULL with a primary key: key is the primary key only.
-        let full_update = &c[4];
+        let full_update = &c[5];
         assert_eq!(full_update.key.len(), 1);
         assert_eq!(full_update.before.as_ref().unwrap().get("v"), Some(&Value::Text("full".into())));
-        let full_delete = &c[5];
+        let full_delete = &c[6];
         assert_eq!(full_delete.before.as_ref().unwrap().get("v"), Some(&Value::Text("fuller".into())));
-        assert_eq!(c[6].key.get("id"), Some(&Value::Int(2)));
-        assert!(c[10].key.is_empty());
+        assert_eq!(c[7].key.get("id"), Some(&Value::Int(2)));
+        assert!(c[11].key.is_empty());
         // Changes of one transaction share its version; positions order within it.
         assert!(c.windows(2).all(|w| w[0].version <= w[1].version));
     }

@@ -58,6 +58,13 @@ fn array_element(type_oid: u32) -> Option<u32> {
     })
 }
 
+/// The name a type is known by in values kept as text: bare for built-in types and types in
+/// `public`, schema-qualified otherwise. The stream (Type messages) and snapshots (the
+/// catalog) both name types through this, so a value's identity never depends on the path.
+pub fn qualified_type_name(namespace: &str, name: &str) -> String {
+    if namespace == "pg_catalog" || namespace == "public" { name.to_string() } else { format!("{namespace}.{name}") }
+}
+
 /// Convert a column's text form. `type_name` is used for values kept as [`Value::Other`].
 pub fn text_to_value(type_oid: u32, type_name: &str, text: &[u8]) -> Value {
     let Ok(s) = std::str::from_utf8(text) else {

@@ -1,6 +1,6 @@
 //! Which changes a pipeline takes: relations (exact, `schema.*` or `*`) and operations.
 
-use crate::change::Op;
+use super::Op;
 
 /// A relation pattern from `match.relations`.
 #[derive(Debug, Clone, PartialEq, Eq)]

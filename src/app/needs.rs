@@ -1,0 +1,51 @@
+//! What each source must provide for the pipeline set: tables, columns, images, snapshots.
+
+use std::sync::Arc;
+
+use crate::pipeline::Pipeline;
+use crate::pipeline::template::Root;
+use crate::source::SourceNeeds;
+
+/// What the pipelines reading `source` need from it.
+pub fn source_needs(pipelines: &[Arc<Pipeline>], source: &str) -> SourceNeeds {
+    let mut needs = SourceNeeds::default();
+    for p in pipelines.iter().filter(|p| &*p.source == source) {
+        needs.snapshots.push((Arc::clone(&p.name), p.relations.clone(), p.snapshot_initial));
+        for rel in p.exact_relations() {
+            needs.tables.insert(rel.to_string());
+            let cols = needs.columns.entry(rel.to_string()).or_default();
+            for col in &p.text_columns {
+                cols.push((p.name.to_string(), col.to_string()));
+            }
+            if p.transform.is_some() {
+                continue; // templates read the transformed event, not table columns
+            }
+            for a in &p.actions {
+                for path in a.action.paths() {
+                    if path.root == Root::Event {
+                        continue;
+                    }
+                    if let Some(col) = path.column() {
+                        cols.push((p.name.to_string(), col.to_string()));
+                    }
+                }
+                for col in a.action.columns() {
+                    cols.push((p.name.to_string(), col.to_string()));
+                }
+            }
+        }
+        if p.transform.is_none() {
+            for a in &p.actions {
+                for path in a.action.paths() {
+                    match path.root {
+                        Root::After | Root::Row => needs.images.new = true,
+                        Root::Before => needs.images.old = true,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    needs.columns.retain(|_, v| !v.is_empty());
+    needs
+}
