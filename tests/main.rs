@@ -4,6 +4,7 @@ mod support;
 
 mod bad_input;
 mod capture;
+mod conformance;
 mod crash;
 mod dynamodb;
 mod examples;
