@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use polysync::config::Config;
+use polysync::app::Config;
 
 /// mimalloc instead of the system allocator: decoding allocates and frees many small values per
 /// change, and the profile of a backlog drain showed glibc's malloc/free among the top costs
@@ -128,7 +128,8 @@ fn wait_snapshot(cfg: &Config, source: &str, prefix: &str) -> ExitCode {
             .unwrap_or_default();
         if tasks.is_empty() && started.elapsed() > std::time::Duration::from_secs(60) {
             eprintln!(
-                "the daemon has not picked up the request after 60 s (is it running, with the signal table published?)"
+                "no answer from the daemon after 60 s: the request is filed, but no daemon running with this config has taken it up (is it running, with state_dir {}?)",
+                cfg.state_dir.display()
             );
             return ExitCode::FAILURE;
         }
@@ -175,7 +176,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn dlq(command: DlqCommand) -> ExitCode {
-    use polysync::dlq::replay::{Selection, parse_since, replay, select};
+    use polysync::app::dlq_replay::{Selection, parse_since, replay, select};
     let (config, pipeline, since, all, run_replay) = match command {
         DlqCommand::List { config, pipeline, since, all } => (config, pipeline, since, all, false),
         DlqCommand::Replay { config, pipeline, since } => (config, pipeline, since, false, true),
@@ -292,8 +293,7 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(code) => return code,
             };
-            let req =
-                polysync::source::postgres::snapshot::request(&cfg, &pipeline, table.as_deref(), filter.as_deref());
+            let req = polysync::app::snapshot_request::request(&cfg, &pipeline, table.as_deref(), filter.as_deref());
             match rt.block_on(req) {
                 Ok((source, id)) => {
                     println!("snapshot request {id} filed for pipeline {pipeline} (source {source})");

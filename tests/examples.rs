@@ -1,6 +1,6 @@
 //! Every shipped config and pipeline example loads and compiles, so the docs cannot rot.
 
-use polysync::config::Config;
+use polysync::app::Config;
 
 /// Load a shipped config with every `${VAR}` set to a placeholder; its pipelines directory is
 /// the repository's `pipelines/` when the configured one only exists in a deployment.

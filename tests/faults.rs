@@ -263,7 +263,8 @@ fn config(db: &TestDb, slot: &str, urls: &Urls, stores: &Stores, extra_source: &
         urls.search,
         if stores.all { more.as_str() } else { "" }
     );
-    pg_cache_config_with(&db.url, slot, slot, extra_source, &sinks).replace(
+    // Spooling is part of what the faults exercise: a sink that is down spills after a second.
+    crate::support::daemon::quick_spill(pg_cache_config_with(&db.url, slot, slot, extra_source, &sinks)).replace(
         &format!("url = \"{}\"\ntimeout", crate::support::redis::url()),
         &format!("url = \"{}\"\ntimeout", urls.cache),
     )

@@ -162,7 +162,7 @@ async fn gremlin_server_down_mid_stream_loses_nothing_and_duplicates_nothing() {
     let p = unique("gd");
     let slot = unique("s");
     let ws = Workspace::new();
-    ws.write_config(&pg_cache_config(&db.url, &slot, &graph_sink()));
+    ws.write_config(&crate::support::daemon::quick_spill(pg_cache_config(&db.url, &slot, &graph_sink())));
     pipelines(&ws, &p);
     let d = InProcess::start(&ws.config_path());
     db.wait_streaming(&slot).await;

@@ -91,7 +91,7 @@ fn task_definition_runs_the_healthcheck_and_drains_within_stop_timeout() {
         .chain(c["secrets"].as_array().unwrap())
         .map(|e| e["name"].as_str().unwrap().to_string())
         .collect();
-    let cfg = polysync::config::Config::parse(
+    let cfg = polysync::app::Config::parse(
         &repo().join("config/ecs.toml"),
         &std::fs::read_to_string(repo().join("config/ecs.toml")).unwrap(),
         |var| provided.contains(var).then(|| "example".into()),

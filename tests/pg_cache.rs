@@ -334,7 +334,7 @@ async fn redis_outage_spools_frees_the_slot_and_delivers_everything_after() {
     let p = unique("out");
     let slot = unique("s");
     let ws = Workspace::new();
-    ws.write_config(&pg_cache_config(&db.url, &slot, ""));
+    ws.write_config(&crate::support::daemon::quick_spill(pg_cache_config(&db.url, &slot, "")));
     ws.write_pipeline(
         "products",
         &format!(

@@ -124,7 +124,11 @@ async fn opensearch_down_mid_stream_spools_frees_the_slot_and_loses_nothing() {
     let index = format!("{p}-catalog");
     let slot = unique("s");
     let ws = Workspace::new();
-    ws.write_config(&pg_cache_config(&db.url, &slot, &search_sink("timeout = \"3s\"")));
+    ws.write_config(&crate::support::daemon::quick_spill(pg_cache_config(
+        &db.url,
+        &slot,
+        &search_sink("timeout = \"3s\""),
+    )));
     ws.write_pipeline("catalog", &pipeline(&index, ""));
     let d = InProcess::start(&ws.config_path());
     db.wait_streaming(&slot).await;

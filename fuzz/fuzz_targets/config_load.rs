@@ -28,8 +28,8 @@ database = "d"
 
 fuzz_target!(|text: &str| {
     let path = Path::new("/fuzz/polysync.toml");
-    let _ = polysync::config::Config::parse(path, text, |v| (v.len() < 8).then(|| "x".to_string()));
-    if let Ok(cfg) = polysync::config::Config::parse(path, BASE, |_| None) {
+    let _ = polysync::app::Config::parse(path, text, |v| (v.len() < 8).then(|| "x".to_string()));
+    if let Ok(cfg) = polysync::app::Config::parse(path, BASE, |_| None) {
         let _ = polysync::pipeline::load::compile(Path::new("/fuzz/p/f.toml"), text, &cfg);
     }
 });

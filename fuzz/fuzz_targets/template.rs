@@ -4,8 +4,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use polysync::change::{Change, Name, Op, Position, Row, Value, Version};
-use polysync::pipeline::scope::ChangeScope;
-use polysync::pipeline::template::Template;
+use polysync::change::scope::ChangeScope;
+use polysync::change::template::Template;
 
 fuzz_target!(|text: &str| {
     let Ok(t) = Template::parse(text) else { return };

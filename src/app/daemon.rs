@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use super::reload::{Reloader, Trigger};
 use super::{AppError, Controls, Stopped, source_needs};
-use crate::config::Config;
+use crate::app::Config;
 use crate::dlq::DeadLetterQueue;
 use crate::pipeline::load;
 use crate::retry::{Profile, backoff};
@@ -20,7 +20,6 @@ use crate::runtime::lane::{self, LaneInputs};
 use crate::runtime::router::Router;
 use crate::runtime::sink_handle::SinkRuntime;
 use crate::runtime::topology::{Patience, QueueSettings, Topology};
-use crate::sink::SinkContext;
 use crate::source::{Output, RunContext, Source, SourceAdmin, SourceEnv, SourceError};
 use crate::telemetry::systemd::Notifier;
 use crate::telemetry::{Health, metrics};
@@ -143,8 +142,8 @@ pub async fn run(config: Config, mut controls: Controls) -> Result<Stopped, AppE
             }
         });
     }
-    let pipelines = load::load_all(&config)?;
-    for w in crate::tls::plaintext_warnings(&config) {
+    let pipelines = load::load_all(&config.pipeline_env())?;
+    for w in super::warnings::plaintext_warnings(&config) {
         tracing::warn!("{w}");
     }
     std::fs::create_dir_all(&config.state_dir)
@@ -203,7 +202,7 @@ pub async fn run(config: Config, mut controls: Controls) -> Result<Stopped, AppE
         retire_deadline: config.runtime.shutdown_timeout,
     };
     let mut topology = Topology::new(rt, settings);
-    let sink_ctx = SinkContext::from_config(&config);
+    let sink_ctx = config.sink_context();
     let Some(plan) =
         topology.plan(&config.sinks, &sink_ctx, &pipelines, &health, Patience::UntilStopped, &stop).await?
     else {

@@ -7,19 +7,24 @@
 //! confirm; only then are lanes and sinks closed. Work abandoned at the deadline is never
 //! acknowledged, so it replays on the next start, and the run reports itself unclean.
 
+pub mod config;
 pub mod daemon;
+pub mod dlq_replay;
 pub mod needs;
 pub mod reload;
+pub mod snapshot_request;
+pub mod warnings;
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError};
+use crate::config::ConfigError;
 use crate::pipeline::{Pipeline, load};
 use crate::runtime::topology::TopologyError;
 use crate::source::SourceError;
+pub use config::Config;
 
 pub use daemon::run;
 pub use needs::source_needs;
@@ -83,5 +88,5 @@ pub struct Stopped {
 
 /// Load config and pipelines exactly as `run` does, without touching the network.
 pub fn check(config: &Config) -> Result<Vec<Arc<Pipeline>>, ConfigError> {
-    load::load_all(config)
+    load::load_all(&config.pipeline_env())
 }

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
+use crate::change::template::Root;
 use crate::pipeline::Pipeline;
-use crate::pipeline::template::Root;
 use crate::source::SourceNeeds;
 
 /// What the pipelines reading `source` need from it.

@@ -13,10 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{AppError, source_needs};
-use crate::config::Config;
+use crate::app::Config;
 use crate::pipeline::load;
 use crate::runtime::topology::{Patience, Topology};
-use crate::sink::SinkContext;
 use crate::source::SourceAdmin;
 use crate::telemetry::{Health, metrics};
 
@@ -128,7 +127,7 @@ impl Reloader {
 
     async fn try_reload(&mut self, stop: &CancellationToken) -> Result<String, AppError> {
         let config = Config::load(&self.config.path)?;
-        let pipelines = load::load_all(&config)?;
+        let pipelines = load::load_all(&config.pipeline_env())?;
         // What a reload cannot change while running: say so instead of pretending.
         let mut notes = Vec::new();
         let sources_changed = config.sources.len() != self.config.sources.len()
@@ -160,7 +159,7 @@ impl Reloader {
         for (name, admin) in &self.admins {
             admin.recheck(&source_needs(&pipelines, name)).await?;
         }
-        let ctx = SinkContext::from_config(&config);
+        let ctx = config.sink_context();
         let plan = self
             .topology
             .plan(&config.sinks, &ctx, &pipelines, &self.health, Patience::Once(Duration::from_secs(15)), stop)

@@ -5,6 +5,8 @@
 
 pub mod json;
 pub mod matcher;
+pub mod scope;
+pub mod template;
 
 use std::fmt;
 use std::sync::Arc;

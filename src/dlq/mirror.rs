@@ -7,7 +7,8 @@ use fred::prelude::*;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{DlqConfig, redact_url};
+use super::DlqConfig;
+use crate::config::redact_url;
 
 /// Start the mirror task if configured; returns the sender the DLQ writes into.
 pub async fn start(

@@ -7,8 +7,10 @@
 //! it cannot be written (disk full, total bound reached) the caller must not acknowledge, and
 //! the lane stalls loudly instead of losing the change.
 
+pub mod config;
 pub mod mirror;
-pub mod replay;
+
+pub use config::DlqConfig;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};

@@ -25,7 +25,19 @@ use super::vrl::{Role, VrlProgram};
 use super::{BoundAction, Pipeline};
 use crate::change::matcher::{OpSet, RelationPattern};
 use crate::change::{Name, Op};
-use crate::config::{Config, ConfigError};
+use crate::config::ConfigError;
+use crate::sink::SinkConfig;
+
+/// What loading pipelines needs from the config: where the files are, which sources exist and
+/// the sink targets their actions compile against.
+pub struct PipelineEnv<'a> {
+    /// The pipelines directory.
+    pub dir: &'a Path,
+    /// Source names.
+    pub sources: BTreeSet<String>,
+    /// Sink targets by name.
+    pub sinks: &'a std::collections::BTreeMap<String, SinkConfig>,
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,8 +79,8 @@ pub fn pipeline_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 }
 
 /// Load and compile every pipeline in the configured directory; all errors are collected.
-pub fn load_all(cfg: &Config) -> Result<Vec<Arc<Pipeline>>, ConfigError> {
-    let files = pipeline_files(&cfg.pipelines_dir)?;
+pub fn load_all(cfg: &PipelineEnv<'_>) -> Result<Vec<Arc<Pipeline>>, ConfigError> {
+    let files = pipeline_files(cfg.dir)?;
     let mut errors = Vec::new();
     let mut out: Vec<Arc<Pipeline>> = Vec::new();
     let mut names = BTreeSet::new();
@@ -91,7 +103,7 @@ pub fn load_all(cfg: &Config) -> Result<Vec<Arc<Pipeline>>, ConfigError> {
 }
 
 /// Load one pipeline file.
-pub fn load_file(path: &Path, cfg: &Config) -> Result<Pipeline, ConfigError> {
+pub fn load_file(path: &Path, cfg: &PipelineEnv<'_>) -> Result<Pipeline, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     compile(path, &text, cfg)
 }
@@ -124,7 +136,7 @@ fn program_start(text: &str, offset: usize) -> usize {
 }
 
 /// Compile pipeline text read from `path`.
-pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, ConfigError> {
+pub fn compile(path: &Path, text: &str, cfg: &PipelineEnv<'_>) -> Result<Pipeline, ConfigError> {
     let raw: RawPipeline = toml::from_str(text).map_err(|e| {
         let mut err = ConfigError::from_toml(path, text, &e);
         if let ConfigError::At { msg, .. } = &mut err
@@ -149,8 +161,8 @@ pub fn compile(path: &Path, text: &str, cfg: &Config) -> Result<Pipeline, Config
     }
 
     let source = raw.source.get_ref();
-    if !cfg.sources.contains_key(source) {
-        let known: Vec<&str> = cfg.sources.keys().map(String::as_str).collect();
+    if !cfg.sources.contains(source) {
+        let known: Vec<&str> = cfg.sources.iter().map(String::as_str).collect();
         errors.push(at(raw.source.span().start, format!("unknown source {source:?}; the config defines {known:?}")));
     }
 

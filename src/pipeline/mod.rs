@@ -5,8 +5,6 @@
 
 pub mod load;
 pub mod process;
-pub mod scope;
-pub mod template;
 pub mod text_columns;
 pub mod vrl;
 

@@ -3,9 +3,9 @@
 //! goes through exactly what live changes go through.
 
 use super::Pipeline;
-use super::scope::ChangeScope;
 use super::vrl::Outcome;
 use crate::change::Change;
+use crate::change::scope::ChangeScope;
 use crate::sink::Payload;
 use crate::telemetry::metrics;
 

@@ -19,9 +19,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
+use crate::change::template::{Path, Scope};
 use crate::change::{Change, Name};
 use crate::config::ConfigError;
-use crate::pipeline::template::{Path, Scope};
 
 /// `[sinks.<name>]`: one target, by kind.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -46,16 +46,6 @@ pub struct SinkContext {
     pub aws: crate::aws::AwsSettings,
     /// Directory of the config file (relative paths in sink configs start there).
     pub base_dir: std::path::PathBuf,
-}
-
-impl SinkContext {
-    /// The context a config file gives.
-    pub fn from_config(cfg: &crate::config::Config) -> SinkContext {
-        SinkContext {
-            aws: cfg.aws.clone(),
-            base_dir: cfg.path.parent().map(std::path::Path::to_path_buf).unwrap_or_default(),
-        }
-    }
 }
 
 impl SinkConfig {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::{Action, BatchLimits, ItemOutcome, Payload, Record, Sink, SinkError};
 use crate::change::Change;
-use crate::pipeline::template::{Path, Scope};
+use crate::change::template::{Path, Scope};
 
 /// `[sinks.<name>]` with `kind = "noop"`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]

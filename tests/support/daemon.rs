@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use polysync::app::Config;
 use polysync::app::{AppError, ControlHandles, Controls, Stopped};
-use polysync::config::Config;
 use tokio::task::JoinHandle;
 
 /// Config text for a PostgreSQL source `db` and a cache sink `cache`, plus `extra` TOML.
@@ -22,6 +22,9 @@ pipelines = "pipelines"
 [runtime]
 lanes = 4
 shutdown_timeout = "15s"
+# A sink that hiccups retries in memory first, so "the slot caught up" still means "applied"
+# in the tests that read the stores right after; the outage tests shorten it to see spooling.
+spill_after = "20s"
 
 [metrics]
 enabled = false
@@ -137,6 +140,11 @@ impl ChildDaemon {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// A config that spills after one second: for tests of a sink that is down.
+pub fn quick_spill(config: String) -> String {
+    config.replace("spill_after = \"20s\"", "spill_after = \"1s\"")
 }
 
 /// Daemon logs go to the test's captured output (shown when a test fails).

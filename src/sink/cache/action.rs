@@ -16,8 +16,8 @@ use serde::Deserialize;
 
 use super::config::CacheSinkConfig;
 use crate::change::json::{row_to_natural, write_natural};
+use crate::change::template::{Path, Scope, Template};
 use crate::change::{Change, Op, Row, Value};
-use crate::pipeline::template::{Path, Scope, Template};
 use crate::sink::{Action, Payload};
 
 /// Redis refuses keys over 512 MB; ElastiCache operators want far less. Keys longer than this

@@ -31,9 +31,9 @@ use serde::Deserialize;
 
 use super::gremlin::GValue;
 use crate::change::json::write_natural;
+use crate::change::scope::ChangeScope;
+use crate::change::template::{Path, Root, Scope, Template};
 use crate::change::{Change, Op, Value};
-use crate::pipeline::scope::ChangeScope;
-use crate::pipeline::template::{Path, Root, Scope, Template};
 use crate::sink::{Action, Payload};
 
 /// A property value: the scalar kinds a graph property takes from a column.

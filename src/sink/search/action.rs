@@ -16,8 +16,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::change::json::{row_to_natural, write_natural};
+use crate::change::template::{Path, Root, Scope, Template};
 use crate::change::{Change, Op};
-use crate::pipeline::template::{Path, Root, Scope, Template};
 use crate::sink::version::external_version;
 use crate::sink::{Action, Payload};
 

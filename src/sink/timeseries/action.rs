@@ -28,8 +28,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::change::template::{Path, Scope, Template};
 use crate::change::{Change, Op, Value};
-use crate::pipeline::template::{Path, Scope, Template};
 use crate::sink::version::external_version;
 use crate::sink::{Action, Payload};
 

@@ -229,7 +229,17 @@ impl Backfiller {
                 }
                 let _ = p.save(path);
             } else {
-                tracing::error!(source = %self.source, pipeline = %req.pipeline, "backfill request for a pipeline that does not read this table; ignored");
+                // Recorded as failed, with the reason, so the CLI reports the daemon's answer.
+                let why =
+                    format!("source {} runs no pipeline {:?} that reads {}", self.source, req.pipeline, self.relation);
+                tracing::error!(source = %self.source, pipeline = %req.pipeline, reason = %why, "backfill request rejected");
+                let mut t =
+                    SnapshotTask::new(format!("signal:{id}:{}", self.relation), &req.pipeline, &self.relation, None);
+                t.state = TaskState::Failed;
+                t.error = Some(why);
+                let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
+                p.add(t);
+                let _ = p.save(path);
             }
             let _ = std::fs::remove_file(&f);
         }

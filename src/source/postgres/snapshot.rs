@@ -745,58 +745,6 @@ async fn settle(client: &tokio_postgres::Client, long_running: &mut HashMap<Stri
     }
 }
 
-/// Why `polysync snapshot` could not file a request.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct RequestError(pub String);
-
-/// File a snapshot request: a row in a PostgreSQL source's signal table, or a request file for
-/// a DynamoDB source. Returns the source name and the request id (progress tasks are
-/// `signal:<id>:<table>`).
-pub async fn request(
-    config: &crate::config::Config,
-    pipeline: &str,
-    table: Option<&str>,
-    filter: Option<&str>,
-) -> Result<(String, String), RequestError> {
-    let pipelines = crate::app::check(config).map_err(|e| RequestError(e.to_string()))?;
-    let p = pipelines
-        .iter()
-        .find(|p| &*p.name == pipeline)
-        .ok_or_else(|| RequestError(format!("no pipeline named {pipeline:?} in {}", config.pipelines_dir.display())))?;
-    let Some(crate::source::SourceConfig::Postgres(pg)) = config.sources.get(&*p.source) else {
-        return Err(RequestError(format!(
-            "pipeline {pipeline:?} reads source {:?}, which is not PostgreSQL",
-            p.source
-        )));
-    };
-    if let Some(t) = table {
-        let t = if t.contains('.') { t.to_string() } else { format!("public.{t}") };
-        if !p.matches_relation(&t) {
-            return Err(RequestError(format!("pipeline {pipeline:?} does not read {t}")));
-        }
-    }
-    let signal = pg.signal_table().ok_or_else(|| {
-        RequestError(format!("source {:?} has signal_table = \"\" (on-demand snapshots are off)", p.source))
-    })?;
-    let info = pg.validate(&p.source).map_err(|e| RequestError(e.to_string()))?;
-    let client = setup::connect_sql(&info, &p.source).await.map_err(|e| RequestError(e.to_string()))?;
-    let row = client
-        .query_one(
-            &format!("INSERT INTO {} (pipeline, relation, filter) VALUES ($1, $2, $3) RETURNING id", quote_relation(&signal)),
-            &[&pipeline, &table, &filter],
-        )
-        .await
-        .map_err(|e| {
-            RequestError(format!(
-                "cannot insert into the signal table {signal}: {} (the daemon creates it with create_if_missing; otherwise: {} and add it to the publication)",
-                setup::pg_error_text(&e),
-                setup::signal_table_ddl(&signal)
-            ))
-        })?;
-    Ok((p.source.to_string(), row.get::<_, i64>(0).to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::{StoredDeadLetter, mark_replayed, read_all, replayed_ids};
-use crate::config::Config;
+use crate::app::Config;
+use crate::dlq::{StoredDeadLetter, mark_replayed, read_all, replayed_ids};
 use crate::pipeline::process::{self, Step};
 use crate::pipeline::{Pipeline, load};
 use crate::sink::{ItemOutcome, Record, Sink};
@@ -85,7 +85,7 @@ async fn write_one(sink: &dyn Sink, rec: Record) -> Result<(), String> {
 
 /// Replay the selected entries.
 pub async fn replay(config: &Config, sel: &Selection) -> Result<Report, String> {
-    let pipelines: Vec<Arc<Pipeline>> = load::load_all(config).map_err(|e| e.to_string())?;
+    let pipelines: Vec<Arc<Pipeline>> = load::load_all(&config.pipeline_env()).map_err(|e| e.to_string())?;
     let by_name: HashMap<&str, &Arc<Pipeline>> = pipelines.iter().map(|p| (&*p.name, p)).collect();
     let entries = select(config, sel)?;
     let mut sinks: HashMap<String, Arc<dyn Sink>> = HashMap::new();
@@ -117,7 +117,7 @@ pub async fn replay(config: &Config, sel: &Selection) -> Result<Report, String> 
                     let target = def.actions[action].target.to_string();
                     if !sinks.contains_key(&target) {
                         let cfg = config.sinks.get(&target).ok_or_else(|| format!("sink {target} is not defined"))?;
-                        let ctx = crate::sink::SinkContext::from_config(config);
+                        let ctx = config.sink_context();
                         let s = cfg.build(&target, &ctx).await.map_err(|e| e.to_string())?;
                         sinks.insert(target.clone(), s);
                     }
