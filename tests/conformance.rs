@@ -642,7 +642,12 @@ async fn every_case_gives_every_sink_the_state_of_the_source() {
     }
     for c in cases.iter().filter(|c| !c.at_ready) {
         for s in c.statements {
-            fill(&db, &redis, &run, c).await;
+            // A reader refilling the cache while a racer updates the same rows is the
+            // cache-aside race itself (read old, invalidation lands, write old): those tables
+            // keep the fill made before the daemon started.
+            if !c.race_snapshot {
+                fill(&db, &redis, &run, c).await;
+            }
             db.exec(&sql(c, s)).await;
         }
     }

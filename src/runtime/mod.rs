@@ -24,6 +24,8 @@ pub mod router;
 pub mod sink_handle;
 pub mod spool;
 pub mod spool_drain;
+#[cfg(test)]
+mod tests;
 pub mod topology;
 pub mod window;
 pub mod writer;
