@@ -8,6 +8,7 @@ mod conformance;
 mod crash;
 mod dynamodb;
 mod examples;
+mod failover;
 mod faults;
 mod graph;
 mod ops;

@@ -230,9 +230,15 @@ pub async fn run(config: Config, mut controls: Controls) -> Result<Stopped, AppE
     // Sources: every check passes before any starts streaming.
     let mut prepared = Vec::new();
     for name in &sources {
-        match prepare_source(name, &config, &pipelines, &health, &stop).await? {
-            Some(src) => prepared.push(src),
-            None => return Ok(finish(d, Some(topology), http_stop, http, true).await),
+        match prepare_source(name, &config, &pipelines, &health, &stop).await {
+            Ok(Some(src)) => prepared.push(src),
+            Ok(None) => return Ok(finish(d, Some(topology), http_stop, http, true).await),
+            Err(e) => {
+                // A refusal to start: every task (and the listener) ends before the error
+                // is returned, so a caller that runs the daemon again finds nothing left over.
+                finish(d, Some(topology), http_stop, http, true).await;
+                return Err(e);
+            }
         }
     }
     let admins: BTreeMap<String, Arc<dyn SourceAdmin>> =

@@ -24,7 +24,8 @@ pub enum TaskState {
 /// One table of one snapshot request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotTask {
-    /// `initial:<pipeline>:<table>` or `signal:<signal id>:<table>`: a request is recorded once.
+    /// `initial:<pipeline>:<table>`, `signal:<signal id>:<table>` or
+    /// `resnapshot:<time>:<pipeline>:<table>`: a request is recorded once.
     pub id: String,
     /// The pipeline whose sinks receive the rows (others do not see them).
     pub pipeline: String,
@@ -48,6 +49,10 @@ pub struct SnapshotTask {
     pub requested: DateTime<Utc>,
     /// Last progress.
     pub updated: DateTime<Utc>,
+    /// Clear the table in the pipeline's sinks before the first chunk (a re-read after a
+    /// lost slot: rows deleted in the gap must go too).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clear_first: bool,
 }
 
 /// Every snapshot task of one source.
@@ -85,17 +90,9 @@ impl SnapshotProgress {
 
     /// Replace the file atomically (mode 0600).
     pub fn save(&self, path: &Path) -> Result<(), ProgressError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let err = |e: std::io::Error| ProgressError { path: path.to_owned(), msg: e.to_string() };
-        let tmp = path.with_extension("json.tmp");
-        let mut f =
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
         let body =
             serde_json::to_vec_pretty(self).map_err(|e| ProgressError { path: path.to_owned(), msg: e.to_string() })?;
-        f.write_all(&body).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        super::file::write_atomic(path, &body).map_err(|e| ProgressError { path: path.to_owned(), msg: e.to_string() })
     }
 
     /// The task with this id.
@@ -130,6 +127,7 @@ impl SnapshotTask {
             error: None,
             requested: now,
             updated: now,
+            clear_first: false,
         }
     }
 

@@ -21,7 +21,7 @@ use super::PipelineSet;
 use super::router::{Envelope, LaneBarrier};
 use super::window::Ticket;
 use super::writer::dead_letter;
-use crate::change::{Change, Name, Op, SNAPSHOT_ORIGIN};
+use crate::change::{Change, Name, SNAPSHOT_ORIGIN};
 use crate::dlq::DeadLetterQueue;
 use crate::pipeline::process::{self, Step};
 use crate::sink::Record;
@@ -62,9 +62,9 @@ impl Lane {
             if !def.takes_op(change) {
                 continue;
             }
-            // Snapshot rows go to the pipeline that asked for them only.
-            if change.op == Op::Read
-                && let Some(target) = change.origin.as_deref().and_then(|o| o.strip_prefix(SNAPSHOT_ORIGIN))
+            // Snapshot rows (and the clear before a re-read) go to the pipeline that asked for
+            // them only.
+            if let Some(target) = change.origin.as_deref().and_then(|o| o.strip_prefix(SNAPSHOT_ORIGIN))
                 && target != &*def.name
             {
                 continue;

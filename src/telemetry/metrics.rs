@@ -22,6 +22,8 @@ pub mod names {
     pub const PG_SLOT_LAG: &str = "polysync_pg_slot_lag_bytes";
     pub const PG_SLOT_LAG_EXCEEDED: &str = "polysync_pg_slot_lag_limit_exceeded";
     pub const PG_CONFIRMED_LSN: &str = "polysync_pg_confirmed_flush_lsn";
+    pub const PG_SLOT_LOST: &str = "polysync_pg_slot_lost_total";
+    pub const PG_TIMELINE_CHANGES: &str = "polysync_pg_timeline_changes_total";
     pub const DDB_SHARDS_OWNED: &str = "polysync_ddb_shards_owned";
     pub const DDB_LEASE_TAKES: &str = "polysync_ddb_lease_takes_total";
     pub const DDB_TRIMMED: &str = "polysync_ddb_trimmed_data_total";
@@ -67,6 +69,8 @@ pub mod names {
         DDB_THROTTLES,
         SNAPSHOT_ROWS,
         PG_SLOT_LAG_EXCEEDED,
+        PG_SLOT_LOST,
+        PG_TIMELINE_CHANGES,
         SNAPSHOT_CHUNKS_REMAINING,
         IN_FLIGHT,
         PIPELINE_OUTPUTS,
@@ -110,6 +114,10 @@ pub struct Metrics {
     pub pg_slot_lag: IntGaugeVec,
     /// 1 while the slot's lag is above `slot_lag_limit`.
     pub pg_slot_lag_exceeded: IntGaugeVec,
+    /// Starts that found the slot lost (by reason): a gap the policy had to handle.
+    pub pg_slot_lost: IntCounterVec,
+    /// Starts on a new timeline with the slot synchronised (a promoted standby).
+    pub pg_timeline_changes: IntCounterVec,
     /// Last LSN polysync confirmed to the server.
     pub pg_confirmed_lsn: IntGaugeVec,
     /// Changes read but not yet applied by every sink.
@@ -253,6 +261,18 @@ impl Metrics {
                 PG_SLOT_LAG_EXCEEDED,
                 "1 while the replication slot's lag is above slot_lag_limit",
                 &["source", "slot"],
+            ),
+            pg_slot_lost: counter(
+                &r,
+                PG_SLOT_LOST,
+                "Starts that found the replication slot lost (missing, invalidated, advanced by another consumer, renamed, or another system)",
+                &["source", "reason"],
+            ),
+            pg_timeline_changes: counter(
+                &r,
+                PG_TIMELINE_CHANGES,
+                "Starts on a new server timeline with the slot synchronised (a promoted standby)",
+                &["source"],
             ),
             snapshot_rows: counter(
                 &r,

@@ -72,9 +72,27 @@ pub struct PostgresSourceConfig {
     #[serde(default)]
     pub slot_lag_limit: Option<crate::config::ByteSize>,
     /// `alert` (default: keep going, say so) or `drop_slot` (free the server's disk: drop the
-    /// slot and stop this source; a restart creates a new slot and re-runs initial snapshots).
+    /// slot and stop this source; the next start finds the slot lost and `on_slot_lost`
+    /// decides).
     #[serde(default)]
     pub on_slot_lag_limit: OnSlotLagLimit,
+    /// What a start does when the slot polysync streamed from is gone, was moved by someone
+    /// else, or belongs to another database system: `stop` (default; refuse to start, saying
+    /// what happened) or `resnapshot` (a new slot, then every table of every pipeline re-read).
+    #[serde(default)]
+    pub on_slot_lost: OnSlotLost,
+}
+
+/// What a lost slot (changes the sinks never got) makes the source do.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnSlotLost {
+    /// Refuse to start until a person decides: the gap is never skipped silently.
+    #[default]
+    Stop,
+    /// Stream from a new slot and re-read every table of every pipeline of the source (the
+    /// tables are cleared in the sinks first, so rows deleted in the gap go too).
+    Resnapshot,
 }
 
 /// What crossing `slot_lag_limit` does besides the alert.

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod origin;
 pub mod replication;
 pub mod setup;
 pub mod snapshot;
@@ -45,6 +46,8 @@ pub struct PostgresSource {
     pipelines: SnapshotPipelines,
     state_dir: std::path::PathBuf,
     max_in_flight: usize,
+    /// Where the source streams from, kept on disk ahead of every confirmation.
+    recorder: Arc<origin::Recorder>,
 }
 
 /// Pipelines of a source as snapshots see them: name, relations, `snapshot = "initial"`.
@@ -68,7 +71,7 @@ impl SourceAdmin for PgAdmin {
             let mut tables = needs.tables.clone();
             tables.extend(self.cfg.tables.iter().cloned());
             let client = setup::connect_sql(&self.info, &self.name).await?;
-            let catalog = setup::prepare(&client, &self.name, &self.cfg, &self.info, &tables).await?;
+            let catalog = setup::prepare(&client, &self.name, &self.cfg, &self.info, &tables, false).await?;
             setup::check_columns(&catalog, &needs.columns)
                 .map_err(|msg| SourceError::Setup { source_name: self.name.to_string(), msg })?;
             self.catalog.store(Arc::new(catalog));
@@ -96,9 +99,24 @@ impl PostgresSource {
         let mut tables = needs.tables.clone();
         tables.extend(cfg.tables.iter().cloned());
         let client = setup::connect_sql(&info, name).await?;
-        let catalog = setup::prepare(&client, name, cfg, &info, &tables).await?;
+        // Before anything creates a slot: is the slot still the one polysync streamed from?
+        let start = origin::check(&client, &info, name, cfg, &env.state_dir).await?;
+        if let origin::Start::Resnapshot(origin::Lost::SlotInvalidated { .. }) = &start {
+            // An invalidated slot cannot stream: a new one replaces it.
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot])
+                .await
+                .map_err(|e| SourceError::Setup { source_name: name.into(), msg: setup::pg_error_text(&e) })?;
+        }
+        let resnapshot = matches!(start, origin::Start::Resnapshot(_));
+        let catalog = setup::prepare(&client, name, cfg, &info, &tables, resnapshot).await?;
         setup::check_columns(&catalog, &needs.columns)
             .map_err(|msg| SourceError::Setup { source_name: name.into(), msg })?;
+        if resnapshot {
+            request_resnapshot(name, &catalog, needs, &env.state_dir)
+                .map_err(|msg| SourceError::Setup { source_name: name.into(), msg })?;
+        }
+        let recorder = Arc::new(origin::Recorder::begin(&client, &info, name, &cfg.slot, &env.state_dir).await?);
         Ok(PostgresSource {
             name: Name::from(name),
             cfg: cfg.clone(),
@@ -107,8 +125,38 @@ impl PostgresSource {
             pipelines: Arc::new(ArcSwap::from_pointee(needs.snapshots.clone())),
             state_dir: env.state_dir.clone(),
             max_in_flight: env.max_in_flight,
+            recorder,
         })
     }
+}
+
+/// `on_slot_lost = "resnapshot"`: every published table of every pipeline of the source is
+/// read again, cleared in that pipeline's sinks first.
+fn request_resnapshot(
+    source: &str,
+    catalog: &Catalog,
+    needs: &SourceNeeds,
+    state_dir: &std::path::Path,
+) -> Result<(), String> {
+    use crate::checkpoint::snapshot::{SnapshotProgress, SnapshotTask, progress_path};
+    let path = progress_path(state_dir, source);
+    let mut progress = SnapshotProgress::load(&path).map_err(|e| e.to_string())?;
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+    let mut n = 0;
+    for (pipeline, rels, _) in &needs.snapshots {
+        for t in catalog
+            .published
+            .iter()
+            .filter(|t| rels.iter().any(|r| r.matches(t)) && Some(*t) != catalog.signal_table.as_ref())
+        {
+            let mut task = SnapshotTask::new(format!("resnapshot:{stamp}:{pipeline}:{t}"), pipeline, t, None);
+            task.clear_first = true;
+            n += progress.add(task) as usize;
+        }
+    }
+    progress.save(&path).map_err(|e| e.to_string())?;
+    tracing::warn!(source, tables = n, "re-reading every table of every pipeline after the lost slot");
+    Ok(())
 }
 
 impl Source for PostgresSource {
@@ -157,7 +205,7 @@ impl PostgresSource {
                 heartbeat: self.cfg.heartbeat_interval(),
                 lag_limit: self.cfg.slot_lag_limit.map(|b| b.0),
                 on_limit: self.cfg.on_slot_lag_limit,
-                state_dir: Some(self.state_dir.clone()),
+                recorder: Arc::clone(&self.recorder),
                 dropped: Arc::clone(&dropped),
                 abort: abort.clone(),
             },
@@ -230,6 +278,7 @@ impl PostgresSource {
                 &mut stream,
                 &*partition,
                 self.cfg.status_interval(),
+                &self.recorder,
                 &cancel,
                 &abort,
             )
@@ -286,24 +335,28 @@ struct Maintenance {
     heartbeat: Duration,
     lag_limit: Option<u64>,
     on_limit: config::OnSlotLagLimit,
-    state_dir: Option<std::path::PathBuf>,
+    /// Told when the slot is dropped at the lag limit, so the next start knows it was lost.
+    recorder: Arc<origin::Recorder>,
     /// Set (with the reason) when the slot was dropped at the lag limit: the stream stops.
     dropped: Arc<std::sync::Mutex<Option<String>>>,
     /// Stops the stream at once (it may be waiting for full lanes of a stuck sink).
     abort: CancellationToken,
 }
 
-/// Past the lag limit with `on_slot_lag_limit = "drop_slot"`: stop the stream, drop the slot
-/// (the server frees its WAL at once), and forget finished initial snapshots so that a restart,
-/// which creates a new slot, fills the sinks again.
+/// Past the lag limit with `on_slot_lag_limit = "drop_slot"`: stop the stream and drop the
+/// slot (the server frees its WAL at once). The record says polysync dropped it, so the next
+/// start treats the slot as lost and `on_slot_lost` decides (never a silent new slot).
 async fn drop_slot(m: &Maintenance, c: &tokio_postgres::Client, lag: i64) {
     let msg = format!(
-        "replication slot {} was dropped: its lag of {lag} bytes crossed slot_lag_limit (on_slot_lag_limit = \"drop_slot\"); changes since its confirmed position are not in the sinks. A restart creates a new slot and re-runs initial snapshots",
+        "replication slot {} was dropped: its lag of {lag} bytes crossed slot_lag_limit (on_slot_lag_limit = \"drop_slot\"); changes since its confirmed position are not in the sinks. The next start finds the slot lost and applies on_slot_lost",
         m.slot
     );
     tracing::error!(source = %m.name, slot = %m.slot, lag_bytes = lag, "{msg}");
     *m.dropped.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
     m.abort.cancel();
+    if let Err(e) = m.recorder.dropped(&format!("its lag of {lag} bytes crossed slot_lag_limit")).await {
+        tracing::error!(source = %m.name, error = %e, "cannot record that the slot was dropped");
+    }
     for _ in 0..50 {
         let _ = c
             .execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL", &[&m.slot])
@@ -312,13 +365,6 @@ async fn drop_slot(m: &Maintenance, c: &tokio_postgres::Client, lag: i64) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if let Some(dir) = &m.state_dir {
-        let path = crate::checkpoint::snapshot::progress_path(dir, &m.name);
-        if let Ok(mut p) = crate::checkpoint::snapshot::SnapshotProgress::load(&path) {
-            p.tasks.retain(|t| !t.id.starts_with("initial:"));
-            let _ = p.save(&path);
-        }
     }
 }
 

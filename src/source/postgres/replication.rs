@@ -406,6 +406,13 @@ impl ReplConnection {
         }
     }
 
+    /// Say goodbye (Terminate) so the server ends the backend at once.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.out);
+        let _ = self.flush().await;
+        let _ = self.writer.shutdown().await;
+    }
+
     /// `START_REPLICATION SLOT … LOGICAL start (options)` and switch to streaming.
     pub async fn start_logical(
         mut self,

@@ -143,7 +143,8 @@ pub fn signal_table_ddl(table: &str) -> String {
     )
 }
 
-/// Check (and, with `create_if_missing`, create) everything the stream needs.
+/// Check (and, with `create_if_missing`, create) everything the stream needs; `create_slot`
+/// creates a missing slot regardless (`on_slot_lost = "resnapshot"` asked for a new one).
 ///
 /// `wanted` are the exact relations the pipelines name (plus `tables` from the config);
 /// `patterns` are wildcard prefixes the pipelines use, checked against what is published.
@@ -153,6 +154,7 @@ pub async fn prepare(
     cfg: &PostgresSourceConfig,
     info: &ConnInfo,
     wanted: &BTreeSet<String>,
+    create_slot: bool,
 ) -> Result<Catalog, SourceError> {
     let refuse = |msg: String| SourceError::Setup { source_name: name.to_string(), msg };
     let sql = |e: tokio_postgres::Error| SourceError::Setup { source_name: name.to_string(), msg: pg_error_text(&e) };
@@ -409,7 +411,7 @@ pub async fn prepare(
         .await
         .map_err(sql)?;
     match slot_row {
-        None if cfg.create_if_missing => {
+        None if cfg.create_if_missing || create_slot => {
             client
                 .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[slot])
                 .await

@@ -82,6 +82,8 @@ struct State {
     chunks: HashMap<u64, Chunk>,
     /// Chunks whose high watermark is in the transaction being decoded.
     awaiting_commit: Vec<u64>,
+    /// Clear marks this process wrote: id → (relation, pipeline).
+    clears: HashMap<u64, (Name, Name)>,
 }
 
 /// Shared between the stream session (which sees watermarks and changes in WAL order) and the
@@ -92,6 +94,31 @@ pub struct Coordinator {
     open: AtomicUsize,
     signals: Mutex<VecDeque<Signal>>,
     wake: Notify,
+}
+
+/// What a watermark message releases into the stream at its position.
+pub enum Released {
+    /// Nothing.
+    Nothing,
+    /// A chunk's rows (at its high watermark).
+    Rows(Vec<ReadRow>),
+    /// Clear `relation` in `pipeline`'s sinks (before the first chunk of a re-read).
+    Clear {
+        /// Relation.
+        relation: Name,
+        /// Pipeline.
+        pipeline: Name,
+    },
+}
+
+impl Released {
+    /// The rows released, if any.
+    pub fn into_rows(self) -> Vec<ReadRow> {
+        match self {
+            Released::Rows(r) => r,
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// A snapshot row the stream emits at a high watermark.
@@ -111,19 +138,31 @@ impl Coordinator {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A watermark message; returns the chunk's rows at a high watermark.
-    pub fn on_message(&self, content: &[u8]) -> Vec<ReadRow> {
+    /// A watermark message: a chunk's rows at its high watermark, a clear at a clear mark.
+    pub fn on_message(&self, content: &[u8]) -> Released {
         let text = String::from_utf8_lossy(content);
         let mut parts = text.splitn(3, ' ');
         let (kind, id) = (parts.next(), parts.next().and_then(|i| i.parse::<u64>().ok()));
-        let Some(id) = id else { return Vec::new() };
+        let Some(id) = id else { return Released::Nothing };
+        if kind == Some("clear") {
+            // Only this process's: a replayed clear of an earlier run was followed by its
+            // chunks, or the task starts over with a clear of its own.
+            return match self.lock().clears.remove(&id) {
+                Some((relation, pipeline)) => Released::Clear { relation, pipeline },
+                None => Released::Nothing,
+            };
+        }
+        Released::Rows(self.on_watermark(kind, id, parts.next()))
+    }
+
+    fn on_watermark(&self, kind: Option<&str>, id: u64, relation: Option<&str>) -> Vec<ReadRow> {
         let mut st = self.lock();
         match kind {
             Some("low") => {
                 if !st.expected.contains(&id) {
                     return Vec::new(); // another process's, or a chunk already abandoned
                 }
-                let relation = Name::from(parts.next().unwrap_or_default());
+                let relation = Name::from(relation.unwrap_or_default());
                 if st.windows.insert(id, Window { relation, seen: HashSet::new(), reread: false }).is_none() {
                     self.open.fetch_add(1, Ordering::SeqCst);
                 }
@@ -216,6 +255,11 @@ impl Coordinator {
     /// A chunk is about to write its low watermark.
     fn expect(&self, id: u64) {
         self.lock().expected.insert(id);
+    }
+
+    /// A task is about to write a clear mark.
+    fn expect_clear(&self, id: u64, relation: Name, pipeline: Name) {
+        self.lock().clears.insert(id, (relation, pipeline));
     }
 
     fn put_chunk(&self, id: u64, relation: Name, pipeline: Name, rows: Vec<(Row, Row)>) {
@@ -560,6 +604,18 @@ async fn run_task(shared: &Shared, id: &str) -> Result<(), String> {
     let relation = Name::from(task.relation.as_str());
     let pipeline = Name::from(task.pipeline.as_str());
     let mut long_running: HashMap<String, Instant> = HashMap::new();
+    if task.clear_first && task.last_key.is_none() {
+        let id: u64 = rand::random::<u64>() >> 1;
+        m.coordinator.expect_clear(id, Arc::clone(&relation), Arc::clone(&pipeline));
+        client
+            .execute(
+                "SELECT pg_logical_emit_message(true, $1, $2)",
+                &[&PREFIX, &format!("clear {id} {}", task.relation)],
+            )
+            .await
+            .map_err(|e| setup::pg_error_text(&e))?;
+        tracing::info!(source = %m.source, table = %task.relation, pipeline = %task.pipeline, "clearing the table in the pipeline's sinks before reading it again");
+    }
     // Chunks read but not yet confirmed, oldest first: reading the next chunk overlaps with
     // applying the previous ones, up to `chunks_in_flight` (memory: that many chunks).
     let max_in_flight = m.settings.chunks_in_flight();
@@ -770,7 +826,7 @@ mod tests {
         c.on_message(b"low 9 public.t");
         assert_eq!(c.open_windows(), 1);
         c.put_chunk(9, "public.t".into(), "p".into(), vec![(key(1), key(1))]);
-        assert_eq!(c.on_message(b"high 9 public.t").len(), 1);
+        assert_eq!(c.on_message(b"high 9 public.t").into_rows().len(), 1);
         assert_eq!(c.open_windows(), 0);
     }
 
@@ -784,7 +840,7 @@ mod tests {
         let mut ch = Change::test_insert("public.t", key(2), Some(key(2)));
         ch.op = Op::Update;
         c.observe(&ch);
-        let rows = c.on_message(b"high 1 public.t");
+        let rows = c.on_message(b"high 1 public.t").into_rows();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].key, key(1));
         assert!(c.outcome(1).is_none(), "not done before the watermark transaction commits");
@@ -806,6 +862,9 @@ mod tests {
         let mut ch = Change::test_insert("s.t", stream.clone(), Some(stream));
         ch.op = Op::Update;
         c.observe(&ch);
-        assert!(c.on_message(b"high 1 s.t").is_empty(), "the stream's change to the key supersedes the chunk row");
+        assert!(
+            c.on_message(b"high 1 s.t").into_rows().is_empty(),
+            "the stream's change to the key supersedes the chunk row"
+        );
     }
 }

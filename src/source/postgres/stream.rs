@@ -21,9 +21,10 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use super::decode::{PgOutput, TupleValue, decode};
+use super::origin::Recorder;
 use super::replication::{PG_EPOCH_OFFSET_MICROS, ReplMessage, ReplicationStream};
 use super::setup::Catalog;
-use super::snapshot::{Coordinator, PREFIX as SNAPSHOT_PREFIX, Signal};
+use super::snapshot::{Coordinator, PREFIX as SNAPSHOT_PREFIX, Released, Signal};
 use super::types::text_to_value;
 use crate::change::{Change, Name, Op, Position, Row, SNAPSHOT_ORIGIN, Version};
 use crate::source::{Partition, SendError};
@@ -126,6 +127,30 @@ impl Session {
         Ok(())
     }
 
+    /// A re-read's clear mark: a truncate of `relation` for `pipeline` only, at this point of
+    /// the stream (a barrier: everything before it is applied first, its chunks after).
+    fn push_clear(&mut self, relation: Name, pipeline: Name) -> Result<(), String> {
+        let tx = self.tx.as_mut().ok_or("snapshot clear mark outside a transaction")?;
+        let seq = tx.seq;
+        tx.seq += 1;
+        self.pending.push_back(Change {
+            source: Arc::clone(&self.source),
+            relation,
+            op: Op::Truncate,
+            key: Row::default(),
+            before: None,
+            after: None,
+            unchanged: Vec::new(),
+            position: Position::Pg { commit_lsn: tx.final_lsn, seq },
+            version: Version::from_u64(tx.final_lsn),
+            commit_time: tx.commit_time,
+            tx: Some(tx.xid),
+            origin: Some(Name::from(format!("{SNAPSHOT_ORIGIN}{pipeline}"))),
+            key_changed: false,
+        });
+        Ok(())
+    }
+
     /// A row inserted into the signal table: a snapshot request, not a change to deliver.
     fn signal(&self, row: &Row) {
         let text = |n: &str| match row.get(n) {
@@ -224,8 +249,11 @@ impl Session {
                 return Ok(Some(end_lsn));
             }
             PgOutput::Message { transactional: true, prefix, content, .. } if prefix == SNAPSHOT_PREFIX => {
-                let rows = self.snapshots.on_message(&content);
-                self.push_reads(rows)?;
+                match self.snapshots.on_message(&content) {
+                    Released::Rows(rows) => self.push_reads(rows)?,
+                    Released::Clear { relation, pipeline } => self.push_clear(relation, pipeline)?,
+                    Released::Nothing => {}
+                }
             }
             PgOutput::Origin { .. } | PgOutput::Message { .. } => {}
             PgOutput::Type { oid, namespace, name } => {
@@ -338,6 +366,7 @@ pub async fn run_session(
     stream: &mut ReplicationStream,
     partition: &dyn Partition,
     status_interval: Duration,
+    recorder: &Recorder,
     cancel: &CancellationToken,
     hard_stop: &CancellationToken,
 ) -> StreamEnd {
@@ -351,8 +380,15 @@ pub async fn run_session(
     let mut pending_mark: Option<u64> = None;
     macro_rules! send_status {
         ($reply:expr) => {{
-            let flush = window.confirmed();
+            let mut flush = window.confirmed();
             if flush != last_sent || $reply {
+                // On record before it is confirmed: a slot ahead of the record means someone
+                // else moved it (see origin.rs). A record that cannot be written holds the
+                // confirmation back.
+                if let Err(e) = recorder.confirm(flush).await {
+                    tracing::error!(source = %source, error = %e, "cannot record the position to confirm; holding it back");
+                    flush = recorder.recorded().min(flush);
+                }
                 tracing::trace!(flush = %crate::change::Lsn(flush), in_flight = window.in_flight(), "status update");
                 if let Err(e) = stream.send_status(session.received.max(flush), flush, false).await {
                     return StreamEnd::Failed(e);
