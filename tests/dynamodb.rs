@@ -317,6 +317,44 @@ async fn three_daemons_share_a_stream_and_a_killed_owners_shard_is_taken_over() 
     }
 }
 
+/// A restart under the same worker id (an explicit `worker_id`, or a container restarted in
+/// place with the same host name and PID 1) takes its own orphaned lease back at once: with a
+/// lease duration far longer than the wait, only that makes the put after the restart arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_under_the_same_worker_id_takes_its_own_lease_back() {
+    let _g = shared().await;
+    let client = ddb().await;
+    let table = unique("selflease");
+    create_table(&client, &table, true).await;
+    let leases = unique("sleases");
+    let p = unique("sl");
+    let redis = TestRedis::connect().await;
+    let ws = Workspace::new();
+    let lease = format!(
+        "[sources.ddb.checkpoint]\nstore = \"dynamodb\"\ntable = \"{leases}\"\ncreate_table = true\nworker_id = \"w1\"\nlease_duration = \"1h\"\n"
+    );
+    ws.write_config(&config(&table, &lease, None));
+    ws.write_pipeline("markers", &markers_pipeline(&p));
+    let log = ws.path().join("daemon.log");
+    redis.set(&format!("{p}:m:before"), "x").await;
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("w1 owns the shard", WAIT, || async {
+        lease_owner(&client, &leases).await.into_values().flatten().any(|o| o == "w1")
+    })
+    .await;
+    put(&client, &table, item("before", &[])).await;
+    wait_for("the first put", WAIT, || async { !redis.exists(&format!("{p}:m:before")).await }).await;
+    d.kill9().await;
+    redis.set(&format!("{p}:m:after"), "x").await;
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    put(&client, &table, item("after", &[])).await;
+    wait_for("the put after the restart (the orphaned lease taken back)", WAIT, || async {
+        !redis.exists(&format!("{p}:m:after")).await
+    })
+    .await;
+    assert!(d.terminate().await.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn multi_shard_stream_parents_first_and_leases_spread_across_instances() {
     let _g = shared().await;
@@ -391,6 +429,86 @@ async fn multi_shard_stream_parents_first_and_leases_spread_across_instances() {
     for d in daemons {
         assert!(d.terminate().await.success());
     }
+}
+
+/// `start = "latest"` means "from the first start on", not "from whenever a reader happens to
+/// position itself": a record written while a crash kept polysync away before its first
+/// checkpoint still arrives after the restart, and one written before the first start does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn latest_starts_at_the_first_start_and_a_crash_before_the_first_checkpoint_loses_nothing() {
+    let _g = shared().await;
+    let client = ddb().await;
+    let table = unique("latest");
+    create_table(&client, &table, true).await;
+    let p = unique("lt");
+    let redis = TestRedis::connect().await;
+    for u in ["old", "during", "new"] {
+        redis.set(&format!("{p}:m:{u}"), "x").await;
+    }
+    put(&client, &table, item("old", &[])).await;
+    // Creation times have one-second resolution: "old" is well before the first start.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let port = free_port();
+    let ws = Workspace::new();
+    ws.write_config(&config(&table, "start = \"latest\"", Some(port)));
+    ws.write_pipeline("markers", &markers_pipeline(&p));
+    let log = ws.path().join("daemon.log");
+    let ready = || async { http_get(&format!("127.0.0.1:{port}"), "/readyz").await.is_some_and(|(s, _)| s == 200) };
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("the first start to read the stream", WAIT, ready).await;
+    d.kill9().await;
+    put(&client, &table, item("during", &[])).await;
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("the record written while polysync was down", WAIT, || async {
+        !redis.exists(&format!("{p}:m:during")).await
+    })
+    .await;
+    put(&client, &table, item("new", &[])).await;
+    wait_for("a record after the restart", WAIT, || async { !redis.exists(&format!("{p}:m:new")).await }).await;
+    assert!(redis.exists(&format!("{p}:m:old")).await, "a record from before the first start is not read");
+    assert!(d.terminate().await.success());
+}
+
+/// A record that cannot be a change (here: no keys, scripted on the wire-level fake) is kept in
+/// the dead-letter queue with the raw record and the reason, the records around it are
+/// delivered, and a restart does not read it again (the checkpoint passed it once it was kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_undecodable_record_is_dead_lettered_raw_and_the_shard_goes_on() {
+    let _g = shared().await;
+    let records: Vec<(String, String)> =
+        ["u1", "!nokey-2", "u3"].iter().enumerate().map(|(i, u)| (format!("{:021}", i + 1), u.to_string())).collect();
+    let shard = FakeShard { id: "shard-1".into(), parent: None, records, closed: false };
+    let (endpoint, fake) = fake_streams::serve(vec![shard], Faults::default()).await;
+    let p = unique("ud");
+    let redis = TestRedis::connect().await;
+    for u in ["u1", "u3"] {
+        redis.set(&format!("{p}:m:{u}"), "x").await;
+    }
+    let ws = Workspace::new();
+    ws.write_config(&config(&fake.arn, &format!("endpoint_url = \"{endpoint}\""), None));
+    ws.write_pipeline("markers", &markers_pipeline(&p));
+    let log = ws.path().join("daemon.log");
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("the records around the bad one", WAIT, || async {
+        !redis.exists(&format!("{p}:m:u1")).await && !redis.exists(&format!("{p}:m:u3")).await
+    })
+    .await;
+    let letters = ws.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    let l = &letters[0];
+    assert_eq!((l.pipeline.as_str(), l.sink.as_str()), ("-", "-"));
+    assert!(l.reason.contains("undecodable") && l.reason.contains("carries no key"), "{}", l.reason);
+    let raw = l.change.after.as_ref().and_then(|a| a.get("raw_record")).map(|v| format!("{v:?}")).unwrap_or_default();
+    assert!(raw.contains("!nokey-2") && raw.contains("000000000000000000002"), "the raw record is kept: {raw}");
+    assert!(d.terminate().await.success());
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("the restart to read the shard", WAIT, || async {
+        fake.calls.lock().unwrap().iter().filter(|c| c.op == "GetShardIterator").count() >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(d.terminate().await.success());
+    assert_eq!(ws.dead_letters().len(), 1, "kept once, not again after the restart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

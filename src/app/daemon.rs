@@ -54,6 +54,20 @@ fn monotonic_usec() -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
+/// Records a source cannot decode go to the dead-letter queue under pipeline `-` and sink
+/// `-`: before any pipeline, so replay keeps them for a person rather than guessing.
+struct SourceRejects(Arc<DeadLetterQueue>);
+
+impl crate::source::Rejects for SourceRejects {
+    fn reject(&self, change: &crate::change::Change, reason: &str) -> Result<(), String> {
+        let entry = crate::dlq::DeadLetter { pipeline: "-", sink: "-", reason, change };
+        self.0.write(&entry).map_err(|e| e.to_string())?;
+        metrics().dlq_entries.with_label_values(&["-", "-"]).inc();
+        metrics().dlq_bytes.set(self.0.total_bytes() as i64);
+        Ok(())
+    }
+}
+
 /// Connect and check a source, waiting out an unreachable database or stream; anything that
 /// needs a person (auth, TLS, missing objects) is returned as an error.
 async fn prepare_source(
@@ -249,6 +263,7 @@ pub async fn run(config: Config, mut controls: Controls) -> Result<Stopped, AppE
     for src in prepared {
         let ctx = RunContext {
             output: Arc::clone(&output),
+            rejects: Arc::new(SourceRejects(Arc::clone(&dlq))),
             health: Arc::clone(&health),
             cancel: d.cancel.clone(),
             hard_stop: d.hard_stop.clone(),

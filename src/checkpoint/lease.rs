@@ -10,7 +10,8 @@
 //!   at once and writes nothing more. An owner that cannot reach the table for two thirds of the
 //!   lease duration stops its readers too (it can no longer prove it owns them).
 //! * A lease whose counter has not moved for `lease_duration` (by this instance's clock) is
-//!   expired and may be taken, again conditionally on the counter.
+//!   expired and may be taken, again conditionally on the counter. A lease under this
+//!   instance's own id that it does not hold (a restart with the same id) is taken back at once.
 //! * Balance: each instance aims at ⌈eligible shards / live instances⌉; below it, it takes
 //!   unowned and expired leases first, then steals one lease per round from the busiest owner.
 //! * A child shard is eligible only once every parent's checkpoint is `SHARD_END`.
@@ -280,15 +281,29 @@ impl LeaseTable {
 }
 
 impl ShardStore for LeaseTable {
-    fn sync_shards<'a>(&'a self, stream: &'a str, shards: &'a [ShardInfo]) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn sync_shards<'a>(
+        &'a self,
+        stream: &'a str,
+        shards: &'a [ShardInfo],
+        latest_from: Option<i64>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
+            // A stream the table has never seen: its shards are the ones `latest` applies to.
+            let mark = match latest_from {
+                Some(ms) if self.state.lock().unwrap_or_else(|p| p.into_inner()).synced.is_empty() => {
+                    self.scan(stream).await?.is_empty().then_some(ms)
+                }
+                _ => None,
+            };
             for sh in shards {
                 if self.state.lock().unwrap_or_else(|p| p.into_inner()).synced.contains(&sh.id) {
                     continue;
                 }
-                let r = self
-                    .client
-                    .put_item()
+                let mut req = self.client.put_item();
+                if let Some(ms) = mark {
+                    req = req.item("checkpoint", s(&ShardCheckpoint::LatestFrom(ms).encode()));
+                }
+                let r = req
                     .table_name(&self.table)
                     .item("lease_key", s(&Self::key(stream, &sh.id)))
                     .item("stream", s(stream))
@@ -357,7 +372,12 @@ impl ShardStore for LeaseTable {
                 if count >= target {
                     break;
                 }
-                let free = r.owner.is_none() || expired.contains(&r.shard);
+                // A lease under this worker's id that this process does not hold is an orphan
+                // of an earlier life (an in-place restart keeps host name and PID 1, and an
+                // explicit worker_id always repeats) or of a renewal outage: nobody else will
+                // take it before it expires, so it is taken back at once.
+                let orphan = r.owner.as_deref() == Some(self.worker.as_str());
+                let free = r.owner.is_none() || orphan || expired.contains(&r.shard);
                 if free && !mine.contains(&r.shard) && self.take(stream, r).await? {
                     count += 1;
                 }
@@ -393,10 +413,7 @@ impl ShardStore for LeaseTable {
         ck: ShardCheckpoint,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let value = match &ck {
-                ShardCheckpoint::At(seq) => seq.clone(),
-                ShardCheckpoint::Finished => FINISHED.to_string(),
-            };
+            let value = ck.encode();
             let r = self
                 .client
                 .update_item()

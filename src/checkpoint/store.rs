@@ -17,23 +17,38 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 pub enum ShardCheckpoint {
     /// Everything up to and including this sequence number is applied.
     At(String),
+    /// Nothing applied yet; `start = "latest"` when the source first started: records created
+    /// before this time (Unix milliseconds) are not wanted. Kept until the first checkpoint, so
+    /// a crash before it still starts from that moment, not from a later "now".
+    LatestFrom(i64),
     /// The shard is closed and fully applied (children may start).
     Finished,
 }
 
 impl ShardCheckpoint {
-    fn encode(&self) -> String {
+    /// The stored form.
+    pub fn encode(&self) -> String {
         match self {
             ShardCheckpoint::At(s) => s.clone(),
+            ShardCheckpoint::LatestFrom(ms) => format!("{LATEST_FROM}{ms}"),
             ShardCheckpoint::Finished => FINISHED.to_string(),
         }
     }
 
     /// Parse the stored form.
     pub fn decode(s: &str) -> ShardCheckpoint {
-        if s == FINISHED { ShardCheckpoint::Finished } else { ShardCheckpoint::At(s.to_string()) }
+        if s == FINISHED {
+            return ShardCheckpoint::Finished;
+        }
+        match s.strip_prefix(LATEST_FROM).and_then(|ms| ms.parse().ok()) {
+            Some(ms) => ShardCheckpoint::LatestFrom(ms),
+            None => ShardCheckpoint::At(s.to_string()),
+        }
     }
 }
+
+/// Stored prefix of [`ShardCheckpoint::LatestFrom`] (sequence numbers are digits only).
+const LATEST_FROM: &str = "LATEST_FROM:";
 
 /// Stored marker of a finished shard (the KCL's word for it).
 pub const FINISHED: &str = "SHARD_END";
@@ -73,7 +88,15 @@ pub type Assignment = (Vec<Owned>, Vec<String>);
 /// Checkpoints and ownership of a stream's shards.
 pub trait ShardStore: Send + Sync {
     /// Make sure every known shard has an entry (new shards start unowned, without checkpoint).
-    fn sync_shards<'a>(&'a self, stream: &'a str, shards: &'a [ShardInfo]) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// `latest_from` (Unix ms) marks the shards of a stream the store has never seen with
+    /// [`ShardCheckpoint::LatestFrom`]: `start = "latest"` applies to the shards open at the
+    /// first start only; a shard found later (a child) starts at its beginning.
+    fn sync_shards<'a>(
+        &'a self,
+        stream: &'a str,
+        shards: &'a [ShardInfo],
+        latest_from: Option<i64>,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Renew what this instance owns and take what it should own; returns the shards to read
     /// now (children only once their parents are finished) and the ones it lost.
     fn balance<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Assignment, StoreError>>;
@@ -134,8 +157,14 @@ impl FileStore {
 }
 
 impl ShardStore for FileStore {
-    fn sync_shards<'a>(&'a self, stream: &'a str, shards: &'a [ShardInfo]) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn sync_shards<'a>(
+        &'a self,
+        stream: &'a str,
+        shards: &'a [ShardInfo],
+        latest_from: Option<i64>,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
         let db = Arc::clone(&self.db);
+        let prefix = format!("{stream}|");
         Box::pin(async move {
             let rows: Vec<(String, String)> =
                 shards.iter().map(|s| (FileStore::key(stream, &s.id), s.parents.join(","))).collect();
@@ -143,8 +172,22 @@ impl ShardStore for FileStore {
                 let tx = db.begin_write().map_err(unavailable)?;
                 {
                     let mut t = tx.open_table(PARENTS).map_err(unavailable)?;
+                    let first = t
+                        .range(prefix.as_str()..)
+                        .map_err(unavailable)?
+                        .next()
+                        .transpose()
+                        .map_err(unavailable)?
+                        .is_none_or(|(k, _)| !k.value().starts_with(&prefix));
                     for (k, parents) in &rows {
                         t.insert(k.as_str(), parents.as_str()).map_err(unavailable)?;
+                    }
+                    if let Some(ms) = latest_from.filter(|_| first) {
+                        let mut cks = tx.open_table(CHECKPOINTS).map_err(unavailable)?;
+                        for (k, _) in &rows {
+                            cks.insert(k.as_str(), ShardCheckpoint::LatestFrom(ms).encode().as_str())
+                                .map_err(unavailable)?;
+                        }
                     }
                 }
                 tx.commit().map_err(unavailable)
@@ -247,7 +290,7 @@ mod tests {
             ShardInfo { id: "c1".into(), parents: vec!["p".into()] },
             ShardInfo { id: "c2".into(), parents: vec!["p".into(), "gone".into()] },
         ];
-        s.sync_shards("st", &shards).await.unwrap();
+        s.sync_shards("st", &shards, None).await.unwrap();
         let (owned, _) = s.balance("st").await.unwrap();
         assert_eq!(owned.iter().map(|o| o.shard.as_str()).collect::<Vec<_>>(), vec!["p"]);
         s.checkpoint("st", "p", ShardCheckpoint::At("42".into())).await.unwrap();
@@ -262,5 +305,16 @@ mod tests {
             vec!["c1", "c2"],
             "parent finished, children ready"
         );
+    }
+
+    #[tokio::test]
+    async fn latest_marks_only_the_shards_of_the_first_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStore::open(&dir.path().join("ck.redb")).unwrap();
+        s.sync_shards("st", &[ShardInfo { id: "a".into(), parents: vec![] }], Some(1000)).await.unwrap();
+        s.sync_shards("st", &[ShardInfo { id: "b".into(), parents: vec!["a".into()] }], Some(2000)).await.unwrap();
+        assert_eq!(s.load("st", "a").unwrap(), Some(ShardCheckpoint::LatestFrom(1000)));
+        assert_eq!(s.load("st", "b").unwrap(), None, "a shard found later starts at its beginning");
+        assert_eq!(ShardCheckpoint::decode(&ShardCheckpoint::LatestFrom(7).encode()), ShardCheckpoint::LatestFrom(7));
     }
 }

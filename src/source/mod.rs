@@ -86,12 +86,22 @@ pub struct SourceEnv {
 pub struct RunContext {
     /// Where its changes go.
     pub output: Arc<dyn Output>,
+    /// Where what it read but cannot turn into a change goes, before it reads past it.
+    pub rejects: Arc<dyn Rejects>,
     /// Readiness registry (`source <name>`).
     pub health: Arc<Health>,
     /// Stop reading, drain what was handed over, confirm it.
     pub cancel: CancellationToken,
     /// Abandon in-flight work at once (the shutdown deadline passed).
     pub hard_stop: CancellationToken,
+}
+
+/// The dead-letter queue as a source sees it: a record the source cannot decode is kept there
+/// (raw, with the reason) before the source moves past it, so nothing read is dropped silently.
+pub trait Rejects: Send + Sync {
+    /// Keep `change` (what the source could make of the record, the raw record included) with
+    /// `reason`; an error means it is not kept and the source must not move past it.
+    fn reject(&self, change: &Change, reason: &str) -> Result<(), String>;
 }
 
 /// A checked source, ready to stream. The app drives every kind through this.

@@ -120,7 +120,7 @@ impl FakeStreams {
                     .iter()
                     .take(2)
                     .map(|(seq, user)| {
-                        json!({
+                        let mut r = json!({
                             "eventID": format!("ev-{seq}"), "eventName": "INSERT", "eventVersion": "1.1",
                             "eventSource": "aws:dynamodb", "awsRegion": "us-east-1",
                             "dynamodb": {
@@ -129,7 +129,12 @@ impl FakeStreams {
                                 "NewImage": {"user_id": {"S": user}, "shard": {"S": shard}},
                                 "SequenceNumber": seq, "SizeBytes": 20, "StreamViewType": "NEW_AND_OLD_IMAGES"
                             }
-                        })
+                        });
+                        // A user id starting with "!nokey" scripts a record without keys.
+                        if user.starts_with("!nokey") {
+                            r["dynamodb"].as_object_mut().unwrap().remove("Keys");
+                        }
+                        r
                     })
                     .collect();
                 let next = pos + batch.len();

@@ -14,7 +14,8 @@ pub enum StartAt {
     /// The oldest record still in the stream (up to 24 h back).
     #[default]
     TrimHorizon,
-    /// Only records written from now on.
+    /// Only records written since the source first started (with an empty checkpoint store),
+    /// for the shards open then; shards found later (children) are read from their beginning.
     Latest,
 }
 

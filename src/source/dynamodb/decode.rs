@@ -87,6 +87,31 @@ pub fn change(source: &Name, relation: &Name, shard: &Name, rec: &Record) -> Res
     })
 }
 
+/// A record [`change`] refused, as a dead-letter entry can hold it: whatever key and images
+/// it has, and the whole record as text under `after.raw_record`, at its position (sequence 0
+/// when it has no usable one). Replay refuses it (pipeline `-`): it is kept for a person.
+pub fn undecodable(source: &Name, relation: &Name, shard: &Name, rec: &Record) -> Change {
+    let sr = rec.dynamodb();
+    let version = sr.and_then(|d| d.sequence_number()).and_then(Version::parse_decimal).unwrap_or(Version::from_u64(0));
+    let mut after = sr.and_then(|d| d.new_image()).map(image).unwrap_or_default();
+    after.push(Name::from("raw_record"), Value::Text(format!("{rec:?}")));
+    Change {
+        source: Arc::clone(source),
+        relation: Arc::clone(relation),
+        op: Op::Insert,
+        key: sr.and_then(|d| d.keys()).map(image).unwrap_or_default(),
+        before: sr.and_then(|d| d.old_image()).map(image),
+        after: Some(after),
+        unchanged: Vec::new(),
+        position: Position::Ddb { shard: Arc::clone(shard), sequence: version },
+        version,
+        commit_time: None,
+        tx: None,
+        origin: None,
+        key_changed: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use aws_sdk_dynamodbstreams::primitives::{Blob, DateTime as AwsDateTime};

@@ -109,7 +109,7 @@ impl Source for DynamoSource {
     }
 
     fn run(self: Box<Self>, ctx: super::RunContext) -> BoxFuture<'static, Result<(), SourceError>> {
-        Box::pin(self.stream(ctx.output, ctx.health, ctx.cancel, ctx.hard_stop))
+        Box::pin(self.stream(ctx.output, ctx.rejects, ctx.health, ctx.cancel, ctx.hard_stop))
     }
 }
 
@@ -312,6 +312,7 @@ impl DynamoSource {
     async fn stream(
         self,
         output: Arc<dyn Output>,
+        rejects: Arc<dyn super::Rejects>,
         health: Arc<Health>,
         cancel: CancellationToken,
         hard_stop: CancellationToken,
@@ -323,6 +324,8 @@ impl DynamoSource {
         let mut discover = tokio::time::interval(self.cfg.discovery_interval());
         let mut balance = tokio::time::interval(self.store.balance_interval());
         let mut need_discovery = true;
+        // `start = "latest"`: this moment, for a stream the checkpoint store has never seen.
+        let started_ms = chrono::Utc::now().timestamp_millis();
         let mut result = Ok(());
         let connected = metrics().source_connected.with_label_values(&[&self.name]);
         let positioned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -361,7 +364,8 @@ impl DynamoSource {
                 need_discovery = false;
                 match self.shards().await {
                     Ok(shards) => {
-                        if let Err(e) = self.store.sync_shards(&self.stream_arn, &shards).await {
+                        let latest_from = (self.cfg.start == StartAt::Latest).then_some(started_ms);
+                        if let Err(e) = self.store.sync_shards(&self.stream_arn, &shards, latest_from).await {
                             health.set(&component, Err(e.to_string()));
                         }
                     }
@@ -398,10 +402,10 @@ impl DynamoSource {
                                 stream: self.stream_arn.clone(),
                                 shard: Name::from(o.shard.as_str()),
                                 checkpoint: o.checkpoint,
-                                latest: self.cfg.start == StartAt::Latest,
                                 client: self.streams.clone(),
                                 store: Arc::clone(&self.store),
                                 output: Arc::clone(&output),
+                                rejects: Arc::clone(&rejects),
                                 max_in_flight: self.max_in_flight,
                                 poll_interval: self.cfg.poll_interval(),
                                 checkpoint_interval: self.cfg.checkpoint_interval(),

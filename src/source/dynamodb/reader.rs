@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::decode;
 use crate::change::Name;
 use crate::checkpoint::store::{ShardCheckpoint, ShardStore, StoreError};
-use crate::source::{Output, Partition};
+use crate::source::{Output, Partition, Rejects};
 use crate::telemetry::metrics;
 
 /// DynamoDB Streams allows five GetRecords calls per second per shard.
@@ -42,14 +42,14 @@ pub struct ShardReader {
     pub shard: Name,
     /// Where to resume.
     pub checkpoint: Option<ShardCheckpoint>,
-    /// Start a checkpoint-less shard at LATEST instead of TRIM_HORIZON.
-    pub latest: bool,
     /// Streams client.
     pub client: Client,
     /// Checkpoints (and lease ownership).
     pub store: Arc<dyn ShardStore>,
     /// Lanes.
     pub output: Arc<dyn Output>,
+    /// The dead-letter queue, for records that cannot be decoded.
+    pub rejects: Arc<dyn Rejects>,
     /// In-flight limit for this shard.
     pub max_in_flight: usize,
     /// Idle pause.
@@ -125,7 +125,14 @@ impl ShardReader {
         let mut last_read: Option<String> = match &self.checkpoint {
             Some(ShardCheckpoint::At(seq)) => Some(seq.clone()),
             Some(ShardCheckpoint::Finished) => return ReaderEnd::Finished,
-            None => None,
+            Some(ShardCheckpoint::LatestFrom(_)) | None => None,
+        };
+        // `start = "latest"` from the first start on: the shard is read from its beginning and
+        // records created before that moment are passed over. (A LATEST iterator would lose
+        // what was written while a crash kept the reader away before its first checkpoint.)
+        let mut not_before = match &self.checkpoint {
+            Some(ShardCheckpoint::LatestFrom(ms)) => Some(*ms),
+            _ => None,
         };
         let mut saved: Option<String> = last_read.clone();
         let mut last_save = Instant::now();
@@ -146,7 +153,6 @@ impl ShardReader {
         };
         let initial = match &last_read {
             Some(seq) => (ShardIteratorType::AfterSequenceNumber, Some(seq.clone())),
-            None if self.latest => (ShardIteratorType::Latest, None),
             None => (ShardIteratorType::TrimHorizon, None),
         };
         let mut iterator: Option<String> = None;
@@ -154,7 +160,7 @@ impl ShardReader {
         let mut last_call = Instant::now() - MIN_CALL_SPACING;
         let mut expired_in_a_row = 0u32;
         let mut positioned_once = false;
-        loop {
+        'read: loop {
             if stop.is_cancelled() {
                 break;
             }
@@ -225,7 +231,6 @@ impl ShardReader {
                             tracing::info!(source = %src, shard = %self.shard, "shard iterator expired; re-acquiring after the last record read");
                             want_iterator = Some(match &last_read {
                                 Some(seq) => (ShardIteratorType::AfterSequenceNumber, Some(seq.clone())),
-                                None if self.latest => (ShardIteratorType::Latest, None),
                                 None => (ShardIteratorType::TrimHorizon, None),
                             });
                             if expired_in_a_row > 1 && !pause(delays.next().unwrap_or(Duration::from_secs(20))).await {
@@ -266,12 +271,39 @@ impl ShardReader {
                 let change = match decode::change(&self.source, &self.relation, &self.shard, rec) {
                     Ok(c) => c,
                     Err(e) => {
-                        // A record we cannot turn into a change: nothing to deliver, say so.
-                        tracing::error!(source = %src, shard = %self.shard, error = %e, "skipping an undecodable stream record");
+                        // Kept in the dead-letter queue before anything reads past it.
+                        let kept = decode::undecodable(&self.source, &self.relation, &self.shard, rec);
+                        let reason = format!("undecodable DynamoDB stream record on shard {}: {e}", self.shard);
+                        loop {
+                            let (rejects, c, r) = (Arc::clone(&self.rejects), kept.clone(), reason.clone());
+                            let kept = match tokio::task::spawn_blocking(move || rejects.reject(&c, &r)).await {
+                                Ok(r) => r,
+                                Err(e) => Err(e.to_string()),
+                            };
+                            match kept {
+                                Ok(()) => break,
+                                Err(err) => {
+                                    tracing::error!(source = %src, shard = %self.shard, error = %err, "cannot dead-letter an undecodable record; the shard waits");
+                                    if !pause(Duration::from_secs(5)).await {
+                                        break 'read;
+                                    }
+                                }
+                            }
+                        }
+                        tracing::error!(source = %src, shard = %self.shard, error = %e, "an undecodable stream record was dead-lettered");
+                        m.source_changes.with_label_values(&[src.as_str(), &*self.relation]).inc();
                         continue;
                     }
                 };
                 let seq = rec.dynamodb().and_then(|d| d.sequence_number()).unwrap_or_default().to_string();
+                if let Some(cutoff) = not_before {
+                    let created = change.commit_time.map(|t| t.timestamp_millis());
+                    // Second-resolution creation times: a record of the same second is kept.
+                    if created.is_some_and(|c| c < cutoff - 999) {
+                        continue;
+                    }
+                    not_before = None;
+                }
                 m.source_changes.with_label_values(&[src.as_str(), &*self.relation]).inc();
                 if let Some(t) = change.commit_time {
                     let lag = (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
