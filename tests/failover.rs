@@ -119,5 +119,6 @@ async fn a_lost_slot_is_refused_by_default_and_resnapshotted_on_request_never_sk
     assert!(d.terminate().await.success());
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches("after the lost slot").count(), 1, "no second re-read on a plain restart");
+    assert!(!text.contains('\u{1b}'), "a log written to a file carries no colour codes (log.color = auto)");
     db.cleanup().await;
 }

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use aws_sdk_dynamodbstreams::Client;
 use aws_sdk_dynamodbstreams::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
-use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 
 use super::decode;
@@ -136,12 +135,8 @@ impl ShardReader {
         };
         let mut saved: Option<String> = last_read.clone();
         let mut last_save = Instant::now();
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(20))
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let new_delays = || crate::retry::backoff_between(Duration::from_millis(200), Duration::from_secs(20));
+        let mut delays = new_delays();
         let pause = |d: Duration| {
             let stop = stop.clone();
             async move {
@@ -260,12 +255,7 @@ impl ShardReader {
                 }
             };
             expired_in_a_row = 0;
-            delays = ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(20))
-                .with_jitter()
-                .without_max_times()
-                .build();
+            delays = new_delays();
             let records = out.records();
             for rec in records {
                 let change = match decode::change(&self.source, &self.relation, &self.shard, rec) {

@@ -290,6 +290,8 @@ pub async fn check(
 pub struct Recorder {
     path: PathBuf,
     record: std::sync::Mutex<OriginRecord>,
+    /// The last write failed (said once, not at every status update).
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl Recorder {
@@ -315,8 +317,17 @@ impl Recorder {
             dropped: None,
             updated: Utc::now(),
         };
-        let recorder = Recorder { path, record: std::sync::Mutex::new(record.clone()) };
-        recorder.save(record).await.map_err(|msg| SourceError::Setup { source_name: source.to_string(), msg })?;
+        let recorder = Recorder {
+            path,
+            record: std::sync::Mutex::new(record.clone()),
+            failing: std::sync::atomic::AtomicBool::new(false),
+        };
+        // A full state disk does not stop the start: the record on disk is at least the slot's
+        // position already, and no position past what is written is ever confirmed.
+        if let Err(e) = recorder.save(record).await {
+            recorder.failing.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(source, error = %e, "cannot write the source's state record; confirmations wait until it can be written");
+        }
         Ok(recorder)
     }
 
@@ -355,7 +366,15 @@ impl Recorder {
             .await
             .map_err(|e| e.to_string())??;
         *self.record.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        if self.failing.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!(path = %self.path.display(), "the source's state record is written again");
+        }
         Ok(())
+    }
+
+    /// True the first time a write fails after one succeeded (so callers say it once).
+    pub fn newly_failing(&self) -> bool {
+        !self.failing.swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -386,7 +386,9 @@ pub async fn run_session(
                 // else moved it (see origin.rs). A record that cannot be written holds the
                 // confirmation back.
                 if let Err(e) = recorder.confirm(flush).await {
-                    tracing::error!(source = %source, error = %e, "cannot record the position to confirm; holding it back");
+                    if recorder.newly_failing() {
+                        tracing::error!(source = %source, error = %e, "cannot record the position to confirm; holding it back until the state record can be written");
+                    }
                     flush = recorder.recorded().min(flush);
                 }
                 tracing::trace!(flush = %crate::change::Lsn(flush), in_flight = window.in_flight(), "status update");
