@@ -260,7 +260,6 @@ async fn a_stalled_sink_spills_to_its_spool_releases_the_window_and_catches_up_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hangs in about one run of three (a lost wake-up around truncate barriers in runtime/queue.rs, found by this test, not yet fixed); run with --ignored"]
 async fn a_barrier_is_applied_after_everything_before_and_before_everything_after() {
     for spool in [true, false] {
         let r = rig(spool, Duration::from_secs(3600));
@@ -273,7 +272,10 @@ async fn a_barrier_is_applied_after_everything_before_and_before_everything_afte
         for i in 10..20 {
             r.push(change(i, Op::Insert, 3), i as u64 + 2, false).await;
         }
-        r.until("all 21 applied", |r| r.applied().len() == 21).await;
+        // Distinct records: a write in flight when the queue spills is applied again from the
+        // spool (harmless by design), so the raw count can pass 21 without ever equalling it.
+        let distinct = |r: &Rig| r.applied().into_iter().map(|a| a.0).collect::<std::collections::BTreeSet<_>>().len();
+        r.until(&format!("all 21 applied (spool {spool})"), |r| distinct(r) == 21).await;
         let applied = r.applied();
         let at = applied.iter().position(|a| a.1 == Op::Truncate).expect("truncate applied");
         assert!(applied[..at].iter().all(|a| a.0 < 10), "spool {spool}: {applied:?}");
