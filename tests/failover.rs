@@ -120,5 +120,37 @@ async fn a_lost_slot_is_refused_by_default_and_resnapshotted_on_request_never_sk
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches("after the lost slot").count(), 1, "no second re-read on a plain restart");
     assert!(!text.contains('\u{1b}'), "a log written to a file carries no colour codes (log.color = auto)");
+
+    // Dropped while streaming: the source stops with the reason (it is the only one, so the
+    // daemon exits non-zero), and the next start applies the policy.
+    let mut d = ChildDaemon::spawn(&ws.config_path(), &log);
+    db.wait_streaming(&slot).await;
+    wait_for("the slot dropped under the running daemon", WAIT, || async {
+        let _ = db
+            .client
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&slot],
+            )
+            .await;
+        db.client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.is_ok()
+    })
+    .await;
+    db.exec("DELETE FROM items WHERE id = 5").await;
+    let exited = tokio::time::timeout(WAIT, d.child.wait()).await.expect("the source stops").unwrap();
+    assert!(!exited.success());
+    assert!(std::fs::read_to_string(&log).unwrap().contains("the slot was dropped while streaming"));
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while let Err(diff) = cache_equals_table(&db, &redis, &p).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second re-read did not converge: {diff}\nlog:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(std::fs::read_to_string(&log).unwrap().matches("after the lost slot").count(), 2);
+    assert!(d.terminate().await.success());
     db.cleanup().await;
 }

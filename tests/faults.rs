@@ -718,6 +718,10 @@ async fn slot_lag_limit_alerts_and_can_drop_the_slot() {
                 .unwrap()
                 .is_none();
             assert!(gone, "the slot no longer pins WAL");
+            // The next start knows polysync dropped it: not a first start, a lost slot.
+            proxy.set_down(false);
+            let why = crate::support::daemon::refusal(&ws.config_path()).await;
+            assert!(why.contains("was dropped by polysync"), "{why}");
         }
     }
     db.cleanup().await;

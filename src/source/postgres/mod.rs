@@ -99,6 +99,7 @@ impl PostgresSource {
         let mut tables = needs.tables.clone();
         tables.extend(cfg.tables.iter().cloned());
         let client = setup::connect_sql(&info, name).await?;
+        setup::preflight(&client, name, &info).await?;
         // Before anything creates a slot: is the slot still the one polysync streamed from?
         let start = origin::check(&client, &info, name, cfg, &env.state_dir).await?;
         if let origin::Start::Resnapshot(origin::Lost::SlotInvalidated { .. }) = &start {
@@ -264,8 +265,19 @@ impl PostgresSource {
                     }
                 }
                 Err(e) => {
-                    health.set(&component, Err(e.to_string()));
-                    break Err(SourceError::Stream { source_name: self.name.to_string(), msg: e.to_string() });
+                    let mut msg = e.to_string();
+                    if e.code() == Some("42704") {
+                        // The slot was dropped while polysync ran: never recreated silently here.
+                        msg.push_str(&format!(
+                            "; the slot was dropped while streaming: the next start finds it lost and applies on_slot_lost = \"{}\"",
+                            match self.cfg.on_slot_lost {
+                                config::OnSlotLost::Stop => "stop",
+                                config::OnSlotLost::Resnapshot => "resnapshot",
+                            }
+                        ));
+                    }
+                    health.set(&component, Err(msg.clone()));
+                    break Err(SourceError::Stream { source_name: self.name.to_string(), msg });
                 }
             };
             tracing::info!(source = %self.name, endpoint = %self.info.endpoint(), slot = %self.cfg.slot, "streaming");

@@ -143,22 +143,11 @@ pub fn signal_table_ddl(table: &str) -> String {
     )
 }
 
-/// Check (and, with `create_if_missing`, create) everything the stream needs; `create_slot`
-/// creates a missing slot regardless (`on_slot_lost = "resnapshot"` asked for a new one).
-///
-/// `wanted` are the exact relations the pipelines name (plus `tables` from the config);
-/// `patterns` are wildcard prefixes the pipelines use, checked against what is published.
-pub async fn prepare(
-    client: &Client,
-    name: &str,
-    cfg: &PostgresSourceConfig,
-    info: &ConnInfo,
-    wanted: &BTreeSet<String>,
-    create_slot: bool,
-) -> Result<Catalog, SourceError> {
+/// What every other check needs first: logical decoding on, and a role that may stream. Run
+/// before anything opens a replication connection, so a missing grant is named with its fix.
+pub async fn preflight(client: &Client, name: &str, info: &ConnInfo) -> Result<(), SourceError> {
     let refuse = |msg: String| SourceError::Setup { source_name: name.to_string(), msg };
     let sql = |e: tokio_postgres::Error| SourceError::Setup { source_name: name.to_string(), msg: pg_error_text(&e) };
-
     let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(sql)?.get(0);
     if wal_level != "logical" {
         return Err(refuse(format!(
@@ -184,6 +173,26 @@ pub async fn prepare(
             quote_ident(&info.user)
         )));
     }
+    Ok(())
+}
+
+/// Check (and, with `create_if_missing`, create) everything the stream needs; `create_slot`
+/// creates a missing slot regardless (`on_slot_lost = "resnapshot"` asked for a new one).
+///
+/// `wanted` are the exact relations the pipelines name (plus `tables` from the config);
+/// `patterns` are wildcard prefixes the pipelines use, checked against what is published.
+pub async fn prepare(
+    client: &Client,
+    name: &str,
+    cfg: &PostgresSourceConfig,
+    info: &ConnInfo,
+    wanted: &BTreeSet<String>,
+    create_slot: bool,
+) -> Result<Catalog, SourceError> {
+    let refuse = |msg: String| SourceError::Setup { source_name: name.to_string(), msg };
+    let sql = |e: tokio_postgres::Error| SourceError::Setup { source_name: name.to_string(), msg: pg_error_text(&e) };
+
+    preflight(client, name, info).await?;
 
     let server_version: u32 =
         client.query_one("SHOW server_version_num", &[]).await.map_err(sql)?.get::<_, String>(0).parse().unwrap_or(0);
