@@ -152,5 +152,22 @@ async fn a_lost_slot_is_refused_by_default_and_resnapshotted_on_request_never_sk
     }
     assert_eq!(std::fs::read_to_string(&log).unwrap().matches("after the lost slot").count(), 2);
     assert!(d.terminate().await.success());
+
+    // A renamed slot would start from now: refused too (in-process, so metrics off).
+    ws.write_config(
+        &quiet("on_slot_lost = \"stop\"").replace(&format!("slot = \"{slot}\""), &format!("slot = \"{slot}_x\"")),
+    );
+    let why = refusal(&ws.config_path()).await;
+    assert!(why.contains(&format!("the config names slot \"{slot}_x\"")), "{why}");
+    // Another database system (what a restore into a new cluster or a blue/green switchover
+    // looks like; simulated by the record naming another system identifier): refused even with
+    // resnapshot, because versions of two systems are not comparable.
+    let record = ws.path().join("state").join("origin-db.json");
+    let mut r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    r["system_identifier"] = serde_json::json!("1");
+    std::fs::write(&record, r.to_string()).unwrap();
+    ws.write_config(&quiet("on_slot_lost = \"resnapshot\""));
+    let why = refusal(&ws.config_path()).await;
+    assert!(why.contains("another system") && why.contains("not comparable"), "{why}");
     db.cleanup().await;
 }
