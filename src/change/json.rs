@@ -101,13 +101,15 @@ pub fn write_natural(out: &mut String, v: &Value, field: &str) -> Result<(), Jso
         }
         Value::Float(f) => {
             if !f.is_finite() {
-                return Err(err(format!("float {f} has no JSON form")));
+                return Err(err(format!("float {f} has no JSON form (the pipeline's non_finite = \"reject\")")));
             }
-            let _ = write!(out, "{f}");
+            // Shortest round-trip form, always with a fraction or an exponent (`1.0`, `3.4e38`),
+            // so a search index maps the field as floating point, never as an integer.
+            let _ = serde_json::to_writer(string_writer(out), f);
         }
         Value::Decimal(d) => {
             if !is_json_number(d) {
-                return Err(err(format!("numeric {d} has no JSON form")));
+                return Err(err(format!("numeric {d} has no JSON form (the pipeline's non_finite = \"reject\")")));
             }
             out.push_str(d);
         }

@@ -5,6 +5,7 @@
 
 pub mod json;
 pub mod matcher;
+pub mod non_finite;
 pub mod scope;
 pub mod template;
 
@@ -171,6 +172,11 @@ impl Row {
     /// The value of a field, to replace it in place (e.g. decoding a declared text column).
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Value> {
         self.fields.iter_mut().find(|(n, _)| &**n == name).map(|(_, v)| v)
+    }
+
+    /// Every value, to rewrite in place (column names stay shared).
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Value> {
+        self.fields.iter_mut().map(|(_, v)| v)
     }
 
     /// Fields in source order.

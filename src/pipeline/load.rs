@@ -24,6 +24,7 @@ use toml::Spanned;
 use super::vrl::{Role, VrlProgram};
 use super::{BoundAction, Pipeline};
 use crate::change::matcher::{OpSet, RelationPattern};
+use crate::change::non_finite::NonFinite;
 use crate::change::{Name, Op};
 use crate::config::ConfigError;
 use crate::sink::SinkConfig;
@@ -55,6 +56,8 @@ struct RawPipeline {
     snapshot: Option<Spanned<String>>,
     #[serde(default)]
     text_columns: Vec<Spanned<String>>,
+    #[serde(default)]
+    non_finite: Option<Spanned<String>>,
     #[serde(default, rename = "sink")]
     sinks: Vec<Spanned<toml::Table>>,
 }
@@ -236,6 +239,17 @@ pub fn compile(path: &Path, text: &str, cfg: &PipelineEnv<'_>) -> Result<Pipelin
         }
     }
 
+    let non_finite = match &raw.non_finite {
+        None => NonFinite::default(),
+        Some(w) => NonFinite::parse(w.get_ref()).unwrap_or_else(|| {
+            errors.push(at(
+                w.span().start,
+                format!("non_finite = {:?}; use \"string\", \"null\" or \"reject\"", w.get_ref()),
+            ));
+            NonFinite::default()
+        }),
+    };
+
     if raw.sinks.is_empty() {
         errors.push(at(0, "pipeline has no [[sink]]; add at least one".into()));
     }
@@ -282,6 +296,7 @@ pub fn compile(path: &Path, text: &str, cfg: &PipelineEnv<'_>) -> Result<Pipelin
         actions,
         snapshot_initial,
         text_columns,
+        non_finite,
         fingerprint: {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -38,6 +38,8 @@ pub struct Pipeline {
     pub snapshot_initial: bool,
     /// Binary columns that hold UTF-8 text: decoded (strictly) before the filter runs.
     pub text_columns: Vec<Name>,
+    /// What the sinks receive for NaN, ±Infinity and infinite dates.
+    pub non_finite: crate::change::non_finite::NonFinite,
     /// Hash of the file's text: a reload names the pipelines whose definition changed.
     pub fingerprint: u64,
 }
@@ -99,6 +101,9 @@ impl Pipeline {
         if !self.text_columns.is_empty() {
             let cols: Vec<&str> = self.text_columns.iter().map(|c| &**c).collect();
             lines.push(format!("  text columns (binary decoded as UTF-8): [{}]", cols.join(", ")));
+        }
+        if self.non_finite != crate::change::non_finite::NonFinite::default() {
+            lines.push(format!("  non-finite values (NaN, Infinity, infinite dates): {}", self.non_finite.word()));
         }
         for a in &self.actions {
             lines.push(format!("  -> sink {} ({}): {}", a.target, a.kind, a.action.describe()));

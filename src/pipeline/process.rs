@@ -47,6 +47,14 @@ pub fn apply(def: &Pipeline, change: &Change, only: Option<&str>, out: &mut Vec<
         }
         Err(e) => return out.push(fail("text_columns", e)),
     };
+    let finite;
+    let change = match crate::change::non_finite::apply(change, def.non_finite) {
+        None => change,
+        Some(c) => {
+            finite = c;
+            &finite
+        }
+    };
     if let Some(filter) = &def.filter {
         match filter.test(change) {
             Outcome::Ok(true) => {}

@@ -226,14 +226,19 @@ fn hash_bytes(v: &Value, field: &str) -> Result<Option<Vec<u8>>, String> {
             s.into_bytes()
         }
         Value::Float(f) if !f.is_finite() => {
-            return Err(format!("{field}: float {f} cannot be cached"));
+            return Err(format!("{field}: float {f} cannot be cached (the pipeline's non_finite = \"reject\")"));
+        }
+        Value::Float(_) => {
+            let mut s = String::new();
+            write_natural(&mut s, v, field).map_err(|e| e.to_string())?;
+            s.into_bytes()
         }
         Value::Decimal(d)
             if !d
                 .bytes()
                 .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'e' || b == b'E' || b == b'+') =>
         {
-            return Err(format!("{field}: numeric {d} cannot be cached"));
+            return Err(format!("{field}: numeric {d} cannot be cached (the pipeline's non_finite = \"reject\")"));
         }
         other => other.template_text().map(|t| t.into_owned().into_bytes()).unwrap_or_default(),
     }))

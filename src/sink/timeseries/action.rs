@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::change::non_finite::is_spelling;
 use crate::change::template::{Path, Scope, Template};
 use crate::change::{Change, Op, Value};
 use crate::sink::version::external_version;
@@ -198,6 +199,10 @@ fn convert(name: &str, v: &Value, kind: Option<FieldType>) -> Result<Option<Meas
     };
     Ok(Some(match (v, kind) {
         (Value::Null, _) => return Ok(None),
+        // Line protocol has no NaN, infinity or infinite time: such a measure is left out of
+        // the point, as a NULL is (under the pipeline's non_finite = "string" it arrives as its
+        // spelling; under "reject" as the value itself, which is an error below).
+        (Value::Text(s), Some(T::Double | T::Bigint | T::Timestamp)) if is_spelling(s) => return Ok(None),
         (Value::Int(i), None | Some(T::Bigint)) => Measure::Bigint(*i),
         (Value::Int(i), Some(T::Double)) => Measure::Double(i.to_string()),
         (Value::Float(f), None | Some(T::Double)) => as_f64_text(format!("{f:?}"))?,

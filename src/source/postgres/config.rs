@@ -142,8 +142,7 @@ impl SnapshotSettings {
 
 /// Session settings of every connection, replication and SQL alike, so a value has one text
 /// form whether the stream or a snapshot read it (`types.rs` parses exactly these forms).
-pub const SESSION_OPTIONS: &str =
-    "-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3 -c bytea_output=hex -c intervalstyle=postgres";
+pub const SESSION_OPTIONS: &str = "-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3 -c bytea_output=hex -c intervalstyle=postgres -c lc_monetary=C";
 
 /// Everything needed to open a connection, resolved from the URL and the explicit fields.
 #[derive(Debug, Clone)]

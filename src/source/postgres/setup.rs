@@ -87,8 +87,8 @@ pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
 /// What start-up learned about the published tables.
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
-    /// Type OID → name, for values kept as text with their type name.
-    pub type_names: HashMap<u32, String>,
+    /// Every type's name, domain base and array element: how columns are decoded.
+    pub types: super::types::Types,
     /// `schema.table` → primary-key columns (used as the key of REPLICA IDENTITY FULL tables).
     pub primary_keys: HashMap<String, Vec<String>>,
     /// `schema.table` → the columns of its key as the stream sees it (the replica identity: the
@@ -99,8 +99,6 @@ pub struct Catalog {
     pub columns: HashMap<String, Vec<String>>,
     /// Published tables.
     pub published: BTreeSet<String>,
-    /// Domain type OID → its base type OID: a domain's values take the form of its base type.
-    pub domain_bases: HashMap<u32, u32>,
     /// `server_version_num` (pgoutput's `messages` option, which snapshots need, is 14+).
     pub server_version: u32,
     /// The signal table, when it exists and is published.
@@ -109,21 +107,6 @@ pub struct Catalog {
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-impl Catalog {
-    /// The type a column's values are decoded as: a domain's base type (through domains over
-    /// domains), otherwise the type itself.
-    pub fn decoding_type(&self, oid: u32) -> u32 {
-        let mut t = oid;
-        for _ in 0..16 {
-            match self.domain_bases.get(&t) {
-                Some(b) => t = *b,
-                None => break,
-            }
-        }
-        t
-    }
 }
 
 /// `schema.table` → `"schema"."table"`.
@@ -400,17 +383,17 @@ pub async fn prepare(
     }
     for r in client
         .query(
-            "SELECT t.oid, t.typname::text, n.nspname::text, t.typbasetype FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace",
+            "SELECT t.oid, t.typname::text, n.nspname::text, t.typbasetype, \
+                    CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END \
+             FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace",
             &[],
         )
         .await
         .map_err(sql)?
     {
-        let (oid, name, namespace, base): (u32, String, String, u32) = (r.get(0), r.get(1), r.get(2), r.get(3));
-        catalog.type_names.insert(oid, super::types::qualified_type_name(&namespace, &name));
-        if base != 0 {
-            catalog.domain_bases.insert(oid, base);
-        }
+        let (oid, name, namespace, base, element): (u32, String, String, u32, u32) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        catalog.types.insert(oid, super::types::qualified_type_name(&namespace, &name), base, element);
     }
 
     // Slot.

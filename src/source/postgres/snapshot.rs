@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{ConnInfo, SnapshotSettings};
 use super::setup::{self, Catalog, quote_relation};
-use super::types::text_to_value;
+use super::types::ColumnType;
 use crate::change::{Change, Name, Op, Row};
 use crate::checkpoint::snapshot::{SnapshotProgress, SnapshotTask, TaskState, progress_path};
 use crate::telemetry::metrics;
@@ -472,8 +472,8 @@ impl Manager {
 }
 
 struct TableShape {
-    /// Name, type OID, type name (as values kept as text carry it), SQL type for casts.
-    columns: Vec<(Name, u32, Arc<str>, String)>,
+    /// Name, how its text is decoded, SQL type for casts.
+    columns: Vec<(Name, ColumnType, String)>,
     /// Key columns in the key index's order: what chunks are paged by.
     page_key: Vec<usize>,
     /// Key columns in the table's column order: how key rows are built, as the stream does.
@@ -491,17 +491,17 @@ async fn shape(client: &tokio_postgres::Client, catalog: &Catalog, relation: &st
         )
         .await
         .map_err(|e| setup::pg_error_text(&e))?;
-    let columns: Vec<(Name, u32, Arc<str>, String)> = rows
+    let columns: Vec<(Name, ColumnType, String)> = rows
         .iter()
         .map(|r| {
             let (name, oid, sql_type, typname, ns): (String, u32, String, String, String) =
                 (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
             let type_name: Arc<str> = catalog
-                .type_names
-                .get(&oid)
-                .map(|s| Arc::from(s.as_str()))
+                .types
+                .name(oid)
+                .map(Arc::from)
                 .unwrap_or_else(|| Arc::from(super::types::qualified_type_name(&ns, &typname)));
-            (Name::from(name), catalog.decoding_type(oid), type_name, sql_type)
+            (Name::from(name), catalog.types.column(oid, type_name), sql_type)
         })
         .collect();
     let key_names = catalog.key_columns.get(relation).ok_or_else(|| {
@@ -574,7 +574,7 @@ async fn run_task(shared: &Shared, id: &str) -> Result<(), String> {
             None => "true".to_string(),
             Some(k) => {
                 let lits: Vec<String> =
-                    shape.page_key.iter().zip(k).map(|(&i, text)| literal(text, &shape.columns[i].3)).collect();
+                    shape.page_key.iter().zip(k).map(|(&i, text)| literal(text, &shape.columns[i].2)).collect();
                 format!("({}) > ({})", key_list.join(", "), lits.join(", "))
             }
         };
@@ -647,7 +647,7 @@ async fn run_task(shared: &Shared, id: &str) -> Result<(), String> {
                 let mut row = Row::with_capacity(shape.columns.len());
                 for (c, t) in shape.columns.iter().zip(texts) {
                     let v = match t {
-                        Some(t) => text_to_value(c.1, &c.2, t.as_bytes()),
+                        Some(t) => c.1.decode(t.as_bytes()),
                         None => crate::change::Value::Null,
                     };
                     row.push(Arc::clone(&c.0), v);

@@ -25,7 +25,7 @@ use super::origin::Recorder;
 use super::replication::{PG_EPOCH_OFFSET_MICROS, ReplMessage, ReplicationStream};
 use super::setup::Catalog;
 use super::snapshot::{Coordinator, PREFIX as SNAPSHOT_PREFIX, Released, Signal};
-use super::types::text_to_value;
+use super::types::ColumnType;
 use crate::change::{Change, Name, Op, Position, Row, SNAPSHOT_ORIGIN, Version};
 use crate::source::{Partition, SendError};
 use crate::telemetry::metrics;
@@ -44,8 +44,7 @@ pub enum StreamEnd {
 
 struct Column {
     name: Name,
-    type_oid: u32,
-    type_name: Arc<str>,
+    decoder: ColumnType,
 }
 
 struct Relation {
@@ -182,9 +181,7 @@ impl Session {
             match v {
                 TupleValue::Null => row.push(Arc::clone(&col.name), crate::change::Value::Null),
                 TupleValue::Unchanged => unchanged.push(Arc::clone(&col.name)),
-                TupleValue::Text(t) | TupleValue::Binary(t) => {
-                    row.push(Arc::clone(&col.name), text_to_value(col.type_oid, &col.type_name, t))
-                }
+                TupleValue::Text(t) | TupleValue::Binary(t) => row.push(Arc::clone(&col.name), col.decoder.decode(t)),
             }
         }
         Ok((row, unchanged))
@@ -274,9 +271,9 @@ impl Session {
                             .custom_types
                             .get(&c.type_oid)
                             .cloned()
-                            .or_else(|| catalog.type_names.get(&c.type_oid).map(|s| Arc::from(s.as_str())))
+                            .or_else(|| catalog.types.name(c.type_oid).map(Arc::from))
                             .unwrap_or_else(|| Arc::from(format!("oid {}", c.type_oid)));
-                        Column { name: Name::from(c.name), type_oid: catalog.decoding_type(c.type_oid), type_name }
+                        Column { name: Name::from(c.name), decoder: catalog.types.column(c.type_oid, type_name) }
                     })
                     .collect();
                 // The key is the replica identity (the primary key, or the index of REPLICA
