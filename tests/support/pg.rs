@@ -7,6 +7,12 @@ pub fn admin_url() -> String {
     std::env::var("POLYSYNC_TEST_PG").unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:55432/postgres".into())
 }
 
+/// Admin URL of the PostgreSQL 18 test server (`make peers` exports `POLYSYNC_TEST_PG18`);
+/// the version matrix runs on it as well as on the default server.
+pub fn admin_url_18() -> String {
+    std::env::var("POLYSYNC_TEST_PG18").expect("POLYSYNC_TEST_PG18 (make peers starts PostgreSQL 18 and exports it)")
+}
+
 fn with_db(url: &str, db: &str) -> String {
     let mut u = url::Url::parse(url).expect("pg url");
     u.set_path(db);
@@ -24,6 +30,7 @@ pub async fn connect(url: &str) -> Client {
 
 /// A database created for one test, dropped (with its slots) by [`TestDb::cleanup`].
 pub struct TestDb {
+    pub admin: String,
     pub name: String,
     pub url: String,
     pub client: Client,
@@ -31,12 +38,23 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn create(prefix: &str) -> TestDb {
+        TestDb::create_on(&admin_url(), prefix).await
+    }
+
+    /// A database on the server of `admin` (an admin URL).
+    pub async fn create_on(admin: &str, prefix: &str) -> TestDb {
         let name = super::unique(prefix).to_lowercase();
-        let admin = connect(&admin_url()).await;
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
-        let url = with_db(&admin_url(), &name);
+        let client = connect(admin).await;
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        let url = with_db(admin, &name);
         let client = connect(&url).await;
-        TestDb { name, url, client }
+        TestDb { admin: admin.to_string(), name, url, client }
+    }
+
+    /// `server_version_num` of the server.
+    pub async fn server_version(&self) -> u32 {
+        let v: String = self.client.query_one("SHOW server_version_num", &[]).await.unwrap().get(0);
+        v.parse().unwrap()
     }
 
     pub async fn exec(&self, sql: &str) {
@@ -97,7 +115,7 @@ impl TestDb {
 
     /// Drop slots of this database, then the database.
     pub async fn cleanup(self) {
-        let admin = connect(&admin_url()).await;
+        let admin = connect(&self.admin).await;
         for _ in 0..50 {
             let r = admin
                 .batch_execute(&format!(

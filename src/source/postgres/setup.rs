@@ -103,6 +103,19 @@ pub struct Catalog {
     pub server_version: u32,
     /// The signal table, when it exists and is published.
     pub signal_table: Option<String>,
+    /// The publication publishes stored generated columns (PostgreSQL 18+
+    /// `publish_generated_columns = stored`), so snapshots read them too.
+    pub publishes_generated: bool,
+}
+
+/// The options of a publication polysync creates: partitioned tables publish under the
+/// parent's name (13+), and stored generated columns are part of the row (18+).
+pub fn publication_options(server_version: u32) -> String {
+    let mut options = vec!["publish_via_partition_root = true"];
+    if server_version >= 180_000 {
+        options.push("publish_generated_columns = stored");
+    }
+    options.join(", ")
 }
 
 fn quote_ident(s: &str) -> String {
@@ -231,9 +244,10 @@ pub async fn prepare(
             let list: Vec<String> = wanted.iter().map(|t| quote_relation(t)).collect();
             client
                 .batch_execute(&format!(
-                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    "CREATE PUBLICATION {} FOR TABLE {} WITH ({})",
                     quote_ident(publication),
-                    list.join(", ")
+                    list.join(", "),
+                    publication_options(server_version)
                 ))
                 .await
                 .map_err(sql)?;
@@ -241,18 +255,25 @@ pub async fn prepare(
         }
         None => {
             return Err(refuse(format!(
-                "publication {publication:?} does not exist in database {:?}; create it (CREATE PUBLICATION {} FOR TABLE {}) or set create_if_missing = true",
+                "publication {publication:?} does not exist in database {:?}; create it (CREATE PUBLICATION {} FOR TABLE {} WITH ({})) or set create_if_missing = true",
                 info.dbname,
                 quote_ident(publication),
-                wanted.iter().map(|t| quote_relation(t)).collect::<Vec<_>>().join(", ")
+                wanted.iter().map(|t| quote_relation(t)).collect::<Vec<_>>().join(", "),
+                publication_options(server_version)
             )));
         }
         Some(r) => {
             let all_tables: bool = r.get(0);
             if !all_tables {
+                // Members named explicitly (a partitioned parent is listed here, while
+                // pg_publication_tables lists its partitions unless publish_via_partition_root
+                // is set) and members through FOR TABLES IN SCHEMA.
                 let published: BTreeSet<String> = client
                     .query(
-                        "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+                        "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 \
+                         UNION SELECT n.nspname || '.' || c.relname FROM pg_publication_rel pr \
+                         JOIN pg_publication p ON p.oid = pr.prpubid JOIN pg_class c ON c.oid = pr.prrelid \
+                         JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = $1",
                         &[publication],
                     )
                     .await
@@ -286,7 +307,47 @@ pub async fn prepare(
         }
     }
 
-    let mut catalog = Catalog { published: BTreeSet::new(), server_version, signal_table, ..Catalog::default() };
+    // Partitioned tables: their changes carry the parent's name only with
+    // publish_via_partition_root; without it a pipeline matching the parent would get nothing.
+    let via_root: bool = client
+        .query_one("SELECT pubviaroot FROM pg_publication WHERE pubname = $1", &[publication])
+        .await
+        .map_err(sql)?
+        .get(0);
+    if !via_root {
+        let partitioned: Vec<String> = client
+            .query(
+                "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind = 'p' AND (n.nspname || '.' || c.relname) = ANY($1) ORDER BY 1",
+                &[&wanted.iter().cloned().collect::<Vec<_>>()],
+            )
+            .await
+            .map_err(sql)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !partitioned.is_empty() {
+            return Err(refuse(format!(
+                "publication {publication:?} sends the changes of the partitioned table(s) {} under each partition's name \
+                 (publish_via_partition_root is off), so no pipeline matching the parent would receive them; \
+                 ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+                partitioned.join(", "),
+                quote_ident(publication)
+            )));
+        }
+    }
+    // PostgreSQL 18 publishes stored generated columns when the publication asks for them;
+    // snapshots then read them too, so both paths give the same row.
+    let publishes_generated = server_version >= 180_000 && {
+        let g: String = client
+            .query_one("SELECT pubgencols::text FROM pg_publication WHERE pubname = $1", &[publication])
+            .await
+            .map_err(sql)?
+            .get(0);
+        g == "s"
+    };
+    let mut catalog =
+        Catalog { published: BTreeSet::new(), server_version, signal_table, publishes_generated, ..Catalog::default() };
     catalog.published = client
         .query("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1", &[publication])
         .await

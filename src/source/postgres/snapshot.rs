@@ -485,9 +485,10 @@ async fn shape(client: &tokio_postgres::Client, catalog: &Catalog, relation: &st
         .query(
             "SELECT a.attname::text, a.atttypid::oid, format_type(a.atttypid, a.atttypmod), t.typname::text, n.nspname::text \
              FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid JOIN pg_namespace n ON n.oid = t.typnamespace \
-             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+               AND (a.attgenerated = '' OR (a.attgenerated = 's' AND $2)) \
              ORDER BY a.attnum",
-            &[&quote_relation(relation)],
+            &[&quote_relation(relation), &catalog.publishes_generated],
         )
         .await
         .map_err(|e| setup::pg_error_text(&e))?;
