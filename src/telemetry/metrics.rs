@@ -23,6 +23,7 @@ pub mod names {
     pub const PG_SLOT_LAG_EXCEEDED: &str = "polysync_pg_slot_lag_limit_exceeded";
     pub const PG_CONFIRMED_LSN: &str = "polysync_pg_confirmed_flush_lsn";
     pub const PG_SLOT_LOST: &str = "polysync_pg_slot_lost_total";
+    pub const PG_SCHEMA_CHANGES: &str = "polysync_pg_schema_changes_total";
     pub const PG_TIMELINE_CHANGES: &str = "polysync_pg_timeline_changes_total";
     pub const DDB_SHARDS_OWNED: &str = "polysync_ddb_shards_owned";
     pub const DDB_LEASE_TAKES: &str = "polysync_ddb_lease_takes_total";
@@ -116,6 +117,8 @@ pub struct Metrics {
     pub pg_slot_lag_exceeded: IntGaugeVec,
     /// Starts that found the slot lost (by reason): a gap the policy had to handle.
     pub pg_slot_lost: IntCounterVec,
+    /// Column changes seen mid-stream, by kind (`added`, `dropped`, `renamed`, `retyped`).
+    pub pg_schema_changes: IntCounterVec,
     /// Starts on a new timeline with the slot synchronised (a promoted standby).
     pub pg_timeline_changes: IntCounterVec,
     /// Last LSN polysync confirmed to the server.
@@ -261,6 +264,12 @@ impl Metrics {
                 PG_SLOT_LAG_EXCEEDED,
                 "1 while the replication slot's lag is above slot_lag_limit",
                 &["source", "slot"],
+            ),
+            pg_schema_changes: counter(
+                &r,
+                PG_SCHEMA_CHANGES,
+                "Column changes of a published table seen mid-stream (the copies of rows written before it need a re-read; on_column_change decides)",
+                &["source", "relation", "change"],
             ),
             pg_slot_lost: counter(
                 &r,

@@ -81,6 +81,22 @@ pub struct PostgresSourceConfig {
     /// what happened) or `resnapshot` (a new slot, then every table of every pipeline re-read).
     #[serde(default)]
     pub on_slot_lost: OnSlotLost,
+    /// What a column added, dropped, renamed or retyped mid-stream makes the source do:
+    /// `resnapshot` (default; re-read the table through every pipeline that reads it, so the
+    /// copies PostgreSQL sends no change for get the new shape) or `warn` (say so and go on).
+    #[serde(default)]
+    pub on_column_change: OnColumnChange,
+}
+
+/// What a table's column change (ALTER TABLE mid-stream) makes the source do.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnColumnChange {
+    /// Re-read the table through its pipelines (watermark snapshots, live changes go on).
+    #[default]
+    Resnapshot,
+    /// Log and count it; existing copies keep their old shape until `polysync snapshot`.
+    Warn,
 }
 
 /// What a lost slot (changes the sinks never got) makes the source do.

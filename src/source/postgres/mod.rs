@@ -11,6 +11,7 @@ pub mod config;
 pub mod decode;
 pub mod origin;
 pub mod replication;
+pub mod schema_change;
 pub mod setup;
 pub mod snapshot;
 pub mod stream;
@@ -218,6 +219,9 @@ impl PostgresSource {
         let mut options = vec![("proto_version", "1"), ("publication_names", publication.as_str())];
         // Logical messages carry the snapshot watermarks (pgoutput supports them from 14).
         let coordinator = Arc::new(snapshot::Coordinator::default());
+        let schema_log =
+            Arc::new(schema_change::SchemaLog::load(schema_change::schema_path(&self.state_dir, &self.name)));
+        schema_log.baseline(self.catalog.load().shapes.iter());
         let snapshots = match self.catalog.load().server_version >= 140000 {
             true => {
                 options.push(("messages", "true"));
@@ -284,7 +288,12 @@ impl PostgresSource {
             health.set(&component, Ok(()));
             connected.set(1);
             delays = new_backoff();
-            let mut session = Session::new(Arc::clone(&self.name), Arc::clone(&self.catalog), Arc::clone(&coordinator));
+            let mut session = Session::new(Arc::clone(&self.name), Arc::clone(&self.catalog), Arc::clone(&coordinator))
+                .with_schema_watch(stream::SchemaWatch {
+                    log: Arc::clone(&schema_log),
+                    policy: self.cfg.on_column_change,
+                    can_reread: snapshots.is_some(),
+                });
             let end = stream::run_session(
                 &mut session,
                 &mut stream,

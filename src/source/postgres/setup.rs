@@ -97,6 +97,8 @@ pub struct Catalog {
     pub key_columns: HashMap<String, Vec<String>>,
     /// `schema.table` → columns.
     pub columns: HashMap<String, Vec<String>>,
+    /// `schema.table` → `(column, type OID)` as the stream describes the table at start.
+    pub shapes: HashMap<String, Vec<(String, u32)>>,
     /// Published tables.
     pub published: BTreeSet<String>,
     /// `server_version_num` (pgoutput's `messages` option, which snapshots need, is 14+).
@@ -441,6 +443,21 @@ pub async fn prepare(
         .map_err(sql)?
     {
         catalog.columns.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    // Each table's shape as pgoutput describes it (generated columns only when published), the
+    // baseline column changes are judged against.
+    for r in client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, a.attname::text, a.atttypid FROM pg_attribute a \
+             JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE a.attnum > 0 AND NOT a.attisdropped AND (a.attgenerated = '' OR (a.attgenerated = 's' AND $2)) \
+               AND (n.nspname || '.' || c.relname) = ANY($1) ORDER BY 1, a.attnum",
+            &[&catalog.published.iter().cloned().collect::<Vec<_>>(), &catalog.publishes_generated],
+        )
+        .await
+        .map_err(sql)?
+    {
+        catalog.shapes.entry(r.get(0)).or_default().push((r.get(1), r.get(2)));
     }
     for r in client
         .query(

@@ -93,7 +93,16 @@ pub struct Coordinator {
     state: Mutex<State>,
     open: AtomicUsize,
     signals: Mutex<VecDeque<Signal>>,
+    rereads: Mutex<VecDeque<Reread>>,
     wake: Notify,
+}
+
+/// A table to read again through every pipeline that reads it (its columns changed).
+pub struct Reread {
+    /// `schema.table`.
+    pub relation: String,
+    /// Run once the tasks are saved (records the table's new shape).
+    pub queued: Box<dyn FnOnce() + Send>,
 }
 
 /// What a watermark message releases into the stream at its position.
@@ -246,6 +255,16 @@ impl Coordinator {
         q.push_back(s);
         drop(q);
         self.wake.notify_one();
+    }
+
+    /// Queue a re-read of a table through every pipeline that reads it.
+    pub fn reread(&self, r: Reread) {
+        self.rereads.lock().unwrap_or_else(|p| p.into_inner()).push_back(r);
+        self.wake.notify_one();
+    }
+
+    fn take_rereads(&self) -> Vec<Reread> {
+        self.rereads.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect()
     }
 
     fn take_signals(&self) -> Vec<Signal> {
@@ -433,6 +452,29 @@ impl Manager {
                     }
                 }
                 let _ = p.save(&shared.path);
+            }
+            // Column changes → a re-read of the table in every pipeline that reads it.
+            for r in m.coordinator.take_rereads() {
+                let mut p = shared.progress.lock().unwrap_or_else(|p| p.into_inner());
+                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+                for (pipeline, rels, _) in m.pipelines.load().iter() {
+                    if rels.iter().any(|x| x.matches(&r.relation))
+                        && p.add(SnapshotTask::new(
+                            format!("schema:{stamp}:{pipeline}:{}", r.relation),
+                            pipeline,
+                            &r.relation,
+                            None,
+                        ))
+                    {
+                        tracing::info!(source = %m.source, pipeline = %pipeline, table = %r.relation, "re-read queued after a column change");
+                    }
+                }
+                match p.save(&shared.path) {
+                    Ok(()) => (r.queued)(),
+                    Err(e) => {
+                        tracing::error!(source = %m.source, table = %r.relation, error = %e, "could not save the re-read after a column change; it is queued again at the next start")
+                    }
+                }
             }
             // Start what is pending (or was interrupted).
             let todo: Vec<String> = shared

@@ -20,10 +20,13 @@ use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
+use super::config::OnColumnChange;
 use super::decode::{PgOutput, TupleValue, decode};
 use super::origin::Recorder;
 use super::replication::{PG_EPOCH_OFFSET_MICROS, ReplMessage, ReplicationStream};
+use super::schema_change::{Observation, SchemaLog};
 use super::setup::Catalog;
+use super::snapshot::Reread;
 use super::snapshot::{Coordinator, PREFIX as SNAPSHOT_PREFIX, Released, Signal};
 use super::types::ColumnType;
 use crate::change::{Change, Name, Op, Position, Row, SNAPSHOT_ORIGIN, Version};
@@ -71,6 +74,17 @@ pub struct Session {
     pending: VecDeque<Change>,
     received: u64,
     snapshots: Arc<Coordinator>,
+    schema: Option<SchemaWatch>,
+}
+
+/// How a session reacts to column changes (see [`super::schema_change`]).
+pub struct SchemaWatch {
+    /// The shapes seen so far.
+    pub log: Arc<SchemaLog>,
+    /// `on_column_change`.
+    pub policy: OnColumnChange,
+    /// Snapshots run on this server (PostgreSQL 14+), so a re-read can be queued.
+    pub can_reread: bool,
 }
 
 fn pg_time(micros: i64) -> Option<DateTime<Utc>> {
@@ -89,6 +103,36 @@ impl Session {
             pending: VecDeque::new(),
             received: 0,
             snapshots,
+            schema: None,
+        }
+    }
+
+    /// Watch the tables' shapes: column changes are logged, counted and (by policy) re-read.
+    pub fn with_schema_watch(mut self, watch: SchemaWatch) -> Session {
+        self.schema = Some(watch);
+        self
+    }
+
+    /// A Relation message's shape, judged against what was seen before.
+    fn watch_shape(&self, table: &str, columns: &[Column], type_oids: &[u32]) {
+        let Some(w) = &self.schema else { return };
+        let shape: Vec<(String, u32)> = columns.iter().zip(type_oids).map(|(c, t)| (c.name.to_string(), *t)).collect();
+        let lsn = self.tx.as_ref().map_or(0, |t| t.final_lsn);
+        let Observation::Changed { describe, kinds, shape } = w.log.observe(table, shape, lsn) else { return };
+        for k in &kinds {
+            metrics().pg_schema_changes.with_label_values(&[&*self.source, table, k]).inc();
+        }
+        match (w.policy, w.can_reread) {
+            (OnColumnChange::Resnapshot, true) => {
+                tracing::warn!(source = %self.source, table, change = %describe, "columns changed: PostgreSQL sends no change for the rows this reshaped, so the table is re-read through every pipeline that reads it (on_column_change = \"resnapshot\")");
+                let (log, name) = (Arc::clone(&w.log), table.to_string());
+                self.snapshots
+                    .reread(Reread { relation: table.to_string(), queued: Box::new(move || log.record(&name, shape)) });
+            }
+            (policy, _) => {
+                tracing::warn!(source = %self.source, table, change = %describe, policy = ?policy, "columns changed: copies of rows written before it keep their old shape (PostgreSQL sends no change for them); re-read the table with `polysync snapshot --pipeline <name> --table {table}`");
+                w.log.record(table, shape);
+            }
         }
     }
 
@@ -260,6 +304,7 @@ impl Session {
                 let full = format!("{namespace}.{name}");
                 let catalog = self.catalog.load();
                 let mut flagged = Vec::new();
+                let type_oids: Vec<u32> = cols.iter().map(|c| c.type_oid).collect();
                 let columns: Vec<Column> = cols
                     .into_iter()
                     .enumerate()
@@ -290,6 +335,7 @@ impl Session {
                     }
                     _ => flagged,
                 };
+                self.watch_shape(&full, &columns, &type_oids);
                 let counter = metrics().source_changes.with_label_values(&[&*self.source, full.as_str()]);
                 self.relations.insert(oid, Relation { name: Name::from(full), columns, key, counter });
                 return Ok(None);
