@@ -16,6 +16,7 @@ mod pg_cache;
 mod pg_tls;
 mod pipelines;
 mod redis_tls;
+mod schema_changes;
 mod search;
 mod snapshot;
 mod timeseries;

@@ -55,7 +55,21 @@ impl Lane {
     async fn process(&mut self, change: &Arc<Change>, ticket: Ticket, barrier: bool) -> bool {
         let Lane { index, dlq, hard_stop, current, matches, steps } = self;
         let key = (Arc::clone(&change.source), Arc::clone(&change.relation));
-        let idx = matches.entry(key).or_insert_with(|| current.matching(&change.source, &change.relation));
+        let idx = matches.entry(key).or_insert_with(|| {
+            let found = current.matching(&change.source, &change.relation);
+            if found.is_empty() {
+                // A table published (or added to the publication) that no pipeline reads: its
+                // changes are confirmed without being applied, which must never be silent.
+                tracing::warn!(source = %change.source, relation = %change.relation, lane = *index, "changes of this relation match no pipeline: they are counted in polysync_unmatched_changes_total and not applied anywhere (add a pipeline, or remove the table from the publication)");
+            }
+            found
+        });
+        if idx.is_empty() {
+            crate::telemetry::metrics()
+                .unmatched_changes
+                .with_label_values(&[&*change.source, &*change.relation])
+                .inc();
+        }
         for &i in idx.iter() {
             let rp = current.get(i);
             let def = &rp.def;

@@ -24,6 +24,7 @@ pub mod names {
     pub const PG_CONFIRMED_LSN: &str = "polysync_pg_confirmed_flush_lsn";
     pub const PG_SLOT_LOST: &str = "polysync_pg_slot_lost_total";
     pub const PG_SCHEMA_CHANGES: &str = "polysync_pg_schema_changes_total";
+    pub const UNMATCHED_CHANGES: &str = "polysync_unmatched_changes_total";
     pub const PG_TIMELINE_CHANGES: &str = "polysync_pg_timeline_changes_total";
     pub const DDB_SHARDS_OWNED: &str = "polysync_ddb_shards_owned";
     pub const DDB_LEASE_TAKES: &str = "polysync_ddb_lease_takes_total";
@@ -119,6 +120,8 @@ pub struct Metrics {
     pub pg_slot_lost: IntCounterVec,
     /// Column changes seen mid-stream, by kind (`added`, `dropped`, `renamed`, `retyped`).
     pub pg_schema_changes: IntCounterVec,
+    /// Changes of a relation no pipeline reads (published, but never applied anywhere).
+    pub unmatched_changes: IntCounterVec,
     /// Starts on a new timeline with the slot synchronised (a promoted standby).
     pub pg_timeline_changes: IntCounterVec,
     /// Last LSN polysync confirmed to the server.
@@ -264,6 +267,12 @@ impl Metrics {
                 PG_SLOT_LAG_EXCEEDED,
                 "1 while the replication slot's lag is above slot_lag_limit",
                 &["source", "slot"],
+            ),
+            unmatched_changes: counter(
+                &r,
+                UNMATCHED_CHANGES,
+                "Changes of a relation that no pipeline reads: published by the source, applied nowhere",
+                &["source", "relation"],
             ),
             pg_schema_changes: counter(
                 &r,

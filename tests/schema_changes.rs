@@ -1,0 +1,88 @@
+//! Schema changes mid-stream that the conformance matrix cannot show (it asserts no dead letters
+//! and one fixed set of tables): a template naming a dropped column, a table added to the
+//! publication while running, a published table no pipeline reads, and a dropped table.
+
+use std::time::Duration;
+
+use crate::support::daemon::{InProcess, pg_cache_config, refusal};
+use crate::support::pg::TestDb;
+use crate::support::redis::TestRedis;
+use crate::support::{Workspace, shared, unique, wait_for};
+
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_column_a_table_added_while_running_an_unread_table_and_a_dropped_table() {
+    let _g = shared().await;
+    let db = TestDb::create("schema").await;
+    db.exec(
+        "CREATE TABLE sc_a (id bigint PRIMARY KEY, name text, gone text); \
+         INSERT INTO sc_a VALUES (1, 'one', 'g1'), (2, 'two', 'g2'); \
+         CREATE TABLE sc_c (id bigint PRIMARY KEY, v text); CREATE TABLE sc_d (id bigint PRIMARY KEY)",
+    )
+    .await;
+    let p = unique("sc");
+    let slot = unique("s");
+    let ws = Workspace::new();
+    ws.write_config(&pg_cache_config(&db.url, &slot, ""));
+    let set = |name: &str, relation: &str, key: &str, snapshot: bool| {
+        let snap = if snapshot { "snapshot = \"initial\"\n" } else { "" };
+        ws.write_pipeline(
+            name,
+            &format!(
+                "source = \"db\"\n{snap}[match]\nrelations = [\"{relation}\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{p}:{key}\"\n"
+            ),
+        );
+    };
+    set("a", "public.sc_a", "a:{{ key.id }}", true);
+    set("a_gone", "public.sc_a", "g:{{ after.gone }}", false);
+    // A prefix: tables it names later are not in the publication until someone adds them.
+    set("c", "public.sc_c*", "c:{{ key.id }}", false);
+    let d = InProcess::start(&ws.config_path());
+    db.wait_streaming(&slot).await;
+    let redis = TestRedis::connect().await;
+    db.exec("INSERT INTO sc_a VALUES (3, 'three', 'g3')").await;
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    assert!(redis.exists(&format!("{p}:g:g3")).await, "the template naming the column works before the drop");
+
+    // A table added to the publication while running reaches the pipeline that matches it; one
+    // no pipeline reads is counted, not applied silently.
+    db.exec(&format!("ALTER PUBLICATION {slot} ADD TABLE sc_c, sc_d")).await;
+    db.exec("INSERT INTO sc_c VALUES (1, 'x'); INSERT INTO sc_d VALUES (1)").await;
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    assert_eq!(redis.get(&format!("{p}:c:1")).await.as_deref(), Some(r#"{"id":1,"v":"x"}"#));
+    let unmatched = polysync::telemetry::metrics().unmatched_changes.with_label_values(&["db", "public.sc_d"]).get();
+    assert!(unmatched >= 1, "the unread table's change is counted: {unmatched}");
+
+    // DROP COLUMN: the template that names it dead-letters with the reason; nothing stalls, and
+    // the other pipeline's copies lose the column (the table is re-read).
+    db.exec("ALTER TABLE sc_a DROP COLUMN gone").await;
+    db.exec("UPDATE sc_a SET name = 'after' WHERE id = 1").await;
+    db.exec("INSERT INTO sc_c VALUES (2, 'y')").await;
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    assert!(redis.exists(&format!("{p}:c:2")).await, "the stream goes on after the dead letters");
+    wait_for("the re-read of sc_a after the drop", CATCH_UP, || async {
+        redis.get(&format!("{p}:a:2")).await.as_deref() == Some(r#"{"id":2,"name":"two"}"#)
+    })
+    .await;
+    assert_eq!(redis.get(&format!("{p}:a:1")).await.as_deref(), Some(r#"{"id":1,"name":"after"}"#));
+    let dropped =
+        polysync::telemetry::metrics().pg_schema_changes.with_label_values(&["db", "public.sc_a", "dropped"]).get();
+    assert!(dropped >= 1, "the drop is counted");
+    let letters = ws.dead_letters();
+    assert!(
+        letters.iter().any(|l| l.pipeline == "a_gone"
+            && l.reason.contains("after.gone")
+            && l.change.key_display().contains("id=1")),
+        "a dead letter names the pipeline, the missing column and the key: {:#?}",
+        letters.iter().map(|l| (&l.pipeline, &l.reason, l.change.key_display())).collect::<Vec<_>>()
+    );
+    assert!(letters.iter().all(|l| l.pipeline == "a_gone"), "only the pipeline naming the column fails");
+    d.stop().await.unwrap();
+
+    // DROP TABLE: PostgreSQL sends nothing for it; the next start refuses, naming the table.
+    db.exec("DROP TABLE sc_a").await;
+    let e = refusal(&ws.config_path()).await;
+    assert!(e.contains("do not exist") && e.contains("public.sc_a"), "{e}");
+    db.cleanup().await;
+}
