@@ -899,7 +899,7 @@ async fn matrix(db: TestDb, min_version: u32) {
     let addr = format!("127.0.0.1:{port}");
     // Writes right after the first "ready" are never lost.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !http_get(&addr, "/readyz").await.is_some_and(|(s, _)| s == 200) {
+    while http_get(&addr, "/readyz").await.is_none_or(|(s, _)| s != 200) {
         let exited = d.child.try_wait().expect("child status");
         assert!(
             exited.is_none() && tokio::time::Instant::now() < deadline,

@@ -14,7 +14,16 @@ const CATCH_UP: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_column_a_table_added_while_running_an_unread_table_and_a_dropped_table() {
     let _g = shared().await;
-    let db = TestDb::create("schema").await;
+    schema_changes(TestDb::create("schema").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_column_a_table_added_while_running_an_unread_table_and_a_dropped_table_on_postgresql_18() {
+    let _g = shared().await;
+    schema_changes(TestDb::create_on(&crate::support::pg::admin_url_18(), "schema").await).await;
+}
+
+async fn schema_changes(db: TestDb) {
     db.exec(
         "CREATE TABLE sc_a (id bigint PRIMARY KEY, name text, gone text); \
          INSERT INTO sc_a VALUES (1, 'one', 'g1'), (2, 'two', 'g2'); \
@@ -84,5 +93,49 @@ async fn a_dropped_column_a_table_added_while_running_an_unread_table_and_a_drop
     db.exec("DROP TABLE sc_a").await;
     let e = refusal(&ws.config_path()).await;
     assert!(e.contains("do not exist") && e.contains("public.sc_a"), "{e}");
+    db.cleanup().await;
+}
+
+/// A publication the operator made without `publish_via_partition_root` would send a partitioned
+/// table's changes under its partitions' names, which no pipeline matching the parent reads:
+/// refused with the fix (not with "already member of publication"), then delivered under the
+/// parent's name once the fix is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_without_partition_root_is_refused_with_the_fix_and_works_once_fixed() {
+    let _g = shared().await;
+    let db = TestDb::create("parted").await;
+    let slot = unique("s");
+    db.exec(&format!(
+        "CREATE TABLE orders (id bigint, region text, total int, PRIMARY KEY (id, region)) PARTITION BY LIST (region); \
+         CREATE TABLE orders_eu PARTITION OF orders FOR VALUES IN ('eu'); \
+         CREATE TABLE orders_us PARTITION OF orders FOR VALUES IN ('us'); \
+         CREATE PUBLICATION {slot} FOR TABLE orders"
+    ))
+    .await;
+    let p = unique("po");
+    let ws = Workspace::new();
+    ws.write_config(&pg_cache_config(&db.url, &slot, ""));
+    ws.write_pipeline(
+        "orders",
+        &format!(
+            "source = \"db\"\n[match]\nrelations = [\"public.orders\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{p}:{{{{ key.region }}}}:{{{{ key.id }}}}\"\n"
+        ),
+    );
+    let e = refusal(&ws.config_path()).await;
+    assert!(
+        e.contains("publish_via_partition_root") && e.contains("public.orders") && !e.contains("already member"),
+        "{e}"
+    );
+    db.exec(&format!("ALTER PUBLICATION {slot} SET (publish_via_partition_root = true)")).await;
+    let d = InProcess::start(&ws.config_path());
+    db.wait_streaming(&slot).await;
+    db.exec("INSERT INTO orders VALUES (1, 'eu', 10), (2, 'us', 20); UPDATE orders SET region = 'us' WHERE id = 1")
+        .await;
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    let redis = TestRedis::connect().await;
+    assert_eq!(redis.get(&format!("{p}:us:1")).await.as_deref(), Some(r#"{"id":1,"region":"us","total":10}"#));
+    assert_eq!(redis.get(&format!("{p}:us:2")).await.as_deref(), Some(r#"{"id":2,"region":"us","total":20}"#));
+    assert!(!redis.exists(&format!("{p}:eu:1")).await, "the row that moved partition is gone from its old key");
+    d.stop().await.unwrap();
     db.cleanup().await;
 }
