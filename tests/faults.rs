@@ -564,7 +564,9 @@ async fn a_full_state_disk_stops_consumption_and_confirms_nothing_unrecorded() {
     db.cleanup().await;
 }
 
-/// Values that cannot be delivered each end in the DLQ with a reason; the rest arrive.
+/// Values that cannot be delivered each end in the DLQ with a reason; the rest arrive. NaN and
+/// -Infinity are dead-lettered where the pipeline says `non_finite = "reject"` and indexed as
+/// null where it says `"null"`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_on() {
     let _g = shared().await;
@@ -577,7 +579,8 @@ async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_o
     ws.write_pipeline(
         "things-cache",
         &format!(
-            "source = \"db\"\n[match]\nrelations = [\"public.things\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{}{{{{ after.name }}}}\"\nformat = \"json\"\n",
+            // NaN and ±Infinity have no JSON literal: this pipeline asks for a dead letter.
+            "source = \"db\"\nnon_finite = \"reject\"\n[match]\nrelations = [\"public.things\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{}{{{{ after.name }}}}\"\nformat = \"json\"\n",
             stores.items
         ),
     );
@@ -585,7 +588,8 @@ async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_o
         "things-search",
         &format!(
             // `note` is a legacy bytea column holding UTF-8 text: declared, it is indexed as text.
-            "source = \"db\"\ntext_columns = [\"note\"]\n[match]\nrelations = [\"public.things\"]\n[[sink]]\ntarget = \"search\"\nindex = \"{}\"\nid = \"{{{{ key.id }}}}\"\n",
+            // `n` is mapped as a double: NaN and ±Infinity are indexed as null.
+            "source = \"db\"\ntext_columns = [\"note\"]\nnon_finite = \"null\"\n[match]\nrelations = [\"public.things\"]\n[[sink]]\ntarget = \"search\"\nindex = \"{}\"\nid = \"{{{{ key.id }}}}\"\n",
             stores.index
         ),
     );
@@ -617,10 +621,7 @@ async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_o
             .unwrap_or_else(|| panic!("no dead letter for id {id} in {sink}: {letters:#?}"))
     };
     assert!(reason(1, "cache").contains("NaN"), "{}", reason(1, "cache"));
-    assert!(reason(1, "search").contains("NaN"), "{}", reason(1, "search"));
-    for sink in ["cache", "search"] {
-        assert!(reason(7, sink).contains("Infinity"), "{}", reason(7, sink));
-    }
+    assert!(reason(7, "cache").contains("Infinity"), "{}", reason(7, "cache"));
     assert!(reason(2, "cache").contains("limit"), "{}", reason(2, "cache"));
     assert!(
         reason(3, "search").contains("immense") || reason(3, "search").contains("32766"),
@@ -643,9 +644,9 @@ async fn poison_values_are_dead_lettered_with_their_reason_and_the_stream_goes_o
         docs.contains_key("4")
             && docs.contains_key("2")
             && !docs.contains_key("3")
-            && !docs.contains_key("1")
+            && docs.get("1").is_some_and(|d| d["n"].is_null())
             && !docs.contains_key("5")
-            && !docs.contains_key("7"),
+            && docs.get("7").is_some_and(|d| d["n"].is_null()),
         "{:?} {:?}",
         docs.keys().collect::<Vec<_>>(),
         letters
