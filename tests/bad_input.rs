@@ -135,6 +135,17 @@ async fn run_refuses_missing_objects_with_a_precise_message() {
     let err = refused(&ws).await;
     assert!(err.contains("pipeline typo") && err.contains("public.t has no column \"usr_id\""), "{err}");
 
+    // A `columns = [...]` list naming a column the table does not have: refused, not a JSON
+    // value silently lacking the field.
+    let ws = Workspace::new();
+    ws.write_config(&pg_cache_config(&db.url, &slot, ""));
+    ws.write_pipeline(
+        "coltypo",
+        "source = \"db\"\n[match]\nrelations = [\"public.t\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"u:{{ key.id }}\"\ncolumns = [\"id\", \"is_active\"]\n",
+    );
+    let err = refused(&ws).await;
+    assert!(err.contains("pipeline coltypo") && err.contains("public.t has no column \"is_active\""), "{err}");
+
     // A declared text column the table does not have (checked with a transform too).
     let ws = Workspace::new();
     ws.write_config(&pg_cache_config(&db.url, &slot, ""));
