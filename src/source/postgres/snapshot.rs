@@ -397,6 +397,7 @@ impl Manager {
         let slots = Arc::new(tokio::sync::Semaphore::new(m.settings.parallelism()));
         let mut running: HashSet<String> = HashSet::new();
         let mut tasks = tokio::task::JoinSet::new();
+        let mut column_retries: HashMap<String, u32> = HashMap::new();
         loop {
             // Signals → tasks.
             for s in m.coordinator.take_signals() {
@@ -501,9 +502,20 @@ impl Manager {
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     if let Ok((id, r)) = done {
                         running.remove(&id);
-                        if let Err(msg) = r {
-                            tracing::error!(source = %m.source, task = %id, error = %msg, "snapshot failed");
-                            let _ = shared.update(&id, |t| { t.state = TaskState::Failed; t.error = Some(msg); });
+                        match r {
+                            // A column dropped or renamed while the task read the table
+                            // (undefined_column): read its shape again and go on from the last
+                            // applied chunk, a few times, rather than fail the task.
+                            Err(msg) if msg.contains("ERROR 42703") && *column_retries.entry(id.clone()).or_insert(0) < 5 => {
+                                *column_retries.entry(id.clone()).or_insert(0) += 1;
+                                tracing::warn!(source = %m.source, task = %id, error = %msg, "the table's columns changed while it was read; reading on with its new shape");
+                                let _ = shared.update(&id, |t| t.state = TaskState::Pending);
+                            }
+                            Err(msg) => {
+                                tracing::error!(source = %m.source, task = %id, error = %msg, "snapshot failed");
+                                let _ = shared.update(&id, |t| { t.state = TaskState::Failed; t.error = Some(msg); });
+                            }
+                            Ok(_) => {}
                         }
                     }
                 }
