@@ -32,6 +32,10 @@ enum Command {
         /// Config file.
         #[arg(long, short, env = "POLYSYNC_CONFIG", default_value = "config/polysync.toml")]
         config: PathBuf,
+        /// Also connect to each PostgreSQL source: the writer, privileges, the slot against
+        /// polysync's record, and failover readiness (read-only; exit 2 on what `run` refuses).
+        #[arg(long)]
+        online: bool,
     },
     /// Exit 0 if the running daemon is ready (its /readyz answers 200), for container and
     /// load-balancer health checks; prints the reason otherwise.
@@ -356,7 +360,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Check { config } => {
+        Command::Check { config, online } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -375,7 +379,31 @@ fn main() -> ExitCode {
                             println!("{line}");
                         }
                     }
-                    ExitCode::SUCCESS
+                    if !online {
+                        return ExitCode::SUCCESS;
+                    }
+                    let rt = match runtime() {
+                        Ok(rt) => rt,
+                        Err(code) => return code,
+                    };
+                    let mut refused = false;
+                    for (name, result) in rt.block_on(polysync::app::check_online(&cfg)) {
+                        match result {
+                            Ok(report) => {
+                                for f in &report.facts {
+                                    println!("source {name}: {f}");
+                                }
+                                for w in &report.warnings {
+                                    println!("source {name}: warning: {w}");
+                                }
+                            }
+                            Err(e) => {
+                                refused = true;
+                                eprintln!("source {name}: {e}");
+                            }
+                        }
+                    }
+                    if refused { ExitCode::from(2) } else { ExitCode::SUCCESS }
                 }
                 Err(e) => {
                     eprintln!("{e}");

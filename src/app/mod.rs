@@ -90,3 +90,19 @@ pub struct Stopped {
 pub fn check(config: &Config) -> Result<Vec<Arc<Pipeline>>, ConfigError> {
     load::load_all(&config.pipeline_env())
 }
+
+/// What `check --online` found for one source: its report, or what `run` would refuse with.
+pub type OnlineCheck = (String, Result<crate::source::postgres::OnlineReport, SourceError>);
+
+/// `check --online`: the read-only part of each PostgreSQL source's start (the writer, the
+/// privileges, the slot against polysync's record, failover readiness), against the real
+/// servers. Nothing is created; a source of another kind is not contacted.
+pub async fn check_online(config: &Config) -> Vec<OnlineCheck> {
+    let mut out = Vec::new();
+    for (name, source) in &config.sources {
+        if let crate::source::SourceConfig::Postgres(pg) = source {
+            out.push((name.clone(), crate::source::postgres::check_online(name, pg, &config.state_dir).await));
+        }
+    }
+    out
+}

@@ -21,6 +21,8 @@ use crate::telemetry::Health;
 /// `[sources.<name>]`, by kind.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+// A handful of these exist per config, read once: boxing would only add indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum SourceConfig {
     /// PostgreSQL / Aurora PostgreSQL logical replication.
     Postgres(postgres::PostgresSourceConfig),

@@ -26,6 +26,7 @@ pub mod names {
     pub const PG_SCHEMA_CHANGES: &str = "polysync_pg_schema_changes_total";
     pub const UNMATCHED_CHANGES: &str = "polysync_unmatched_changes_total";
     pub const PG_TIMELINE_CHANGES: &str = "polysync_pg_timeline_changes_total";
+    pub const PG_FAILOVER_GAPS: &str = "polysync_pg_failover_gaps";
     pub const DDB_SHARDS_OWNED: &str = "polysync_ddb_shards_owned";
     pub const DDB_LEASE_TAKES: &str = "polysync_ddb_lease_takes_total";
     pub const DDB_TRIMMED: &str = "polysync_ddb_trimmed_data_total";
@@ -73,6 +74,7 @@ pub mod names {
         PG_SLOT_LAG_EXCEEDED,
         PG_SLOT_LOST,
         PG_TIMELINE_CHANGES,
+        PG_FAILOVER_GAPS,
         SNAPSHOT_CHUNKS_REMAINING,
         IN_FLIGHT,
         PIPELINE_OUTPUTS,
@@ -122,8 +124,11 @@ pub struct Metrics {
     pub pg_schema_changes: IntCounterVec,
     /// Changes of a relation no pipeline reads (published, but never applied anywhere).
     pub unmatched_changes: IntCounterVec,
-    /// Starts on a new timeline with the slot synchronised (a promoted standby).
+    /// Failovers to a promoted standby (a new timeline with the slot synchronised), at start
+    /// or on a reconnect.
     pub pg_timeline_changes: IntCounterVec,
+    /// Settings missing for the slot to survive a failover, as read at start (0 = ready).
+    pub pg_failover_gaps: IntGaugeVec,
     /// Last LSN polysync confirmed to the server.
     pub pg_confirmed_lsn: IntGaugeVec,
     /// Changes read but not yet applied by every sink.
@@ -289,7 +294,13 @@ impl Metrics {
             pg_timeline_changes: counter(
                 &r,
                 PG_TIMELINE_CHANGES,
-                "Starts on a new server timeline with the slot synchronised (a promoted standby)",
+                "Failovers to a promoted standby: a start or reconnect on a new server timeline with the slot synchronised",
+                &["source"],
+            ),
+            pg_failover_gaps: gauge(
+                &r,
+                PG_FAILOVER_GAPS,
+                "Settings missing for the replication slot to survive a failover (failover slot, synchronized_standby_slots, the standbys' sync_replication_slots...), read at start; 0 = ready",
                 &["source"],
             ),
             snapshot_rows: counter(

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod fake_streams;
 pub mod graph;
 pub mod pg;
+pub mod pg_pair;
 pub mod proxy;
 pub mod redis;
 pub mod search;

@@ -23,6 +23,18 @@ pub struct PostgresSourceConfig {
     /// TCP port (default 5432).
     #[serde(default)]
     pub port: Option<u16>,
+    /// Several servers (`"host"` or `"host:port"`), tried in order at every connect: polysync
+    /// uses the first that is the writer (not in recovery), as libpq's
+    /// `target_session_attrs=read-write` does, so after a failover it finds the promoted
+    /// standby. Instead of `host`/`port` (and the URL's host).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Decode from this read replica instead of the writer (PostgreSQL 16+): the slot lives on
+    /// the standby, so decoding's CPU and I/O stay off the writer. Set-up, heartbeats and
+    /// snapshot watermarks still go to the writer (they must be written, and they reach the
+    /// standby through its WAL). User, password and database default to the source's.
+    #[serde(default)]
+    pub standby_url: Option<Secret>,
     /// Login role; needs REPLICATION (or rds_replication) and SELECT on published tables.
     #[serde(default)]
     pub user: Option<String>,
@@ -160,13 +172,27 @@ impl SnapshotSettings {
 /// form whether the stream or a snapshot read it (`types.rs` parses exactly these forms).
 pub const SESSION_OPTIONS: &str = "-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3 -c bytea_output=hex -c intervalstyle=postgres -c lc_monetary=C";
 
+/// Which server a connection may end up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The writer only: a server in recovery (a standby, or the old writer an Aurora cluster
+    /// endpoint still points at) is passed over, as with `target_session_attrs=read-write`.
+    Writer,
+    /// Whatever answers (standby decoding connects to a standby on purpose).
+    Any,
+}
+
 /// Everything needed to open a connection, resolved from the URL and the explicit fields.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// Host name (also the TLS server name).
+    /// Host name (also the TLS server name): the first of `hosts`.
     pub host: String,
-    /// TCP port.
+    /// TCP port of `host`.
     pub port: u16,
+    /// Every candidate server in the order tried (at least `host:port`).
+    pub hosts: Vec<(String, u16)>,
+    /// Which of them a connection accepts.
+    pub target: Target,
     /// Role.
     pub user: String,
     /// Password, if any.
@@ -182,17 +208,32 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    /// `host:port/db` for messages; never contains the password.
+    /// `host:port/db` for messages (every candidate, comma-separated); never contains the
+    /// password.
     pub fn endpoint(&self) -> String {
-        format!("{}:{}/{}", self.host, self.port, self.dbname)
+        let hosts: Vec<String> = self.hosts.iter().map(|(h, p)| format!("{h}:{p}")).collect();
+        format!("{}/{}", hosts.join(","), self.dbname)
+    }
+
+    /// One connection description per candidate server, in order.
+    pub fn candidates(&self) -> Vec<ConnInfo> {
+        self.hosts
+            .iter()
+            .map(|(h, p)| ConnInfo { host: h.clone(), port: *p, hosts: vec![(h.clone(), *p)], ..self.clone() })
+            .collect()
     }
 
     /// A tokio-postgres config for the normal (non-replication) connection.
     pub fn tokio_config(&self) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
-        c.host(&self.host)
-            .port(self.port)
-            .user(&self.user)
+        for (h, p) in &self.hosts {
+            c.host(h).port(*p);
+        }
+        c.target_session_attrs(match self.target {
+            Target::Writer => tokio_postgres::config::TargetSessionAttrs::ReadWrite,
+            Target::Any => tokio_postgres::config::TargetSessionAttrs::Any,
+        });
+        c.user(&self.user)
             .dbname(&self.dbname)
             .application_name("polysync")
             .connect_timeout(self.connect_timeout)
@@ -235,6 +276,43 @@ impl PostgresSourceConfig {
         self.reconnect_max_delay.unwrap_or(Duration::from_secs(30))
     }
 
+    /// Where the slot lives and the stream decodes: the standby of `standby_url`, with the
+    /// writer's user, password and database where the URL names none; `None` without one.
+    pub fn standby_info(&self, source: &str, writer: &ConnInfo) -> Result<Option<ConnInfo>, ConfigError> {
+        let Some(url) = &self.standby_url else { return Ok(None) };
+        let bad = |msg: String| ConfigError::Invalid { what: format!("source {source:?}"), msg };
+        let parsed = url::Url::parse(url.expose()).map_err(|e| bad(format!("standby_url: {e}")))?;
+        let alone = PostgresSourceConfig {
+            url: Some(url.clone()),
+            host: None,
+            port: None,
+            hosts: Vec::new(),
+            user: None,
+            password: None,
+            dbname: None,
+            standby_url: None,
+            ..self.clone()
+        };
+        let mut info = alone.validate(source).map_err(|e| bad(format!("standby_url: {e}")))?;
+        if parsed.username().is_empty() {
+            info.user = writer.user.clone();
+        }
+        if parsed.password().is_none() {
+            info.password = writer.password.clone();
+        }
+        if parsed.path().trim_start_matches('/').is_empty() {
+            info.dbname = writer.dbname.clone();
+        }
+        if info.dbname != writer.dbname {
+            return Err(bad(format!(
+                "standby_url names database {:?} but the source streams {:?}: a standby has the writer's databases",
+                info.dbname, writer.dbname
+            )));
+        }
+        info.target = Target::Any;
+        Ok(Some(info))
+    }
+
     /// Pure validation (no network): names, URL, TLS words.
     pub fn validate(&self, source: &str) -> Result<ConnInfo, ConfigError> {
         let bad = |msg: String| ConfigError::Invalid { what: format!("source {source:?}"), msg };
@@ -251,6 +329,8 @@ impl PostgresSourceConfig {
         let mut info = ConnInfo {
             host: "localhost".into(),
             port: 5432,
+            hosts: Vec::new(),
+            target: Target::Writer,
             user: "postgres".into(),
             password: None,
             dbname: String::new(),
@@ -303,6 +383,15 @@ impl PostgresSourceConfig {
         if let Some(p) = self.port {
             info.port = p;
         }
+        info.hosts = vec![(info.host.clone(), info.port)];
+        if !self.hosts.is_empty() {
+            if self.host.is_some() || self.port.is_some() {
+                return Err(bad("hosts replaces host and port: set one or the other".into()));
+            }
+            info.hosts =
+                self.hosts.iter().map(|h| parse_host_port(h, info.port)).collect::<Result<_, _>>().map_err(bad)?;
+            (info.host, info.port) = info.hosts[0].clone();
+        }
         if let Some(u) = &self.user {
             info.user = u.clone();
         }
@@ -325,7 +414,7 @@ impl PostgresSourceConfig {
         if self.sslmode.is_none() && !explicit_tls {
             info.tls = if info.ca_file.is_some() {
                 TlsMode::VerifyFull
-            } else if crate::tls::is_loopback(&info.host) {
+            } else if info.hosts.iter().all(|(h, _)| crate::tls::is_loopback(h)) {
                 TlsMode::Prefer
             } else {
                 TlsMode::Require
@@ -339,10 +428,76 @@ impl PostgresSourceConfig {
                 return Err(bad(format!("table {t:?} must be schema-qualified (e.g. public.{t})")));
             }
         }
+        self.standby_info(source, &info)?;
         Ok(info)
     }
 }
 
+/// `"host"`, `"host:port"` or `"[v6]:port"` of a `hosts` entry.
+fn parse_host_port(entry: &str, default_port: u16) -> Result<(String, u16), String> {
+    let bad = || format!("hosts entry {entry:?} is not host or host:port");
+    let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or_else(bad)?;
+        match after.strip_prefix(':') {
+            Some(p) => (h, Some(p)),
+            None if after.is_empty() => (h, None),
+            None => return Err(bad()),
+        }
+    } else {
+        match entry.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, Some(p)),
+            _ => (entry, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    let port = match port {
+        Some(p) => p.parse().map_err(|_| bad())?,
+        None => default_port,
+    };
+    Ok((host.to_string(), port))
+}
+
 fn pct_decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> PostgresSourceConfig {
+        toml::from_str(&format!("slot = \"s\"\npublication = \"p\"\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn hosts_are_tried_in_order_with_default_ports_and_replace_host() {
+        let info = cfg("hosts = [\"a\", \"b:6432\", \"[::1]:7000\"]\nuser = \"u\"").validate("db").unwrap();
+        assert_eq!(info.hosts, vec![("a".into(), 5432), ("b".into(), 6432), ("::1".into(), 7000)]);
+        assert_eq!((info.host.as_str(), info.port), ("a", 5432));
+        assert_eq!(info.endpoint(), "a:5432,b:6432,::1:7000/u");
+        assert_eq!(info.candidates().len(), 3);
+        assert_eq!(info.candidates()[1].endpoint(), "b:6432/u");
+        assert_eq!(info.target, Target::Writer);
+        assert!(info.tls.requires_tls(), "remote hosts: TLS required by default");
+        let both = cfg("hosts = [\"a\"]\nhost = \"b\"").validate("db").unwrap_err().to_string();
+        assert!(both.contains("hosts replaces host and port"), "{both}");
+        let bad = cfg("hosts = [\"a:x\"]").validate("db").unwrap_err().to_string();
+        assert!(bad.contains("\"a:x\" is not host or host:port"), "{bad}");
+    }
+
+    #[test]
+    fn a_standby_url_inherits_the_login_and_database_and_may_be_any_server() {
+        let c = cfg("url = \"postgres://u:pw@writer/app\"\nstandby_url = \"postgres://replica:5433\"");
+        let writer = c.validate("db").unwrap();
+        let standby = c.standby_info("db", &writer).unwrap().unwrap();
+        assert_eq!((standby.host.as_str(), standby.port, standby.user.as_str()), ("replica", 5433, "u"));
+        assert_eq!(standby.password.as_ref().map(|p| p.expose().to_string()), Some("pw".into()));
+        assert_eq!((standby.dbname.as_str(), standby.target), ("app", Target::Any));
+        let other = cfg("url = \"postgres://u@writer/app\"\nstandby_url = \"postgres://replica/other\"");
+        let e = other.validate("db").unwrap_err().to_string();
+        assert!(e.contains("a standby has the writer's databases"), "{e}");
+        assert!(cfg("").standby_info("db", &cfg("").validate("db").unwrap()).unwrap().is_none());
+    }
 }

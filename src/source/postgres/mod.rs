@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod failover;
 pub mod origin;
 pub mod replication;
 pub mod schema_change;
@@ -41,6 +42,8 @@ pub struct PostgresSource {
     name: Name,
     cfg: PostgresSourceConfig,
     info: ConnInfo,
+    /// With standby decoding: the standby the slot lives on and the stream decodes from.
+    standby: Option<ConnInfo>,
     catalog: Arc<ArcSwap<Catalog>>,
     /// The pipelines snapshots may serve; a reload replaces the list, so a pipeline added by
     /// reload can be snapshotted at once.
@@ -62,6 +65,7 @@ pub struct PgAdmin {
     name: Name,
     cfg: PostgresSourceConfig,
     info: ConnInfo,
+    standby: Option<ConnInfo>,
     catalog: Arc<ArcSwap<Catalog>>,
     pipelines: SnapshotPipelines,
 }
@@ -72,7 +76,20 @@ impl SourceAdmin for PgAdmin {
             let mut tables = needs.tables.clone();
             tables.extend(self.cfg.tables.iter().cloned());
             let client = setup::connect_sql(&self.info, &self.name).await?;
-            let catalog = setup::prepare(&client, &self.name, &self.cfg, &self.info, &tables, false).await?;
+            let standby = match &self.standby {
+                Some(s) => Some((setup::connect_sql(s, &self.name).await?, s)),
+                None => None,
+            };
+            let catalog = setup::prepare(
+                &client,
+                &self.name,
+                &self.cfg,
+                &self.info,
+                &tables,
+                false,
+                standby.as_ref().map(|(c, s)| (c, *s)),
+            )
+            .await?;
             setup::check_columns(&catalog, &needs.columns)
                 .map_err(|msg| SourceError::Setup { source_name: self.name.to_string(), msg })?;
             self.catalog.store(Arc::new(catalog));
@@ -99,30 +116,79 @@ impl PostgresSource {
             cfg.validate(name).map_err(|e| SourceError::Setup { source_name: name.into(), msg: e.to_string() })?;
         let mut tables = needs.tables.clone();
         tables.extend(cfg.tables.iter().cloned());
+        let setup_err = |msg: String| SourceError::Setup { source_name: name.into(), msg };
+        let standby = cfg.standby_info(name, &info).map_err(|e| setup_err(e.to_string()))?;
         let client = setup::connect_sql(&info, name).await?;
         setup::preflight(&client, name, &info).await?;
+        let standby_client = match &standby {
+            Some(s) => {
+                let c = setup::connect_sql(s, name).await?;
+                setup::preflight(&c, name, s).await?;
+                let version: u32 = c
+                    .query_one("SHOW server_version_num", &[])
+                    .await
+                    .map_err(|e| setup_err(setup::pg_error_text(&e)))?
+                    .get::<_, String>(0)
+                    .parse()
+                    .unwrap_or(0);
+                if version < 160_000 {
+                    return Err(setup_err(format!(
+                        "standby_url: {} runs PostgreSQL {}; decoding on a standby needs 16 or later",
+                        s.endpoint(),
+                        version / 10_000
+                    )));
+                }
+                Some(c)
+            }
+            None => None,
+        };
+        // The server the slot lives on: the writer, or the standby it decodes from.
+        let (slot_client, slot_info) = match (&standby_client, &standby) {
+            (Some(c), Some(s)) => (c, s),
+            _ => (&client, &info),
+        };
         // Before anything creates a slot: is the slot still the one polysync streamed from?
-        let start = origin::check(&client, &info, name, cfg, &env.state_dir).await?;
+        let start = origin::check(slot_client, slot_info, name, cfg, &env.state_dir).await?;
         if let origin::Start::Resnapshot(origin::Lost::SlotInvalidated { .. }) = &start {
             // An invalidated slot cannot stream: a new one replaces it.
-            client
+            slot_client
                 .execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot])
                 .await
-                .map_err(|e| SourceError::Setup { source_name: name.into(), msg: setup::pg_error_text(&e) })?;
+                .map_err(|e| setup_err(setup::pg_error_text(&e)))?;
         }
         let resnapshot = matches!(start, origin::Start::Resnapshot(_));
-        let catalog = setup::prepare(&client, name, cfg, &info, &tables, resnapshot).await?;
-        setup::check_columns(&catalog, &needs.columns)
-            .map_err(|msg| SourceError::Setup { source_name: name.into(), msg })?;
+        let catalog = setup::prepare(
+            &client,
+            name,
+            cfg,
+            &info,
+            &tables,
+            resnapshot,
+            standby_client.as_ref().zip(standby.as_ref()),
+        )
+        .await?;
+        setup::check_columns(&catalog, &needs.columns).map_err(setup_err)?;
         if resnapshot {
-            request_resnapshot(name, &catalog, needs, &env.state_dir)
-                .map_err(|msg| SourceError::Setup { source_name: name.into(), msg })?;
+            request_resnapshot(name, &catalog, needs, &env.state_dir).map_err(setup_err)?;
         }
-        let recorder = Arc::new(origin::Recorder::begin(&client, &info, name, &cfg.slot, &env.state_dir).await?);
+        let gaps = match &standby_client {
+            Some(c) => failover::decoding_standby_findings(c, &slot_info.endpoint()).await,
+            None => {
+                let fix = if cfg.create_if_missing { failover::SlotFix::Convert } else { failover::SlotFix::Report };
+                failover_gaps(&client, &info, cfg, catalog.server_version, fix).await
+            }
+        };
+        metrics().pg_failover_gaps.with_label_values(&[name]).set(gaps.len() as i64);
+        for gap in gaps {
+            tracing::warn!(source = name, slot = %cfg.slot, "failover readiness: {gap}");
+        }
+        let recorder =
+            Arc::new(origin::Recorder::begin(slot_client, slot_info, name, &cfg.slot, &env.state_dir).await?);
         Ok(PostgresSource {
             name: Name::from(name),
             cfg: cfg.clone(),
             info,
+            standby,
             catalog: Arc::new(ArcSwap::from_pointee(catalog)),
             pipelines: Arc::new(ArcSwap::from_pointee(needs.snapshots.clone())),
             state_dir: env.state_dir.clone(),
@@ -130,6 +196,27 @@ impl PostgresSource {
             recorder,
         })
     }
+}
+
+/// Every gap in the slot's failover readiness (the writer's settings and each standby's among
+/// `hosts`). Reading them never stops a start: a server
+/// without standbys is not wrong, only not highly available.
+pub async fn failover_gaps(
+    client: &tokio_postgres::Client,
+    info: &ConnInfo,
+    cfg: &PostgresSourceConfig,
+    server_version: u32,
+    fix: failover::SlotFix,
+) -> Vec<failover::Finding> {
+    let mut gaps = match failover::writer_findings(client, info, &cfg.slot, server_version, fix).await {
+        Ok(g) => g,
+        Err(e) => vec![failover::Finding {
+            server: info.endpoint(),
+            message: format!("cannot read the failover settings: {e}"),
+        }],
+    };
+    gaps.extend(failover::standby_findings(info, &cfg.slot, server_version).await);
+    gaps
 }
 
 /// `on_slot_lost = "resnapshot"`: every published table of every pipeline of the source is
@@ -171,6 +258,7 @@ impl Source for PostgresSource {
             name: Arc::clone(&self.name),
             cfg: self.cfg.clone(),
             info: self.info.clone(),
+            standby: self.standby.clone(),
             catalog: Arc::clone(&self.catalog),
             pipelines: Arc::clone(&self.pipelines),
         })
@@ -203,6 +291,7 @@ impl PostgresSource {
             Maintenance {
                 name: self.name.to_string(),
                 info: self.info.clone(),
+                slot_info: self.standby.clone(),
                 slot: self.cfg.slot.clone(),
                 heartbeat: self.cfg.heartbeat_interval(),
                 lag_limit: self.cfg.slot_lag_limit.map(|b| b.0),
@@ -215,6 +304,8 @@ impl PostgresSource {
         ));
         let new_backoff = || crate::retry::backoff_between(Duration::from_millis(200), self.cfg.reconnect_max_delay());
         let mut delays = new_backoff();
+        // The server the last stream ran on, to say when a failover moved it.
+        let mut writer: Option<String> = None;
         let publication = self.cfg.publication.clone();
         let mut options = vec![("proto_version", "1"), ("publication_names", publication.as_str())];
         // Logical messages carry the snapshot watermarks (pgoutput supports them from 14).
@@ -253,9 +344,23 @@ impl PostgresSource {
                 health.set(&component, Err(msg.clone()));
                 break Err(SourceError::Stream { source_name: self.name.to_string(), msg });
             }
-            let started =
-                async { ReplConnection::connect(&self.info).await?.start_logical(&self.cfg.slot, 0, &options).await }
-                    .await;
+            let started = async {
+                let mut conn = ReplConnection::connect(self.standby.as_ref().unwrap_or(&self.info)).await?;
+                let identity = conn.simple_query("IDENTIFY_SYSTEM").await?;
+                Ok::<_, replication::ReplError>((conn, identity))
+            }
+            .await;
+            let started = match started {
+                Ok((conn, identity)) => match self.follow_server(&conn, &identity, &mut writer).await {
+                    Ok(()) => conn.start_logical(&self.cfg.slot, 0, &options).await,
+                    Err(msg) => {
+                        conn.close().await;
+                        health.set(&component, Err(msg.clone()));
+                        break Err(SourceError::Stream { source_name: self.name.to_string(), msg });
+                    }
+                },
+                Err(e) => Err(e),
+            };
             let mut stream = match started {
                 Ok(s) => s,
                 Err(e) if e.is_transient() => {
@@ -271,20 +376,23 @@ impl PostgresSource {
                 Err(e) => {
                     let mut msg = e.to_string();
                     if e.code() == Some("42704") {
-                        // The slot was dropped while polysync ran: never recreated silently here.
+                        // The slot was dropped while polysync ran, or a failover reached a
+                        // server without a copy of it: never recreated silently here.
                         msg.push_str(&format!(
-                            "; the slot was dropped while streaming: the next start finds it lost and applies on_slot_lost = \"{}\"",
+                            "; the slot does not exist on this server (dropped while streaming, or a failover to a server it was not synchronised to): the next start finds it lost and applies on_slot_lost = \"{}\"",
                             match self.cfg.on_slot_lost {
                                 config::OnSlotLost::Stop => "stop",
                                 config::OnSlotLost::Resnapshot => "resnapshot",
                             }
                         ));
+                        metrics().pg_slot_lost.with_label_values(&[&self.name, "slot_missing"]).inc();
+                        tracing::error!(source = %self.name, slot = %self.cfg.slot, "{msg}");
                     }
                     health.set(&component, Err(msg.clone()));
                     break Err(SourceError::Stream { source_name: self.name.to_string(), msg });
                 }
             };
-            tracing::info!(source = %self.name, endpoint = %self.info.endpoint(), slot = %self.cfg.slot, "streaming");
+            tracing::info!(source = %self.name, endpoint = %writer.as_deref().unwrap_or_default(), slot = %self.cfg.slot, "streaming");
             health.set(&component, Ok(()));
             connected.set(1);
             delays = new_backoff();
@@ -348,10 +456,49 @@ impl PostgresSource {
     }
 }
 
+impl PostgresSource {
+    /// After a (re)connect: is this still the system polysync streamed from? A new timeline is
+    /// a failover to a promoted standby (logged, counted, recorded; the stream resumes from the
+    /// slot synchronised to it); another system identifier stops the source, since positions
+    /// and versions of two systems are not comparable.
+    async fn follow_server(
+        &self,
+        conn: &ReplConnection,
+        identity: &[Vec<Option<String>>],
+        writer: &mut Option<String>,
+    ) -> Result<(), String> {
+        let field = |i: usize| identity.first().and_then(|r| r.get(i)).cloned().flatten().unwrap_or_default();
+        let here = conn.endpoint().to_string();
+        let timeline =
+            field(1).parse::<u32>().map_err(|_| format!("{here}: IDENTIFY_SYSTEM: timeline {:?}", field(1)))?;
+        match self.recorder.observe(&field(0), timeline).await {
+            Ok(origin::Observed::Same) => {}
+            Ok(origin::Observed::NewTimeline { from, to }) => {
+                metrics().pg_timeline_changes.with_label_values(&[&self.name]).inc();
+                tracing::warn!(source = %self.name, endpoint = %here, previous = writer.as_deref().unwrap_or("-"), from_timeline = from, to_timeline = to, slot = %self.cfg.slot, "failover: the writer is a promoted standby on a new timeline; streaming resumes from its copy of the slot, if it has one (changes after the copy's position replay)");
+            }
+            Err(lost) => {
+                metrics().pg_slot_lost.with_label_values(&[&self.name, lost.label()]).inc();
+                let msg = format!("{here}: {lost}; streaming stops, as positions of two systems are not comparable");
+                tracing::error!(source = %self.name, reason = lost.label(), "{msg}");
+                return Err(msg);
+            }
+        }
+        if writer.as_deref().is_some_and(|w| w != here) {
+            tracing::warn!(source = %self.name, from = writer.as_deref().unwrap_or_default(), to = %here, "the writer moved to another server");
+        }
+        *writer = Some(here);
+        Ok(())
+    }
+}
+
 /// What the maintenance task of a source needs.
 struct Maintenance {
     name: String,
+    /// The writer: heartbeats.
     info: ConnInfo,
+    /// With standby decoding, the standby: slot lag and the lag-limit drop.
+    slot_info: Option<ConnInfo>,
     slot: String,
     heartbeat: Duration,
     lag_limit: Option<u64>,
@@ -397,6 +544,7 @@ async fn maintenance(m: Maintenance, cancel: CancellationToken) {
     let exceeded = metrics().pg_slot_lag_exceeded.with_label_values(&[&name, &slot]);
     let mut over = false;
     let mut client: Option<tokio_postgres::Client> = None;
+    let mut standby_client: Option<tokio_postgres::Client> = None;
     let mut heartbeat_tick = tokio::time::interval(heartbeat);
     let mut lag_tick = tokio::time::interval(Duration::from_secs(5));
     let mut heartbeat_enabled = true;
@@ -412,7 +560,17 @@ async fn maintenance(m: Maintenance, cancel: CancellationToken) {
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = setup::connect_sql(&info, &name).await.ok();
         }
-        let Some(c) = &client else { continue };
+        if !beat && let Some(standby) = &m.slot_info {
+            // Standby decoding: the slot and its lag are on the standby.
+            if standby_client.as_ref().is_none_or(|c| c.is_closed()) {
+                standby_client = setup::connect_sql(standby, &name).await.ok();
+            }
+        }
+        let c = match (&m.slot_info, beat) {
+            (Some(_), false) => standby_client.as_ref(),
+            _ => client.as_ref(),
+        };
+        let Some(c) = c else { continue };
         if beat {
             if let Err(e) = c.execute("SELECT pg_logical_emit_message(false, 'polysync.heartbeat', '')", &[]).await {
                 if e.code().map(|c| c.code()) == Some("42501") {
@@ -425,7 +583,8 @@ async fn maintenance(m: Maintenance, cancel: CancellationToken) {
         } else {
             match c
                 .query_opt(
-                    "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                    "SELECT ((CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END) - confirmed_flush_lsn)::bigint \
+                     FROM pg_replication_slots WHERE slot_name = $1",
                     &[&slot],
                 )
                 .await
@@ -447,8 +606,103 @@ async fn maintenance(m: Maintenance, cancel: CancellationToken) {
                     over = now_over;
                 }
                 Ok(None) => tracing::error!(source = %name, slot = %slot, "replication slot no longer exists"),
+                Err(_) if m.slot_info.is_some() => standby_client = None,
                 Err(_) => client = None,
             }
         }
     }
+}
+
+/// What `polysync check --online` found for one PostgreSQL source.
+#[derive(Debug, Default)]
+pub struct OnlineReport {
+    /// What was confirmed (the writer reached, the slot, the record).
+    pub facts: Vec<String>,
+    /// Gaps that do not stop a start but should be fixed (failover readiness).
+    pub warnings: Vec<String>,
+}
+
+/// The read-only part of a start, for `check --online`: reach the writer (and the standby of
+/// standby decoding), the privileges and `wal_level`, the slot against polysync's record, and
+/// failover readiness. Nothing is created or changed; an error is what `run` would refuse with.
+pub async fn check_online(
+    name: &str,
+    cfg: &PostgresSourceConfig,
+    state_dir: &std::path::Path,
+) -> Result<OnlineReport, SourceError> {
+    let setup_err = |msg: String| SourceError::Setup { source_name: name.into(), msg };
+    let info = cfg.validate(name).map_err(|e| setup_err(e.to_string()))?;
+    let standby = cfg.standby_info(name, &info).map_err(|e| setup_err(e.to_string()))?;
+    let mut report = OnlineReport::default();
+    let client = setup::connect_sql(&info, name).await?;
+    setup::preflight(&client, name, &info).await?;
+    let row = client
+        .query_one(
+            "SELECT coalesce(host(inet_server_addr()), 'local socket'), coalesce(inet_server_port(), 0), current_setting('server_version_num')::int",
+            &[],
+        )
+        .await
+        .map_err(|e| setup_err(setup::pg_error_text(&e)))?;
+    let (addr, port, version): (String, i32, i32) = (row.get(0), row.get(1), row.get(2));
+    report.facts.push(format!(
+        "writer {addr}:{port} (PostgreSQL {}), wal_level logical, role {} may stream",
+        version / 10_000,
+        info.user
+    ));
+    let standby_client = match &standby {
+        Some(s) => {
+            let c = setup::connect_sql(s, name).await?;
+            setup::preflight(&c, name, s).await?;
+            report.facts.push(format!("decoding on standby {}", s.endpoint()));
+            Some(c)
+        }
+        None => None,
+    };
+    let (slot_client, slot_info) = match (&standby_client, &standby) {
+        (Some(c), Some(s)) => (c, s),
+        _ => (&client, &info),
+    };
+    let path = crate::checkpoint::origin::origin_path(state_dir, name);
+    let record = crate::checkpoint::origin::OriginRecord::load(&path).map_err(|e| setup_err(e.to_string()))?;
+    let facts = origin::server_facts(slot_client, slot_info, name, &cfg.slot).await?;
+    match (origin::judge(record.as_ref(), &facts, &cfg.slot), &facts.slot) {
+        (origin::Verdict::First, None) if cfg.create_if_missing => {
+            report.facts.push(format!("slot {:?} does not exist yet: the first start creates it", cfg.slot))
+        }
+        (origin::Verdict::First, None) => {
+            return Err(setup_err(format!(
+                "replication slot {:?} does not exist on {}; create it or set create_if_missing = true",
+                cfg.slot,
+                slot_info.endpoint()
+            )));
+        }
+        (origin::Verdict::First, Some(_)) => {
+            report.facts.push(format!("slot {:?} exists; no record yet in {}", cfg.slot, path.display()))
+        }
+        (origin::Verdict::Same, _) => {
+            report.facts.push(format!("slot {:?} is the one polysync streamed from ({})", cfg.slot, path.display()))
+        }
+        (origin::Verdict::Promoted { from, to }, _) => report.facts.push(format!(
+            "slot {:?} was synchronised to this promoted standby (timeline {from} → {to}): the start resumes from it",
+            cfg.slot
+        )),
+        (origin::Verdict::Lost(lost), _) => match (cfg.on_slot_lost, &lost) {
+            (config::OnSlotLost::Resnapshot, l) if !matches!(l, origin::Lost::OtherSystem { .. }) => {
+                report.warnings.push(format!(
+                    "{lost}; on_slot_lost = \"resnapshot\": the start re-reads every table of every pipeline"
+                ))
+            }
+            _ => return Err(setup_err(format!("{lost} (on_slot_lost decides at start; see docs/failover.md)"))),
+        },
+    }
+    let gaps = match &standby_client {
+        Some(c) => failover::decoding_standby_findings(c, &slot_info.endpoint()).await,
+        None => {
+            // Read-only: the slot is not converted here, only reported.
+            let fix = if cfg.create_if_missing { failover::SlotFix::AtStart } else { failover::SlotFix::Report };
+            failover_gaps(&client, &info, cfg, version as u32, fix).await
+        }
+    };
+    report.warnings.extend(gaps.iter().map(|g| format!("failover readiness: {g}")));
+    Ok(report)
 }

@@ -229,6 +229,20 @@ pub async fn server_facts(
     Ok(ServerFacts { system_identifier, timeline, slot })
 }
 
+/// What a reconnect found, compared with the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// The server polysync streamed from, or one that continues its history on its timeline.
+    Same,
+    /// A promoted standby of the same system (a failover or switchover).
+    NewTimeline {
+        /// The recorded timeline.
+        from: u32,
+        /// The server's.
+        to: u32,
+    },
+}
+
 /// What the start of a source does after the check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Start {
@@ -329,6 +343,30 @@ impl Recorder {
             tracing::error!(source, error = %e, "cannot write the source's state record; confirmations wait until it can be written");
         }
         Ok(recorder)
+    }
+
+    /// Compare the server a reconnect reached (its `IDENTIFY_SYSTEM`) with the record: the
+    /// same system on a new timeline is a failover to a promoted standby, recorded here; another
+    /// system means the positions are not comparable, and the stream must not go on.
+    pub async fn observe(&self, system_identifier: &str, timeline: u32) -> Result<Observed, Lost> {
+        let (before, next) = {
+            let r = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            if r.system_identifier != system_identifier {
+                return Err(Lost::OtherSystem {
+                    before: r.system_identifier.clone(),
+                    now: system_identifier.to_string(),
+                });
+            }
+            if r.timeline == timeline {
+                return Ok(Observed::Same);
+            }
+            (r.timeline, OriginRecord { timeline, updated: Utc::now(), ..r.clone() })
+        };
+        if let Err(e) = self.save(next).await {
+            // The next start compares timelines again and says the same: nothing is lost.
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot record the new timeline");
+        }
+        Ok(Observed::NewTimeline { from: before, to: timeline })
     }
 
     /// The position recorded last.

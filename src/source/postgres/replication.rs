@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::config::ConnInfo;
+use super::config::{ConnInfo, Target};
 use crate::tls::TlsMode;
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
@@ -87,6 +87,13 @@ pub enum ReplError {
         /// The timeout.
         after: Duration,
     },
+    /// No candidate server is the writer: each is in recovery or unreachable (mid-failover,
+    /// or an Aurora cluster endpoint still pointing at the old writer). Retried.
+    #[error("no server is the writer: {tried}")]
+    NoWriter {
+        /// Each candidate with why it was passed over.
+        tried: String,
+    },
 }
 
 impl ReplError {
@@ -94,7 +101,10 @@ impl ReplError {
     /// permission problems that need a person.
     pub fn is_transient(&self) -> bool {
         match self {
-            ReplError::Io { .. } | ReplError::Timeout { .. } | ReplError::Protocol { .. } => true,
+            ReplError::Io { .. }
+            | ReplError::Timeout { .. }
+            | ReplError::Protocol { .. }
+            | ReplError::NoWriter { .. } => true,
             ReplError::Tls { .. } | ReplError::Auth { .. } => false,
             ReplError::Server { code, .. } => {
                 // 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now,
@@ -254,13 +264,51 @@ pub struct ReplConnection {
 }
 
 impl ReplConnection {
-    /// Connect, negotiate TLS per the mode, authenticate, and wait for ReadyForQuery.
+    /// Connect to the first candidate server that answers and is acceptable (the writer,
+    /// unless `info.target` is `Any`): negotiate TLS per the mode, authenticate, wait for
+    /// ReadyForQuery. With one candidate its own error is returned, so messages stay exact.
     pub async fn connect(info: &ConnInfo) -> Result<ReplConnection, ReplError> {
-        let endpoint = info.endpoint();
-        match tokio::time::timeout(info.connect_timeout, Self::connect_inner(info, &endpoint)).await {
-            Ok(r) => r,
-            Err(_) => Err(ReplError::Timeout { endpoint, after: info.connect_timeout }),
+        let candidates = info.candidates();
+        let single = candidates.len() == 1;
+        let (mut tried, mut permanent) = (Vec::new(), None);
+        for cand in candidates {
+            let endpoint = cand.endpoint();
+            let attempt = match tokio::time::timeout(cand.connect_timeout, Self::connect_inner(&cand, &endpoint)).await
+            {
+                Ok(r) => r,
+                Err(_) => Err(ReplError::Timeout { endpoint: endpoint.clone(), after: cand.connect_timeout }),
+            };
+            match attempt {
+                Ok(mut conn) => {
+                    if info.target == Target::Any {
+                        return Ok(conn);
+                    }
+                    let rows = conn.simple_query("SELECT pg_is_in_recovery()").await?;
+                    if rows.first().and_then(|r| r.first()).cloned().flatten().as_deref() == Some("f") {
+                        return Ok(conn);
+                    }
+                    conn.close().await;
+                    tried.push(format!("{endpoint} is in recovery (a standby)"));
+                }
+                Err(e) if single => return Err(e),
+                Err(e) => {
+                    if !e.is_transient() && permanent.is_none() {
+                        permanent = Some(e.to_string());
+                    }
+                    tried.push(e.to_string());
+                }
+            }
         }
+        // A wrong password or a missing grant is not fixed by waiting: said as such.
+        if let Some(msg) = permanent {
+            return Err(ReplError::Auth { endpoint: info.endpoint(), msg });
+        }
+        Err(ReplError::NoWriter { tried: tried.join("; ") })
+    }
+
+    /// `host:port/db` of the server this connection reached.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
     }
 
     async fn connect_inner(info: &ConnInfo, endpoint: &str) -> Result<ReplConnection, ReplError> {

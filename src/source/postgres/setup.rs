@@ -176,6 +176,7 @@ pub async fn preflight(client: &Client, name: &str, info: &ConnInfo) -> Result<(
 
 /// Check (and, with `create_if_missing`, create) everything the stream needs; `create_slot`
 /// creates a missing slot regardless (`on_slot_lost = "resnapshot"` asked for a new one).
+/// Everything is on the writer (`client`) except, with standby decoding, the slot (`standby`).
 ///
 /// `wanted` are the exact relations the pipelines name (plus `tables` from the config);
 /// `patterns` are wildcard prefixes the pipelines use, checked against what is published.
@@ -186,6 +187,7 @@ pub async fn prepare(
     info: &ConnInfo,
     wanted: &BTreeSet<String>,
     create_slot: bool,
+    standby: Option<(&Client, &ConnInfo)>,
 ) -> Result<Catalog, SourceError> {
     let refuse = |msg: String| SourceError::Setup { source_name: name.to_string(), msg };
     let sql = |e: tokio_postgres::Error| SourceError::Setup { source_name: name.to_string(), msg: pg_error_text(&e) };
@@ -474,23 +476,64 @@ pub async fn prepare(
         catalog.types.insert(oid, super::types::qualified_type_name(&namespace, &name), base, element);
     }
 
-    // Slot.
+    match standby {
+        None => ensure_slot(client, None, name, cfg, info, server_version, create_slot).await?,
+        Some((standby, standby_info)) => {
+            ensure_slot(standby, Some(client), name, cfg, standby_info, server_version, create_slot).await?
+        }
+    }
+    Ok(catalog)
+}
+
+/// Check (and, with `create_if_missing` or `create_slot`, create) the slot on `slot_client`:
+/// the writer, or with standby decoding the standby, where creating it waits for a
+/// running-xacts record from the primary, which `primary` is asked for meanwhile
+/// (`pg_log_standby_snapshot`, PostgreSQL 16+). A failover slot where the server has them.
+pub async fn ensure_slot(
+    slot_client: &Client,
+    primary: Option<&Client>,
+    name: &str,
+    cfg: &PostgresSourceConfig,
+    info: &ConnInfo,
+    server_version: u32,
+    create_slot: bool,
+) -> Result<(), SourceError> {
+    let refuse = |msg: String| SourceError::Setup { source_name: name.to_string(), msg };
+    let sql = |e: tokio_postgres::Error| SourceError::Setup { source_name: name.to_string(), msg: pg_error_text(&e) };
     let slot = &cfg.slot;
-    let slot_row = client
+    let slot_row = slot_client
         .query_opt("SELECT plugin, database, slot_type FROM pg_replication_slots WHERE slot_name = $1", &[slot])
         .await
         .map_err(sql)?;
     match slot_row {
         None if cfg.create_if_missing || create_slot => {
-            client
-                .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[slot])
-                .await
-                .map_err(sql)?;
-            tracing::info!(source = name, slot = %slot, "created replication slot");
+            match primary {
+                None => {
+                    slot_client
+                        .query_one(super::failover::create_slot_sql(server_version), &[slot])
+                        .await
+                        .map_err(sql)?;
+                }
+                Some(primary) => {
+                    // Failover slots cannot be created on a standby; a plain one then.
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [slot];
+                    let create = slot_client.query_one(super::failover::create_slot_sql(0), &params);
+                    tokio::pin!(create);
+                    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+                    loop {
+                        tokio::select! {
+                            r = &mut create => { r.map_err(sql)?; break; }
+                            _ = tick.tick() => { let _ = primary.execute("SELECT pg_log_standby_snapshot()", &[]).await; }
+                        }
+                    }
+                }
+            }
+            tracing::info!(source = name, slot = %slot, endpoint = %info.endpoint(), "created replication slot");
         }
         None => {
             return Err(refuse(format!(
-                "replication slot {slot:?} does not exist; create it (SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')) or set create_if_missing = true"
+                "replication slot {slot:?} does not exist on {}; create it (SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')) or set create_if_missing = true",
+                info.endpoint()
             )));
         }
         Some(r) => {
@@ -507,7 +550,7 @@ pub async fn prepare(
             }
         }
     }
-    Ok(catalog)
+    Ok(())
 }
 
 /// Check that the columns templates name exist (for pipelines without a transform), so a typo
