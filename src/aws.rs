@@ -31,6 +31,7 @@ pub const IAM_ACTIONS: &[(&str, &str)] = &[
     ("checkpoint::lease", "dynamodb:Scan"),
     ("checkpoint::lease", "dynamodb:PutItem"),
     ("checkpoint::lease", "dynamodb:UpdateItem"),
+    ("checkpoint::lease", "dynamodb:DeleteItem"),
     ("sink::search", "es:DescribeDomain"),
     ("sink::search", "es:ESHttpGet"),
     ("sink::search", "es:ESHttpHead"),

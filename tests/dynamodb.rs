@@ -999,3 +999,324 @@ async fn snapshot_command_backfills_a_dynamodb_pipeline_and_waits_for_it() {
     assert!(String::from_utf8_lossy(&status.stdout).contains("done"), "{}", String::from_utf8_lossy(&status.stdout));
     d.stop().await.unwrap();
 }
+
+/// A backfill row delayed by backpressure never brings back an item deleted while it waited.
+/// The search index forgets tombstones at once here (`index.gc_deletes = 0s`, what 60 s of the
+/// default look like to a slow sink), the sink is slowed down (a delaying TCP proxy, named as
+/// such), and items are deleted while the scan's rows are being handed over. Every item the
+/// table lacks is absent from the index, and every other one equals the table. (With the scan
+/// fence turned off, 85 of the 200 deleted items came back in this test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backfill_delayed_by_a_slow_sink_never_resurrects_an_item_deleted_during_the_scan() {
+    let _g = shared().await;
+    let client = ddb().await;
+    let table = unique("fence");
+    create_table(&client, &table, true).await;
+    const ITEMS: usize = 400;
+    for chunk in (0..ITEMS).collect::<Vec<_>>().chunks(25) {
+        let reqs = chunk
+            .iter()
+            .map(|i| {
+                let it = item(
+                    &format!("u{i:03}"),
+                    &[("n", AttributeValue::N(i.to_string())), ("name", AttributeValue::S(format!("user {i}")))],
+                );
+                aws_sdk_dynamodb::types::WriteRequest::builder()
+                    .put_request(aws_sdk_dynamodb::types::PutRequest::builder().set_item(Some(it)).build().unwrap())
+                    .build()
+            })
+            .collect::<Vec<_>>();
+        client.batch_write_item().request_items(&table, reqs).send().await.unwrap();
+    }
+    let index = unique("fence-idx").to_lowercase();
+    let (status, body) = crate::support::search::call(
+        "PUT",
+        &format!("/{index}"),
+        Some(r#"{"settings": {"index": {"gc_deletes": "0s", "number_of_replicas": 0}}}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // The puts are before the first start (second-resolution creation times): only the scan
+    // has them, and the stream carries nothing but the deletes.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let slow = crate::support::proxy::Proxy::start(&crate::support::search::addr()).await;
+    slow.set_delay(Duration::from_millis(800));
+    let ws = Workspace::new();
+    let extra = format!(
+        "start = \"latest\"\nbackfill_segments = 2\n[sinks.search]\nkind = \"search\"\nurl = \"http://{}\"\nlinger = \"2ms\"\n",
+        slow.addr
+    );
+    // Backpressure holds rows in the source's window (no spilling to the spool, which would
+    // free it), 16 changes at a time.
+    ws.write_config(&config(&table, &extra, None).replace(
+        "shutdown_timeout = \"15s\"",
+        "shutdown_timeout = \"15s\"\nmax_in_flight = 16\nspill_after = \"10m\"",
+    ));
+    ws.write_pipeline(
+        "profiles",
+        &format!(
+            "source = \"ddb\"\nsnapshot = \"initial\"\n[match]\nrelations = [\"*\"]\n[[sink]]\ntarget = \"search\"\nindex = \"{index}\"\nid = \"{{{{ key.user_id }}}}\"\n"
+        ),
+    );
+    let d = InProcess::start(&ws.config_path());
+    let progress = ws.path().join("state/snapshot-ddb.json");
+    let running = || {
+        polysync::checkpoint::snapshot::SnapshotProgress::load(&progress)
+            .is_ok_and(|p| p.tasks.iter().any(|t| t.state == polysync::checkpoint::snapshot::TaskState::Running))
+    };
+    wait_for("the backfill to start", WAIT, || async { running() }).await;
+    // While its rows are handed over at the slow sink's pace: delete half the items, the ones
+    // the scan reaches last first (moto scans in key order), so their deletes overtake them.
+    let mut deleted = 0;
+    for i in (0..ITEMS).rev().step_by(2) {
+        client
+            .delete_item()
+            .table_name(&table)
+            .key("user_id", AttributeValue::S(format!("u{i:03}")))
+            .send()
+            .await
+            .unwrap();
+        deleted += 1;
+    }
+    assert!(running(), "the deletes ran during the scan (make the sink slower if this fails)");
+    wait_for("the backfill to finish", Duration::from_secs(180), || async {
+        polysync::checkpoint::snapshot::SnapshotProgress::load(&progress)
+            .is_ok_and(|p| p.tasks.len() == 1 && p.tasks[0].state == polysync::checkpoint::snapshot::TaskState::Done)
+    })
+    .await;
+    slow.set_delay(Duration::ZERO);
+    let expected: std::collections::BTreeMap<String, String> = table_docs(&client, &table)
+        .await
+        .into_iter()
+        .map(|(k, v)| (k, v["n"].to_string().trim_matches('"').to_string()))
+        .collect();
+    assert_eq!(expected.len(), ITEMS - deleted);
+    let mut last = String::new();
+    let converged = async {
+        for _ in 0..150 {
+            crate::support::search::refresh(&index).await;
+            let (_, hits) =
+                crate::support::search::call("GET", &format!("/{index}/_search?size=1000&q=*:*"), None).await;
+            let have: std::collections::BTreeMap<String, String> = hits["hits"]["hits"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|h| {
+                            let n = h["_source"]["n"].to_string().trim_matches('"').to_string();
+                            (h["_id"].as_str().unwrap().to_string(), n)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if have == expected {
+                return true;
+            }
+            let back: Vec<&String> = have.keys().filter(|k| !expected.contains_key(*k)).collect();
+            last = format!(
+                "{} docs, {} expected; resurrected: {:?}",
+                have.len(),
+                expected.len(),
+                &back[..back.len().min(10)]
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    }
+    .await;
+    assert!(converged, "{last}");
+    d.stop().await.unwrap();
+    crate::support::search::delete_index(&index).await;
+}
+
+/// A lease moved for balance is handed over, never snatched: on the wire-level fake streams
+/// endpoint (two open shards; moto has one), instance a reads both; instance b starts and asks
+/// for one. a stops that shard's reader, lets what it read be applied and checkpointed, and only
+/// then names b the owner; b resumes after a's checkpoint (AFTER_SEQUENCE_NUMBER), never
+/// replaying what a may still have been applying. Leases stay renewed throughout (nothing
+/// expires), and every record arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_balanced_lease_is_handed_over_after_the_old_owner_applied_what_it_read() {
+    let _g = shared().await;
+    let seq = |s: u32| format!("{:021}", s);
+    let shard = |id: &str, from: u32| FakeShard {
+        id: id.into(),
+        parent: None,
+        records: (from..from + 6).map(|i| (seq(i), format!("{id}-u{i}"))).collect(),
+        closed: false,
+    };
+    let shards = vec![shard("shard-one", 100), shard("shard-two", 200)];
+    let users: Vec<String> = shards.iter().flat_map(|s| s.records.iter().map(|r| r.1.clone())).collect();
+    let (endpoint, fake) = fake_streams::serve(shards, Faults::default()).await;
+    let (leases, p) = (unique("hleases"), unique("ho"));
+    let redis = TestRedis::connect().await;
+    for u in &users {
+        redis.set(&format!("{p}:m:{u}"), "x").await;
+    }
+    let client = ddb().await;
+    let spawn = |w: &str| {
+        let ws = Workspace::new();
+        let extra = format!(
+            "endpoint_url = \"{endpoint}\"\n[sources.ddb.checkpoint]\nstore = \"dynamodb\"\ntable = \"{leases}\"\ncreate_table = true\nworker_id = \"{w}\"\nlease_duration = \"6s\"\nendpoint_url = \"{}\"\n",
+            crate::support::aws::endpoint()
+        );
+        ws.write_config(&config(&fake.arn, &extra, None));
+        ws.write_pipeline("markers", &markers_pipeline(&p));
+        let d = ChildDaemon::spawn(&ws.config_path(), &ws.path().join("daemon.log"));
+        (ws, d)
+    };
+    let (_wa, a) = spawn("a");
+    wait_for("a reads both shards to their end", WAIT, || async {
+        let mut all = true;
+        for u in &users {
+            all &= !redis.exists(&format!("{p}:m:{u}")).await;
+        }
+        let owners = lease_owner(&client, &leases).await;
+        all && owners.len() == 2 && owners.values().all(|o| o.as_deref() == Some("a"))
+    })
+    .await;
+    // Let a checkpoint what it applied.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b_started = std::time::Instant::now();
+    let (_wb, b) = spawn("b");
+    wait_for("one lease handed to b", WAIT, || async {
+        let owners = lease_owner(&client, &leases).await;
+        owners.values().filter(|o| o.as_deref() == Some("b")).count() == 1
+            && owners.values().filter(|o| o.as_deref() == Some("a")).count() == 1
+    })
+    .await;
+    let moved = lease_owner(&client, &leases).await.into_iter().find(|(_, o)| o.as_deref() == Some("b")).unwrap().0;
+    let a_log = a.log_text();
+    assert!(a_log.contains("another instance asked for this lease"), "{a_log}");
+    assert!(a_log.contains("lease handed over after the shard's reader stopped"), "{a_log}");
+    assert!(!a_log.contains("lease taken by another instance"), "never snatched:\n{a_log}");
+    // b resumed from a's checkpoint of what a had applied, not from the shard's start.
+    let after_b = || -> Vec<String> {
+        fake.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.op == "GetShardIterator" && c.shard == moved && c.at > b_started)
+            .map(|c| c.detail.clone())
+            .collect()
+    };
+    wait_for("b to read the shard handed to it", WAIT, || async { !after_b().is_empty() }).await;
+    let after_b = after_b();
+    assert!(!after_b.is_empty() && after_b.iter().all(|k| k == "AFTER_SEQUENCE_NUMBER"), "{after_b:?}");
+    assert!(a.terminate().await.success());
+    assert!(b.terminate().await.success());
+}
+
+/// A restart after a downtime longer than the stream's 24 h retention, on the wire-level fake
+/// streams endpoint (moto cannot age a stream): the shard polysync was reading has expired (the
+/// stream no longer lists it and answers ResourceNotFound for it), and its child and a new
+/// shard are there. The source does not stop: the expired shard is named as data lost
+/// upstream, counted, marked finished and pruned from the shard map; its child and the new
+/// shard are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_after_the_retention_names_the_expired_shard_prunes_it_and_reads_the_rest() {
+    let _g = shared().await;
+    let seq = |s: u32| format!("{:021}", s);
+    let shard = |id: &str, parent: Option<&str>, from: u32, n: u32| FakeShard {
+        id: id.into(),
+        parent: parent.map(str::to_string),
+        records: (from..from + n).map(|i| (seq(i), format!("{id}-u{i}"))).collect(),
+        closed: false,
+    };
+    let before = vec![shard("shard-old", None, 100, 4)];
+    let after = vec![shard("shard-child", Some("shard-old"), 200, 4), shard("shard-new", None, 300, 3)];
+    let users =
+        |s: &[FakeShard]| -> Vec<String> { s.iter().flat_map(|s| s.records.iter().map(|r| r.1.clone())).collect() };
+    let (first_users, later_users) = (users(&before), users(&after));
+    let (endpoint, fake) = fake_streams::serve(before, Faults::default()).await;
+    let p = unique("ret");
+    let redis = TestRedis::connect().await;
+    for u in first_users.iter().chain(&later_users) {
+        redis.set(&format!("{p}:m:{u}"), "x").await;
+    }
+    let port = free_port();
+    let ws = Workspace::new();
+    let write =
+        |endpoint: &str| ws.write_config(&config(&fake.arn, &format!("endpoint_url = \"{endpoint}\""), Some(port)));
+    write(&endpoint);
+    ws.write_pipeline("markers", &markers_pipeline(&p));
+    let log = ws.path().join("daemon.log");
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("the first run reads the old shard", WAIT, || async {
+        let mut all = true;
+        for u in &first_users {
+            all &= !redis.exists(&format!("{p}:m:{u}")).await;
+        }
+        all
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(d.terminate().await.success());
+
+    // A day later: the same stream, the old shard expired, its child and a new shard listed.
+    let (endpoint2, _fake2) = fake_streams::serve(after, Faults::default()).await;
+    write(&endpoint2);
+    let mut d = ChildDaemon::spawn(&ws.config_path(), &log);
+    wait_for("the child and the new shard read", WAIT, || async {
+        let mut all = true;
+        for u in &later_users {
+            all &= !redis.exists(&format!("{p}:m:{u}")).await;
+        }
+        all
+    })
+    .await;
+    assert!(d.child.try_wait().unwrap().is_none(), "the source keeps running:\n{}", d.log_text());
+    let text = d.log_text();
+    assert!(text.contains("DATA LOST UPSTREAM: shard expired") && text.contains("shard-old"), "{text}");
+    let metrics = http_get(&format!("127.0.0.1:{port}"), "/metrics").await.expect("metrics").1;
+    assert_eq!(metric_value(&metrics, "polysync_ddb_trimmed_data_total", &[("source", "ddb")]), 1.0, "{metrics}");
+    // Discovery runs every 2 s here: the pruning follows the next one.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(d.terminate().await.success());
+    let store =
+        polysync::checkpoint::store::FileStore::open(&ws.path().join("state/checkpoints-ddb.redb")).expect("store");
+    assert_eq!(store.load(&fake.arn, "shard-old").unwrap(), None, "the expired shard is pruned from the shard map");
+    assert!(store.load(&fake.arn, "shard-child").unwrap().is_some(), "the child is kept");
+}
+
+/// Global tables: every replica's stream carries every region's writes. With
+/// `only_writes_from`, records whose item names another origin are passed over (and counted);
+/// records without the attribute are kept. Records shaped like a legacy global table's, which
+/// carry `aws:rep:updateregion`, on the wire-level fake streams endpoint (moto has no global
+/// tables).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_writes_from_keeps_this_regions_writes_of_a_global_table() {
+    let _g = shared().await;
+    let users = ["a@us-east-1", "b@eu-west-1", "c", "d@eu-west-1", "z@us-east-1"];
+    let shards = vec![FakeShard {
+        id: "shard-g".into(),
+        parent: None,
+        records: users.iter().enumerate().map(|(i, u)| (format!("{:021}", 500 + i), u.to_string())).collect(),
+        closed: false,
+    }];
+    let (endpoint, fake) = fake_streams::serve(shards, Faults::default()).await;
+    let p = unique("gt");
+    let redis = TestRedis::connect().await;
+    for u in users {
+        redis.set(&format!("{p}:m:{u}"), "x").await;
+    }
+    let port = free_port();
+    let ws = Workspace::new();
+    ws.write_config(&config(
+        &fake.arn,
+        &format!(
+            "endpoint_url = \"{endpoint}\"\nonly_writes_from = {{ attribute = \"aws:rep:updateregion\", value = \"us-east-1\" }}"
+        ),
+        Some(port),
+    ));
+    ws.write_pipeline("markers", &markers_pipeline(&p));
+    let d = ChildDaemon::spawn(&ws.config_path(), &ws.path().join("daemon.log"));
+    wait_for("the last local write", WAIT, || async { !redis.exists(&format!("{p}:m:z@us-east-1")).await }).await;
+    assert!(!redis.exists(&format!("{p}:m:a@us-east-1")).await, "a local write is applied");
+    assert!(!redis.exists(&format!("{p}:m:c")).await, "a write without the attribute is kept");
+    for foreign in ["b@eu-west-1", "d@eu-west-1"] {
+        assert!(redis.exists(&format!("{p}:m:{foreign}")).await, "{foreign} is another region's write");
+    }
+    let metrics = http_get(&format!("127.0.0.1:{port}"), "/metrics").await.expect("metrics").1;
+    assert_eq!(metric_value(&metrics, "polysync_ddb_foreign_writes_skipped_total", &[("source", "ddb")]), 2.0);
+    assert!(d.terminate().await.success());
+}

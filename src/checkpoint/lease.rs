@@ -13,7 +13,13 @@
 //!   expired and may be taken, again conditionally on the counter. A lease under this
 //!   instance's own id that it does not hold (a restart with the same id) is taken back at once.
 //! * Balance: each instance aims at ⌈eligible shards / live instances⌉; below it, it takes
-//!   unowned and expired leases first, then steals one lease per round from the busiest owner.
+//!   unowned and expired leases first, then asks the busiest owner for one lease per round.
+//! * A steal is a hand-over, never a snatch: the thief sets `steal_to` on the lease; the owner
+//!   sees it at its next renewal, stops that shard's reader, lets what it read be applied and
+//!   checkpointed (it still owns the lease meanwhile and keeps renewing it), then writes the
+//!   thief as owner. So the new owner never replays records the old one may still be applying
+//!   (with one-second versions a stale write landing late could win). An owner that dies
+//!   instead stops renewing, and the thief takes the lease once it expires.
 //! * A child shard is eligible only once every parent's checkpoint is `SHARD_END`.
 //! * Checkpoints are written on the condition `owner = me`, so two owners can never both write
 //!   one shard's position.
@@ -41,10 +47,15 @@ struct Row {
     counter: u64,
     checkpoint: Option<String>,
     parents: Vec<String>,
+    /// Another instance asked for this lease.
+    steal_to: Option<String>,
 }
 
 #[derive(Default)]
 struct State {
+    /// shard → the instance it is being handed over to: its reader is stopping; the lease is
+    /// still ours (renewed) until [`ShardStore::release`] hands it over.
+    handing: HashMap<String, String>,
     /// shard → counter after our last successful renew/take.
     owned: HashMap<String, u64>,
     /// shard → last successful renewal.
@@ -196,6 +207,7 @@ impl LeaseTable {
                     parents: get("parents")
                         .map(|p| p.split(',').filter(|x| !x.is_empty()).map(str::to_string).collect())
                         .unwrap_or_default(),
+                    steal_to: get("steal_to"),
                 });
             }
             start = out.last_evaluated_key().cloned();
@@ -222,31 +234,78 @@ impl LeaseTable {
                 .expression_attribute_values(":one", n(1))
                 .expression_attribute_values(":me", s(&self.worker))
                 .expression_attribute_values(":c", n(counter))
-                .return_values(ReturnValue::UpdatedNew)
+                .return_values(ReturnValue::AllNew)
                 .send()
                 .await;
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             match r {
-                Ok(_) => {
+                Ok(out) => {
                     st.owned.insert(shard.clone(), counter + 1);
-                    st.renewed.insert(shard, Instant::now());
+                    st.renewed.insert(shard.clone(), Instant::now());
+                    let thief = out
+                        .attributes()
+                        .and_then(|a| a.get("steal_to"))
+                        .and_then(|v| v.as_s().ok())
+                        .filter(|t| **t != self.worker)
+                        .cloned();
+                    if let Some(thief) = thief
+                        && !st.handing.contains_key(&shard)
+                    {
+                        tracing::info!(source = %self.source, shard = %shard, to = %thief, "another instance asked for this lease; handing it over once what was read from the shard is applied");
+                        st.handing.insert(shard.clone(), thief);
+                        lost.push(shard);
+                    }
                 }
                 Err(e) if conditional_failed(&e) => {
                     tracing::warn!(source = %self.source, shard = %shard, "lease taken by another instance; stopping this shard's reader");
                     st.owned.remove(&shard);
-                    lost.push(shard);
+                    if st.handing.remove(&shard).is_none() {
+                        lost.push(shard);
+                    }
                 }
                 Err(e) => {
                     let since = st.renewed.get(&shard).map(|t| t.elapsed()).unwrap_or_default();
                     if since > self.duration * 2 / 3 {
-                        tracing::error!(source = %self.source, shard = %shard, error = %unavailable(&e), "cannot renew the lease in time; stopping this shard's reader");
                         st.owned.remove(&shard);
-                        lost.push(shard);
+                        // A lease being handed over has its reader stopping already.
+                        if st.handing.remove(&shard).is_none() {
+                            tracing::error!(source = %self.source, shard = %shard, error = %unavailable(&e), "cannot renew the lease in time; stopping this shard's reader");
+                            lost.push(shard);
+                        }
                     }
                 }
             }
         }
         lost
+    }
+
+    /// Ask the owner of `row` to hand its lease over (see the module docs).
+    async fn request(&self, stream: &str, row: &Row) -> Result<(), StoreError> {
+        let Some(owner) = &row.owner else { return Ok(()) };
+        if row.steal_to.as_deref() == Some(self.worker.as_str()) {
+            return Ok(());
+        }
+        let r = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("lease_key", s(&Self::key(stream, &row.shard)))
+            .update_expression("SET #t = :me")
+            .condition_expression("#o = :old AND attribute_not_exists(#t)")
+            .expression_attribute_names("#t", "steal_to")
+            .expression_attribute_names("#o", "owner")
+            .expression_attribute_values(":me", s(&self.worker))
+            .expression_attribute_values(":old", s(owner))
+            .send()
+            .await;
+        match r {
+            Ok(_) => {
+                tracing::info!(source = %self.source, shard = %row.shard, owner = %owner, "asked the owner to hand this lease over (load balance)");
+                Ok(())
+            }
+            Err(e) if conditional_failed(&e) => Ok(()),
+            Err(e) => Err(unavailable(&e)),
+        }
     }
 
     async fn take(&self, stream: &str, row: &Row) -> Result<bool, StoreError> {
@@ -255,9 +314,10 @@ impl LeaseTable {
             .update_item()
             .table_name(&self.table)
             .key("lease_key", s(&Self::key(stream, &row.shard)))
-            .update_expression("SET #o = :me, #c = #c + :one")
+            .update_expression("SET #o = :me, #c = #c + :one REMOVE #t")
             .expression_attribute_names("#o", "owner")
             .expression_attribute_names("#c", "counter")
+            .expression_attribute_names("#t", "steal_to")
             .expression_attribute_values(":me", s(&self.worker))
             .expression_attribute_values(":one", n(1))
             .expression_attribute_values(":c", n(row.counter));
@@ -320,6 +380,33 @@ impl ShardStore for LeaseTable {
                 }
                 self.state.lock().unwrap_or_else(|p| p.into_inner()).synced.insert(sh.id.clone());
             }
+            // Finished shards the stream no longer lists (expired): their rows are deleted.
+            let listed: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
+            for row in self.scan(stream).await? {
+                if listed.contains(row.shard.as_str()) || row.checkpoint.as_deref() != Some(FINISHED) {
+                    continue;
+                }
+                let r = self
+                    .client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .key("lease_key", s(&Self::key(stream, &row.shard)))
+                    .condition_expression("#k = :done")
+                    .expression_attribute_names("#k", "checkpoint")
+                    .expression_attribute_values(":done", s(FINISHED))
+                    .send()
+                    .await;
+                match r {
+                    Ok(_) => {
+                        tracing::debug!(source = %self.source, shard = %row.shard, "expired finished shard pruned from the lease table");
+                        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                        st.synced.remove(&row.shard);
+                        st.seen.remove(&row.shard);
+                    }
+                    Err(e) if conditional_failed(&e) => {}
+                    Err(e) => return Err(unavailable(&e)),
+                }
+            }
             Ok(())
         })
     }
@@ -354,8 +441,11 @@ impl ShardStore for LeaseTable {
                 }
                 expired
             };
-            let mine: HashSet<String> =
-                self.state.lock().unwrap_or_else(|p| p.into_inner()).owned.keys().cloned().collect();
+            // Leases being handed over are still renewed, but no longer ours to read.
+            let (mine, handing): (HashSet<String>, HashSet<String>) = {
+                let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                (st.owned.keys().cloned().collect(), st.handing.keys().cloned().collect())
+            };
             let mut load: HashMap<String, usize> = HashMap::new();
             for r in &eligible {
                 if let Some(o) = &r.owner
@@ -367,7 +457,7 @@ impl ShardStore for LeaseTable {
             }
             let workers = load.len() + 1;
             let target = eligible.len().div_ceil(workers);
-            let mut count = eligible.iter().filter(|r| mine.contains(&r.shard)).count();
+            let mut count = eligible.iter().filter(|r| mine.contains(&r.shard) && !handing.contains(&r.shard)).count();
             for r in &eligible {
                 if count >= target {
                     break;
@@ -383,16 +473,18 @@ impl ShardStore for LeaseTable {
                 }
             }
             if count < target {
-                // Steal one lease from the busiest instance above target.
+                // Ask the busiest instance above target for one lease; it hands it over.
                 if let Some((victim, n)) = load.iter().max_by_key(|(_, n)| **n)
                     && *n > target
                     && let Some(r) = eligible.iter().find(|r| r.owner.as_deref() == Some(victim.as_str()))
                 {
-                    self.take(stream, r).await?;
+                    self.request(stream, r).await?;
                 }
             }
-            let owned_now: HashSet<String> =
-                self.state.lock().unwrap_or_else(|p| p.into_inner()).owned.keys().cloned().collect();
+            let owned_now: HashSet<String> = {
+                let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.owned.keys().filter(|k| !st.handing.contains_key(*k)).cloned().collect()
+            };
             metrics().ddb_shards_owned.with_label_values(&[&self.source]).set(owned_now.len() as i64);
             let owned = eligible
                 .iter()
@@ -440,18 +532,33 @@ impl ShardStore for LeaseTable {
 
     fn release<'a>(&'a self, stream: &'a str, shard: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            self.state.lock().unwrap_or_else(|p| p.into_inner()).owned.remove(shard);
-            let r = self
+            let to = {
+                let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.owned.remove(shard);
+                st.handing.remove(shard)
+            };
+            let mut req = self
                 .client
                 .update_item()
                 .table_name(&self.table)
                 .key("lease_key", s(&Self::key(stream, shard)))
-                .update_expression("REMOVE #o")
                 .condition_expression("#o = :me")
                 .expression_attribute_names("#o", "owner")
-                .expression_attribute_values(":me", s(&self.worker))
-                .send()
-                .await;
+                .expression_attribute_values(":me", s(&self.worker));
+            req = match &to {
+                // The reader has stopped and what it read is applied: the asker owns it now.
+                Some(thief) => req
+                    .update_expression("SET #o = :to, #c = #c + :one REMOVE #t")
+                    .expression_attribute_names("#c", "counter")
+                    .expression_attribute_names("#t", "steal_to")
+                    .expression_attribute_values(":to", s(thief))
+                    .expression_attribute_values(":one", n(1)),
+                None => req.update_expression("REMOVE #o"),
+            };
+            let r = req.send().await;
+            if let (Ok(_), Some(thief)) = (&r, &to) {
+                tracing::info!(source = %self.source, shard = %shard, to = %thief, "lease handed over after the shard's reader stopped and what it read was applied");
+            }
             match r {
                 Ok(_) => Ok(()),
                 Err(e) if conditional_failed(&e) => Ok(()),

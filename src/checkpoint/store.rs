@@ -87,7 +87,9 @@ pub type Assignment = (Vec<Owned>, Vec<String>);
 
 /// Checkpoints and ownership of a stream's shards.
 pub trait ShardStore: Send + Sync {
-    /// Make sure every known shard has an entry (new shards start unowned, without checkpoint).
+    /// Make sure every listed shard has an entry (new shards start unowned, without
+    /// checkpoint), and prune finished shards the stream no longer lists (expired after the
+    /// 24 h retention), so the map does not grow with every shard ever seen.
     /// `latest_from` (Unix ms) marks the shards of a stream the store has never seen with
     /// [`ShardCheckpoint::LatestFrom`]: `start = "latest"` applies to the shards open at the
     /// first start only; a shard found later (a child) starts at its beginning.
@@ -107,7 +109,9 @@ pub trait ShardStore: Send + Sync {
         shard: &'a str,
         ck: ShardCheckpoint,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
-    /// Give a shard up (clean shutdown) so another instance can take it at once.
+    /// Give a shard up so another instance can take it at once: at a clean shutdown, and once
+    /// the reader of a lease another instance asked for has stopped (then it is handed to that
+    /// instance).
     fn release<'a>(&'a self, stream: &'a str, shard: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
     /// How often `balance` should run.
     fn balance_interval(&self) -> std::time::Duration;
@@ -182,8 +186,28 @@ impl ShardStore for FileStore {
                     for (k, parents) in &rows {
                         t.insert(k.as_str(), parents.as_str()).map_err(unavailable)?;
                     }
+                    // Finished shards the stream no longer lists: forgotten.
+                    let listed: std::collections::HashSet<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+                    let mut cks = tx.open_table(CHECKPOINTS).map_err(unavailable)?;
+                    let mut gone = Vec::new();
+                    for entry in t.range(prefix.as_str()..).map_err(unavailable)? {
+                        let (k, _) = entry.map_err(unavailable)?;
+                        let k = k.value().to_string();
+                        if !k.starts_with(&prefix) {
+                            break;
+                        }
+                        if !listed.contains(k.as_str()) {
+                            gone.push(k);
+                        }
+                    }
+                    for k in gone {
+                        let finished = cks.get(k.as_str()).map_err(unavailable)?.is_some_and(|v| v.value() == FINISHED);
+                        if finished {
+                            t.remove(k.as_str()).map_err(unavailable)?;
+                            cks.remove(k.as_str()).map_err(unavailable)?;
+                        }
+                    }
                     if let Some(ms) = latest_from.filter(|_| first) {
-                        let mut cks = tx.open_table(CHECKPOINTS).map_err(unavailable)?;
                         for (k, _) in &rows {
                             cks.insert(k.as_str(), ShardCheckpoint::LatestFrom(ms).encode().as_str())
                                 .map_err(unavailable)?;
@@ -316,5 +340,24 @@ mod tests {
         assert_eq!(s.load("st", "a").unwrap(), Some(ShardCheckpoint::LatestFrom(1000)));
         assert_eq!(s.load("st", "b").unwrap(), None, "a shard found later starts at its beginning");
         assert_eq!(ShardCheckpoint::decode(&ShardCheckpoint::LatestFrom(7).encode()), ShardCheckpoint::LatestFrom(7));
+    }
+
+    #[tokio::test]
+    async fn finished_shards_the_stream_no_longer_lists_are_pruned_unfinished_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStore::open(&dir.path().join("ck.redb")).unwrap();
+        let info = |id: &str| ShardInfo { id: id.into(), parents: vec![] };
+        s.sync_shards("st", &[info("done"), info("open"), info("live")], None).await.unwrap();
+        s.checkpoint("st", "done", ShardCheckpoint::Finished).await.unwrap();
+        s.checkpoint("st", "open", ShardCheckpoint::At("7".into())).await.unwrap();
+        s.sync_shards("other", &[info("done")], None).await.unwrap();
+        s.checkpoint("other", "done", ShardCheckpoint::Finished).await.unwrap();
+        // Retention passed: only "live" is listed any more.
+        s.sync_shards("st", &[info("live")], None).await.unwrap();
+        assert_eq!(s.load("st", "done").unwrap(), None, "finished and gone: pruned");
+        assert_eq!(s.load("st", "open").unwrap(), Some(ShardCheckpoint::At("7".into())), "unfinished: kept until read");
+        let (owned, _) = s.balance("st").await.unwrap();
+        assert!(owned.iter().any(|o| o.shard == "open") && owned.iter().any(|o| o.shard == "live"));
+        assert_eq!(s.load("other", "done").unwrap(), Some(ShardCheckpoint::Finished), "another stream untouched");
     }
 }

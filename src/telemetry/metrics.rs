@@ -31,6 +31,7 @@ pub mod names {
     pub const DDB_LEASE_TAKES: &str = "polysync_ddb_lease_takes_total";
     pub const DDB_TRIMMED: &str = "polysync_ddb_trimmed_data_total";
     pub const DDB_ITERATORS_EXPIRED: &str = "polysync_ddb_iterators_expired_total";
+    pub const DDB_FOREIGN_WRITES: &str = "polysync_ddb_foreign_writes_skipped_total";
     pub const DDB_THROTTLES: &str = "polysync_ddb_throttles_total";
     pub const SNAPSHOT_ROWS: &str = "polysync_snapshot_rows_total";
     pub const SNAPSHOT_CHUNKS_REMAINING: &str = "polysync_snapshot_chunks_remaining";
@@ -69,6 +70,7 @@ pub mod names {
         DDB_LEASE_TAKES,
         DDB_TRIMMED,
         DDB_ITERATORS_EXPIRED,
+        DDB_FOREIGN_WRITES,
         DDB_THROTTLES,
         SNAPSHOT_ROWS,
         PG_SLOT_LAG_EXCEEDED,
@@ -141,6 +143,8 @@ pub struct Metrics {
     pub ddb_trimmed: IntCounterVec,
     /// Shard iterators that expired and were re-acquired.
     pub ddb_iterators_expired: IntCounterVec,
+    /// Stream records of another region's writes passed over (`only_writes_from`).
+    pub ddb_foreign_writes: IntCounterVec,
     /// Throttled stream or table calls.
     pub ddb_throttles: IntCounterVec,
     /// Rows emitted by snapshots and backfills, by source and relation.
@@ -264,6 +268,12 @@ impl Metrics {
                 &r,
                 DDB_ITERATORS_EXPIRED,
                 "Shard iterators re-acquired after expiring",
+                &["source"],
+            ),
+            ddb_foreign_writes: counter(
+                &r,
+                DDB_FOREIGN_WRITES,
+                "Stream records of writes made in another region, passed over (only_writes_from, global tables)",
                 &["source"],
             ),
             ddb_throttles: counter(&r, DDB_THROTTLES, "Throttled DynamoDB Streams calls", &["source"]),

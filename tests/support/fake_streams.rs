@@ -130,6 +130,11 @@ impl FakeStreams {
                                 "SequenceNumber": seq, "SizeBytes": 20, "StreamViewType": "NEW_AND_OLD_IMAGES"
                             }
                         });
+                        // "user@region" scripts a replicated write of a legacy global table: the
+                        // image carries aws:rep:updateregion (the 2017.11.29 version's marker).
+                        if let Some((_, region)) = user.split_once('@') {
+                            r["dynamodb"]["NewImage"]["aws:rep:updateregion"] = json!({"S": region});
+                        }
                         // A user id starting with "!nokey" scripts a record without keys.
                         if user.starts_with("!nokey") {
                             r["dynamodb"].as_object_mut().unwrap().remove("Keys");

@@ -1,11 +1,13 @@
 //! DynamoDB backfill: a parallel `Scan` (`Segment` / `TotalSegments`) fed through the same
 //! pipelines as the stream, merged with it by version.
 //!
-//! Scan rows are `read` changes versioned at the scan's start minus a clock margin
-//! (`(start − 2 s) << 30`, the same scale as stream changes, see [`crate::sink::version`]).
-//! Any write to an item after the scan started is newer and wins wherever it lands; any older
+//! Scan rows are `read` changes versioned at the time their page was read minus a clock margin
+//! (`(read − 2 s) << 30`, the same scale as stream changes, see [`crate::sink::version`]).
+//! Any write to an item after the page was read is newer and wins wherever it lands; any older
 //! stream record still in the backlog is refused by the sink's guard, because the scan row
-//! already holds a state at least that new. Progress is each segment's `LastEvaluatedKey`,
+//! already holds a state at least that new. A row whose item the stream has meanwhile handed
+//! over a newer record of is dropped before it is handed over ([`super::scan_fence`]), so a
+//! page delayed by backpressure can never bring back an item deleted while it waited. Progress is each segment's `LastEvaluatedKey`,
 //! saved only when every row of the page before it is applied, so a crash resumes each segment
 //! at its last applied page. Memory is one page per segment.
 
@@ -122,6 +124,8 @@ pub struct Backfiller {
     pub positioned: Arc<std::sync::atomic::AtomicUsize>,
     /// … out of the readers started.
     pub spawned: Arc<std::sync::atomic::AtomicUsize>,
+    /// Shared with this source's shard readers: rows superseded by the stream are dropped.
+    pub fence: Arc<super::scan_fence::ScanFence>,
 }
 
 impl Backfiller {
@@ -251,9 +255,10 @@ impl Backfiller {
         path: &std::path::Path,
         task: &SnapshotTask,
     ) -> Result<(), String> {
-        let start_secs = task.requested.timestamp() - CLOCK_MARGIN_SECS;
-        let version = Version::from_u64((start_secs.max(0) as u64) << DDB_SHIFT);
-        let commit_time = chrono::DateTime::from_timestamp(start_secs, 0);
+        // Key attributes in name order, as stream records give them: one item, one lane.
+        let mut key_names = self.key_names.clone();
+        key_names.sort();
+        let key_names = &key_names;
         let mut segments = task.last_key.clone().unwrap_or_default();
         if segments.len() != self.segments {
             segments = vec![String::new(); self.segments]; // not started (or the segment count changed)
@@ -276,6 +281,10 @@ impl Backfiller {
                         return Ok::<(), String>(());
                     }
                     let exclusive = if start.is_empty() { None } else { key_from_json(&start) };
+                    // The page's state is at least as new as this moment.
+                    let read_secs = chrono::Utc::now().timestamp() - CLOCK_MARGIN_SECS;
+                    let version = Version::from_u64((read_secs.max(0) as u64) << DDB_SHIFT);
+                    let commit_time = chrono::DateTime::from_timestamp(read_secs, 0);
                     let page = self
                         .client
                         .scan()
@@ -291,14 +300,23 @@ impl Backfiller {
                             format!("Scan {} segment {seg}: {}", self.table, crate::sink::search::aws_error_text(&e))
                         })?;
                     let n = page.items().len();
-                    for (i, item) in page.items().iter().enumerate() {
-                        let row = super::decode::scanned_image(item);
-                        let key: Row = self
-                            .key_names
-                            .iter()
-                            .filter_map(|k| row.get(k).map(|v| (Name::from(k.as_str()), v.clone())))
-                            .collect();
-                        let change = Change {
+                    let rows: Vec<(Row, Row)> = page
+                        .items()
+                        .iter()
+                        .map(|item| {
+                            let row = super::decode::scanned_image(item);
+                            let key: Row = key_names
+                                .iter()
+                                .filter_map(|k| row.get(k).map(|v| (Name::from(k.as_str()), v.clone())))
+                                .collect();
+                            (key, row)
+                        })
+                        .collect();
+                    let page_keys: Vec<Row> = rows.iter().map(|(k, _)| k.clone()).collect();
+                    self.fence.register(page_keys.iter().cloned(), read_secs);
+                    let mut superseded = 0usize;
+                    for (i, (key, row)) in rows.into_iter().enumerate() {
+                        let mut change = Change {
                             source: Arc::clone(&self.source),
                             relation: Arc::clone(&self.relation),
                             op: Op::Read,
@@ -313,9 +331,33 @@ impl Backfiller {
                             origin: Some(Arc::clone(&origin)),
                             key_changed: false,
                         };
-                        if crate::source::send(&*window, change, &self.cancel).await.is_err() {
-                            return Ok(());
+                        loop {
+                            match self.fence.offer(&*window, change) {
+                                Ok(super::scan_fence::Offered::Sent) => break,
+                                Ok(super::scan_fence::Offered::Superseded) => {
+                                    superseded += 1;
+                                    break;
+                                }
+                                Err(crate::source::SendError::Full(c)) => {
+                                    let closed = tokio::select! {
+                                        r = window.room(&c) => r.is_err(),
+                                        _ = self.cancel.cancelled() => true,
+                                    };
+                                    if closed {
+                                        self.fence.forget(page_keys);
+                                        return Ok(());
+                                    }
+                                    change = *c;
+                                }
+                                Err(crate::source::SendError::Closed) => {
+                                    self.fence.forget(page_keys);
+                                    return Ok(());
+                                }
+                            }
                         }
+                    }
+                    if superseded > 0 {
+                        tracing::debug!(source = %self.source, segment = seg, rows = superseded, "scan rows dropped: the stream delivered a newer record of their items while they waited");
                     }
                     // The page is applied everywhere before its end is recorded.
                     while window.in_flight() > 0 {

@@ -76,6 +76,38 @@ pub struct DynamoSourceConfig {
     /// Checkpoints and leases.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Global tables: keep only the writes made in one region, told by an attribute of the
+    /// item (every replica's stream carries every region's writes, and the current version of
+    /// global tables marks none of them).
+    #[serde(default)]
+    pub only_writes_from: Option<OriginFilter>,
+}
+
+/// `only_writes_from = { attribute = "origin_region", value = "eu-west-1" }`: a record is kept
+/// when its item image (the new image; for a delete, the old one) has `attribute` equal to
+/// `value`, or lacks the attribute (it cannot be told apart, so it is not dropped). Legacy
+/// (2017.11.29) global tables write `aws:rep:updateregion` themselves.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OriginFilter {
+    /// Attribute naming the region (or any origin) of the write.
+    pub attribute: String,
+    /// The origin to keep.
+    pub value: String,
+}
+
+impl OriginFilter {
+    /// Whether a change is a write from elsewhere (dropped, and counted).
+    pub fn is_foreign(&self, change: &crate::change::Change) -> bool {
+        let image = match change.op {
+            crate::change::Op::Delete => change.before.as_ref(),
+            _ => change.after.as_ref().or(change.before.as_ref()),
+        };
+        match image.and_then(|row| row.get(&self.attribute)) {
+            Some(crate::change::Value::Text(origin)) => *origin != self.value,
+            _ => false,
+        }
+    }
 }
 
 impl DynamoSourceConfig {
@@ -94,6 +126,11 @@ impl DynamoSourceConfig {
             }
             (Some(t), None) if t.is_empty() => return Err(bad("table is empty".into())),
             _ => {}
+        }
+        if let Some(f) = &self.only_writes_from
+            && (f.attribute.is_empty() || f.value.is_empty())
+        {
+            return Err(bad("only_writes_from needs attribute and value".into()));
         }
         if let CheckpointConfig::Dynamodb { table, lease_duration, .. } = &self.checkpoint {
             if table.is_empty() {

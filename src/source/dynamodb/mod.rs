@@ -11,6 +11,7 @@ pub mod backfill;
 pub mod config;
 pub mod decode;
 pub mod reader;
+pub mod scan_fence;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use super::SourceError;
 use crate::aws::AwsSettings;
 use crate::change::Name;
 use crate::checkpoint::lease::LeaseTable;
-use crate::checkpoint::store::{FileStore, ShardInfo, ShardStore};
+use crate::checkpoint::store::{FileStore, ShardCheckpoint, ShardInfo, ShardStore};
 use crate::source::postgres::SnapshotPipelines;
 use crate::source::{Images, Output, Source, SourceAdmin, SourceConfig, SourceEnv, SourceNeeds};
 use crate::telemetry::{Health, metrics};
@@ -308,6 +309,34 @@ impl DynamoSource {
         }
     }
 
+    /// A reader met `ResourceNotFoundException`. If the stream is gone, that ends the source
+    /// (`Err`). If only the shard is (it expired from the stream: after a downtime past the 24 h
+    /// retention, a shard polysync knew but never finished), its unread records are lost
+    /// upstream: said by name, counted in `polysync_ddb_trimmed_data_total`, and the shard is
+    /// marked finished so its children start and the shard map is pruned of it.
+    async fn shard_gone(&self, shard: &str, detail: &str) -> Result<(), String> {
+        let listed = match self.shards().await {
+            Ok(list) => list.iter().any(|s| s.id == shard),
+            Err(e) if e.contains("ResourceNotFound") || e.contains("disabled") => {
+                return Err(format!("stream {} is gone: {e}", self.stream_arn));
+            }
+            Err(e) => {
+                tracing::warn!(source = %self.name, shard, error = %e, "DescribeStream failed after a shard answered ResourceNotFound; retrying the shard");
+                return Ok(());
+            }
+        };
+        if listed {
+            tracing::warn!(source = %self.name, shard, detail, "the stream lists the shard but it answered ResourceNotFound; retrying it");
+            return Ok(());
+        }
+        metrics().ddb_trimmed.with_label_values(&[&self.name]).inc();
+        tracing::error!(source = %self.name, shard, detail, "DATA LOST UPSTREAM: shard expired from the stream (24 h retention) before it was read to its end; marking it finished so its children are read");
+        self.store
+            .checkpoint(&self.stream_arn, shard, ShardCheckpoint::Finished)
+            .await
+            .map_err(|e| format!("cannot mark the expired shard {shard} finished: {e}"))
+    }
+
     /// Run until `cancel`, or until the stream is gone.
     async fn stream(
         self,
@@ -319,8 +348,13 @@ impl DynamoSource {
     ) -> Result<(), SourceError> {
         let component = format!("source {}", self.name);
         let fail = |msg: String| SourceError::Stream { source_name: self.name.to_string(), msg };
-        let mut readers: HashMap<String, CancellationToken> = HashMap::new();
-        let mut tasks: JoinSet<(String, ReaderEnd)> = JoinSet::new();
+        // Shard → (generation, stop) of its live reader. A reader that was told to stop stays in
+        // `stopping` until it has drained: a new reader of the shard (the lease re-taken) starts
+        // only then, so it never replays records the old one may still apply.
+        let mut readers: HashMap<String, (u64, CancellationToken)> = HashMap::new();
+        let mut stopping: HashMap<String, u64> = HashMap::new();
+        let mut generation = 0u64;
+        let mut tasks: JoinSet<(String, u64, ReaderEnd)> = JoinSet::new();
         let mut discover = tokio::time::interval(self.cfg.discovery_interval());
         let mut balance = tokio::time::interval(self.store.balance_interval());
         let mut need_discovery = true;
@@ -330,6 +364,7 @@ impl DynamoSource {
         let connected = metrics().source_connected.with_label_values(&[&self.name]);
         let positioned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let spawned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let fence = Arc::new(scan_fence::ScanFence::default());
         let backfill = match Some(()) {
             Some(()) => match self.key_names().await {
                 Ok(key_names) => Some(tokio::spawn(
@@ -349,6 +384,7 @@ impl DynamoSource {
                         cancel: cancel.clone(),
                         positioned: Arc::clone(&positioned),
                         spawned: Arc::clone(&spawned),
+                        fence: Arc::clone(&fence),
                     }
                     .run(),
                 )),
@@ -386,16 +422,23 @@ impl DynamoSource {
                 _ = balance.tick() => match self.store.balance(&self.stream_arn).await {
                     Ok((owned, lost)) => {
                         for shard in lost {
-                            if let Some(stop) = readers.remove(&shard) {
+                            if let Some((g, stop)) = readers.remove(&shard) {
                                 stop.cancel();
+                                stopping.insert(shard, g);
                             }
                         }
                         for o in owned {
                             if readers.contains_key(&o.shard) {
                                 continue;
                             }
+                            if stopping.contains_key(&o.shard) {
+                                tracing::info!(source = %self.name, shard = %o.shard, "shard re-taken; its previous reader is still applying what it read, the new one starts after it");
+                                continue;
+                            }
                             let stop = CancellationToken::new();
-                            readers.insert(o.shard.clone(), stop.clone());
+                            generation += 1;
+                            let g = generation;
+                            readers.insert(o.shard.clone(), (g, stop.clone()));
                             let reader = ShardReader {
                                 source: Arc::clone(&self.name),
                                 relation: Arc::clone(&self.relation),
@@ -410,12 +453,14 @@ impl DynamoSource {
                                 poll_interval: self.cfg.poll_interval(),
                                 checkpoint_interval: self.cfg.checkpoint_interval(),
                                 positioned: Arc::clone(&positioned),
+                                fence: Arc::clone(&fence),
+                                only_writes_from: self.cfg.only_writes_from.clone(),
                             };
                             spawned.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             let shard = o.shard.clone();
                             let hard = hard_stop.clone();
                             tracing::info!(source = %self.name, shard = %shard, "reading shard");
-                            tasks.spawn(async move { (shard, reader.run(stop, hard).await) });
+                            tasks.spawn(async move { (shard, g, reader.run(stop, hard).await) });
                         }
                         connected.set(1);
                         health.set(&component, Ok(()));
@@ -426,11 +471,29 @@ impl DynamoSource {
                     }
                 },
                 Some(done) = tasks.join_next() => {
-                    let Ok((shard, end)) = done else { continue };
-                    readers.remove(&shard);
+                    let Ok((shard, g, end)) = done else { continue };
+                    // Only this reader's own entry: the shard may have a newer reader by now.
+                    if readers.get(&shard).is_some_and(|(live, _)| *live == g) {
+                        readers.remove(&shard);
+                    }
+                    if stopping.get(&shard) == Some(&g) {
+                        stopping.remove(&shard);
+                        // Drained: a lease another instance asked for is handed over now.
+                        if let Err(e) = self.store.release(&self.stream_arn, &shard).await {
+                            tracing::warn!(source = %self.name, shard = %shard, error = %e, "cannot hand the lease over; it expires instead");
+                        }
+                        balance.reset_immediately();
+                    }
                     match end {
                         ReaderEnd::Finished => need_discovery = true,
                         ReaderEnd::Stopped => {}
+                        ReaderEnd::Gone(msg) => match self.shard_gone(&shard, &msg).await {
+                            Ok(()) => need_discovery = true,
+                            Err(msg) => {
+                                result = Err(fail(msg));
+                                break;
+                            }
+                        },
                         ReaderEnd::Failed(msg) => {
                             result = Err(fail(msg));
                             break;
@@ -440,7 +503,7 @@ impl DynamoSource {
             }
         }
         // Stop the readers: each drains what it handed out (until the hard stop) and saves it.
-        for stop in readers.values() {
+        for (_, stop) in readers.values() {
             stop.cancel();
         }
         while tasks.join_next().await.is_some() {}

@@ -9,7 +9,8 @@
 //!   is data loss upstream: logged as an error, counted in `polysync_ddb_trimmed_data_total`,
 //!   and reading continues from the oldest record still there;
 //! * throttling: exponential backoff with jitter;
-//! * `ResourceNotFoundException`: the stream is gone; the reader stops with that message.
+//! * `ResourceNotFoundException`: the stream or the shard is gone; the reader stops and the
+//!   source finds out which (a shard past the 24 h retention is marked finished, by name).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -58,6 +59,11 @@ pub struct ShardReader {
     /// Counts readers that hold their first iterator (a backfill starts only after that, so
     /// every write after the scan's start is in the stream).
     pub positioned: Arc<std::sync::atomic::AtomicUsize>,
+    /// Told of every record before it is handed over, so a backfill row it supersedes is
+    /// dropped rather than applied after it.
+    pub fence: Arc<super::scan_fence::ScanFence>,
+    /// Global tables: drop the writes of other regions (counted).
+    pub only_writes_from: Option<super::config::OriginFilter>,
 }
 
 /// How a reader ended.
@@ -67,7 +73,10 @@ pub enum ReaderEnd {
     Finished,
     /// Stopped on request (shutdown or a lost lease); in-flight records may replay elsewhere.
     Stopped,
-    /// The stream is gone or a permanent error occurred.
+    /// The stream or this shard is gone (`ResourceNotFoundException`): the source tells which
+    /// (a shard that expired from the stream is not a reason to stop the others).
+    Gone(String),
+    /// A permanent error occurred.
     Failed(String),
 }
 
@@ -189,7 +198,7 @@ impl ShardReader {
                     Err(e) => {
                         let c = code(&e).unwrap_or_default();
                         if c == "ResourceNotFoundException" {
-                            return ReaderEnd::Failed(format!("stream {} is gone: {}", self.stream, text(&e)));
+                            return ReaderEnd::Gone(text(&e));
                         }
                         if c == "TrimmedDataAccessException" {
                             self.trimmed(&src, &text(&e));
@@ -236,9 +245,7 @@ impl ShardReader {
                             self.trimmed(&src, &text(&e));
                             want_iterator = Some((ShardIteratorType::TrimHorizon, None));
                         }
-                        "ResourceNotFoundException" => {
-                            return ReaderEnd::Failed(format!("stream {} is gone: {}", self.stream, text(&e)));
-                        }
+                        "ResourceNotFoundException" => return ReaderEnd::Gone(text(&e)),
                         c => {
                             if is_throttle(c) {
                                 m.ddb_throttles.with_label_values(&[&src]).inc();
@@ -295,10 +302,20 @@ impl ShardReader {
                     not_before = None;
                 }
                 m.source_changes.with_label_values(&[src.as_str(), &*self.relation]).inc();
+                if self.only_writes_from.as_ref().is_some_and(|f| f.is_foreign(&change)) {
+                    // Another region's write (only_writes_from): passed over, its position kept.
+                    m.ddb_foreign_writes.with_label_values(&[&src]).inc();
+                    ordinal += 1;
+                    window.mark(ordinal);
+                    positions.push_back((ordinal, seq.clone()));
+                    last_read = Some(seq);
+                    continue;
+                }
                 if let Some(t) = change.commit_time {
                     let lag = (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
                     m.source_lag.with_label_values(&[&src]).set(lag);
                 }
+                self.fence.stream_record(&change.key, change.commit_time.map(|t| t.timestamp()));
                 if crate::source::send(window, change, &hard_stop).await.is_err() {
                     return ReaderEnd::Stopped;
                 }
