@@ -111,6 +111,25 @@ enum DlqCommand {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Give dead letters up on purpose: recorded in `discarded.jsonl` (what, when, by whom),
+    /// then no longer listed or replayed (`dlq list --all` shows them as discarded).
+    Discard {
+        /// Config file.
+        #[arg(long, short, env = "POLYSYNC_CONFIG", default_value = "config/polysync.toml")]
+        config: PathBuf,
+        /// Only this pipeline (`-` for records that never reached a pipeline).
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Only these entries (repeatable).
+        #[arg(long)]
+        id: Vec<String>,
+        /// Only entries written before a time (RFC 3339) or age (`7d`: older than a week).
+        #[arg(long)]
+        before: Option<String>,
+        /// Every open entry (required when no other selector is given).
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// Follow the progress file until every task of the request is done: a bar per table on a
@@ -179,11 +198,56 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     })
 }
 
+fn dlq_discard(
+    config: PathBuf,
+    pipeline: Option<String>,
+    ids: Vec<String>,
+    before: Option<String>,
+    all: bool,
+) -> ExitCode {
+    use polysync::app::dlq_replay::{Selection, discard, parse_since};
+    if pipeline.is_none() && ids.is_empty() && before.is_none() && !all {
+        eprintln!("dlq discard: say which entries (--pipeline, --id, --before), or --all for every open entry");
+        return ExitCode::from(2);
+    }
+    let cfg = match load(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let before = match before.as_deref().map(parse_since).transpose() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{}", e.replace("--since", "--before"));
+            return ExitCode::from(2);
+        }
+    };
+    match discard(&cfg, &Selection { pipeline, before, ids, ..Default::default() }) {
+        Ok(done) => {
+            for d in &done {
+                println!("{}\t{}\t{}\tdiscarded\t{}", d.id, d.pipeline, d.sink, d.reason);
+            }
+            println!(
+                "discarded {} dead letter(s), recorded in {}",
+                done.len(),
+                cfg.dlq_dir().join(polysync::dlq::DISCARDED).display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn dlq(command: DlqCommand) -> ExitCode {
-    use polysync::app::dlq_replay::{Selection, parse_since, replay, select};
+    use polysync::app::dlq_replay::{Selection, Standing, parse_since, replay, select_with_standing};
     let (config, pipeline, since, all, run_replay) = match command {
         DlqCommand::List { config, pipeline, since, all } => (config, pipeline, since, all, false),
         DlqCommand::Replay { config, pipeline, since } => (config, pipeline, since, false, true),
+        DlqCommand::Discard { config, pipeline, id, before, all } => {
+            return dlq_discard(config, pipeline, id, before, all);
+        }
     };
     let cfg = match load(&config) {
         Ok(c) => c,
@@ -196,13 +260,22 @@ fn dlq(command: DlqCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let sel = Selection { pipeline, since, include_replayed: all };
+    let sel = Selection { pipeline, since, include_replayed: all, ..Default::default() };
     if !run_replay {
-        return match select(&cfg, &sel) {
+        return match select_with_standing(&cfg, &sel) {
             Ok(entries) => {
-                for e in &entries {
+                for (e, standing) in &entries {
+                    let standing = match standing {
+                        Standing::Open => String::new(),
+                        Standing::Replayed => "\treplayed".to_string(),
+                        Standing::Discarded(d) => format!(
+                            "\tdiscarded {}{}",
+                            d.discarded_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                            d.by.as_deref().map(|b| format!(" by {b}")).unwrap_or_default()
+                        ),
+                    };
                     println!(
-                        "{}\t{}\t{}\t{}\t{} {} [{}] at {}\t{}",
+                        "{}\t{}\t{}\t{}\t{} {} [{}] at {}\t{}{standing}",
                         e.id,
                         e.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                         e.pipeline,

@@ -1,8 +1,9 @@
-//! `polysync dlq list` and `polysync dlq replay`: look at dead letters, and deliver them again
+//! `polysync dlq list`, `replay` and `discard`: look at dead letters, deliver them again
 //! through the *current* pipeline definitions (so fixing a pipeline and replaying is the whole
-//! recovery). Replay writes straight to the sinks, which are idempotent or version-guarded, so
-//! it is safe while the daemon runs; delivered entries are recorded in `replayed.ids` and not
-//! shown or replayed again.
+//! recovery), or give them up on purpose. Replay writes straight to the sinks, which are
+//! idempotent or version-guarded, so it is safe while the daemon runs; delivered entries are
+//! recorded in `replayed.ids`, discarded ones in `discarded.jsonl` (with what they were, when
+//! and by whom), and neither is shown (without `--all`) or replayed again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::app::Config;
-use crate::dlq::{StoredDeadLetter, mark_replayed, read_all, replayed_ids};
+use crate::dlq::{Discarded, StoredDeadLetter, discarded, mark_discarded, mark_replayed, read_all, replayed_ids};
 use crate::pipeline::process::{self, Step};
 use crate::pipeline::{Pipeline, load};
 use crate::sink::{ItemOutcome, Record, Sink};
@@ -23,8 +24,23 @@ pub struct Selection {
     pub pipeline: Option<String>,
     /// Only entries written at or after this time.
     pub since: Option<DateTime<Utc>>,
-    /// Include entries already replayed (list only).
+    /// Only entries written before this time.
+    pub before: Option<DateTime<Utc>>,
+    /// Only these entry ids (empty: any).
+    pub ids: Vec<String>,
+    /// Include entries already replayed or discarded (list only).
     pub include_replayed: bool,
+}
+
+/// How an entry stands.
+#[derive(Debug, Clone)]
+pub enum Standing {
+    /// Waiting for a replay or a discard.
+    Open,
+    /// Delivered by a replay.
+    Replayed,
+    /// Given up by `dlq discard`.
+    Discarded(Discarded),
 }
 
 /// Parse `--since`: RFC 3339 (`2026-11-24T10:00:00Z`) or an age (`2h`, `30m`).
@@ -36,18 +52,63 @@ pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
     Ok(Utc::now() - chrono::Duration::from_std(age).map_err(|e| e.to_string())?)
 }
 
-/// Entries matching the selection, oldest first.
-pub fn select(config: &Config, sel: &Selection) -> Result<Vec<StoredDeadLetter>, String> {
+/// Entries matching the selection, oldest first, with how each stands.
+pub fn select_with_standing(config: &Config, sel: &Selection) -> Result<Vec<(StoredDeadLetter, Standing)>, String> {
     let dir = config.dlq_dir();
-    let done = replayed_ids(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let entries = read_all(&dir, |p, line, e| eprintln!("{}:{line}: unreadable entry skipped: {e}", p.display()))
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let io = |e: std::io::Error| format!("{}: {e}", dir.display());
+    let done = replayed_ids(&dir).map_err(io)?;
+    let mut gone = discarded(&dir).map_err(io)?;
+    let entries =
+        read_all(&dir, |p, line, e| eprintln!("{}:{line}: unreadable entry skipped: {e}", p.display())).map_err(io)?;
     Ok(entries
         .into_iter()
-        .filter(|e| sel.include_replayed || !done.contains(&e.id))
         .filter(|e| sel.pipeline.as_ref().is_none_or(|p| *p == e.pipeline))
         .filter(|e| sel.since.is_none_or(|t| e.at >= t))
+        .filter(|e| sel.before.is_none_or(|t| e.at < t))
+        .filter(|e| sel.ids.is_empty() || sel.ids.contains(&e.id))
+        .map(|e| {
+            let standing = match gone.remove(&e.id) {
+                Some(d) => Standing::Discarded(d),
+                None if done.contains(&e.id) => Standing::Replayed,
+                None => Standing::Open,
+            };
+            (e, standing)
+        })
+        .filter(|(_, s)| sel.include_replayed || matches!(s, Standing::Open))
         .collect())
+}
+
+/// Open entries matching the selection (all of them with `include_replayed`), oldest first.
+pub fn select(config: &Config, sel: &Selection) -> Result<Vec<StoredDeadLetter>, String> {
+    Ok(select_with_standing(config, sel)?.into_iter().map(|(e, _)| e).collect())
+}
+
+/// `dlq discard`: record the selected open entries as discarded (the record is written before
+/// they count as gone) and return them. An id that matches no open entry is an error, so a
+/// typo never passes for a discard.
+pub fn discard(config: &Config, sel: &Selection) -> Result<Vec<Discarded>, String> {
+    let open = select(config, &Selection { include_replayed: false, ..sel.clone() })?;
+    for id in &sel.ids {
+        if !open.iter().any(|e| e.id == *id) {
+            return Err(format!("no open dead letter has id {id} (see polysync dlq list --all)"));
+        }
+    }
+    let now = Utc::now();
+    let by = std::env::var("USER").ok().filter(|u| !u.is_empty());
+    let records: Vec<Discarded> = open
+        .into_iter()
+        .map(|e| Discarded {
+            id: e.id,
+            pipeline: e.pipeline,
+            sink: e.sink,
+            reason: e.reason,
+            discarded_at: now,
+            by: by.clone(),
+        })
+        .collect();
+    let dir = config.dlq_dir();
+    mark_discarded(&dir, &records).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(records)
 }
 
 /// Result of a replay.

@@ -281,6 +281,60 @@ pub fn read_all(dir: &Path, mut bad: impl FnMut(&Path, usize, String)) -> std::i
     Ok(out)
 }
 
+/// File recording each discarded entry (one JSON object per line: id, pipeline, sink, reason,
+/// when): the audit trail of `polysync dlq discard`.
+pub const DISCARDED: &str = "discarded.jsonl";
+
+/// What `polysync dlq discard` recorded about one entry.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Discarded {
+    /// Entry id.
+    pub id: String,
+    /// Its pipeline and sink, kept with the record so it reads on its own.
+    pub pipeline: String,
+    /// Sink (`-` for the whole pipeline).
+    pub sink: String,
+    /// Why it had been dead-lettered.
+    pub reason: String,
+    /// When it was discarded.
+    pub discarded_at: chrono::DateTime<chrono::Utc>,
+    /// Who discarded it (`$USER`, when set).
+    #[serde(default)]
+    pub by: Option<String>,
+}
+
+/// Entries discarded so far, by id.
+pub fn discarded(dir: &Path) -> std::io::Result<std::collections::HashMap<String, Discarded>> {
+    let text = match std::fs::read_to_string(dir.join(DISCARDED)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(e),
+    };
+    Ok(text.lines().filter_map(|l| serde_json::from_str::<Discarded>(l).ok()).map(|d| (d.id.clone(), d)).collect())
+}
+
+/// Record entries as discarded (appended, fsynced) before anything treats them as gone.
+pub fn mark_discarded(dir: &Path, entries: &[Discarded]) -> std::io::Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut opts = OpenOptions::new();
+    opts.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(dir.join(DISCARDED))?;
+    let mut text = String::new();
+    for e in entries {
+        text.push_str(&serde_json::to_string(e).map_err(std::io::Error::other)?);
+        text.push('\n');
+    }
+    f.write_all(text.as_bytes())?;
+    f.sync_data()
+}
+
 /// Ids already replayed.
 pub fn replayed_ids(dir: &Path) -> std::io::Result<std::collections::HashSet<String>> {
     match std::fs::read_to_string(dir.join(REPLAYED)) {
