@@ -315,7 +315,17 @@ pub fn discarded(dir: &Path) -> std::io::Result<std::collections::HashMap<String
 
 /// Record entries as discarded (appended, fsynced) before anything treats them as gone.
 pub fn mark_discarded(dir: &Path, entries: &[Discarded]) -> std::io::Result<()> {
-    if entries.is_empty() {
+    let mut text = String::new();
+    for e in entries {
+        text.push_str(&serde_json::to_string(e).map_err(std::io::Error::other)?);
+        text.push('\n');
+    }
+    append_synced(&dir.join(DISCARDED), &text)
+}
+
+/// Append `text` to a bookkeeping file of the DLQ directory (mode 0600) and fsync it.
+fn append_synced(path: &Path, text: &str) -> std::io::Result<()> {
+    if text.is_empty() {
         return Ok(());
     }
     let mut opts = OpenOptions::new();
@@ -325,12 +335,7 @@ pub fn mark_discarded(dir: &Path, entries: &[Discarded]) -> std::io::Result<()> 
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(dir.join(DISCARDED))?;
-    let mut text = String::new();
-    for e in entries {
-        text.push_str(&serde_json::to_string(e).map_err(std::io::Error::other)?);
-        text.push('\n');
-    }
+    let mut f = opts.open(path)?;
     f.write_all(text.as_bytes())?;
     f.sync_data()
 }
@@ -346,21 +351,8 @@ pub fn replayed_ids(dir: &Path) -> std::io::Result<std::collections::HashSet<Str
 
 /// Record entries as replayed (fsynced).
 pub fn mark_replayed(dir: &Path, ids: &[String]) -> std::io::Result<()> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let mut opts = OpenOptions::new();
-    opts.create(true).append(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(dir.join(REPLAYED))?;
-    let mut text = ids.join("\n");
-    text.push('\n');
-    f.write_all(text.as_bytes())?;
-    f.sync_data()
+    let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
+    append_synced(&dir.join(REPLAYED), &text)
 }
 
 #[cfg(test)]
