@@ -395,7 +395,13 @@ async fn after_the_primary_is_killed_and_the_standby_promoted_the_stores_equal_t
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     pair.kill_primary();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Until a writer answers, readiness says why each host was passed over.
+    wait_for("/readyz to say there is no writer", WAIT, || async {
+        http_get(&format!("127.0.0.1:{port}"), "/readyz")
+            .await
+            .is_some_and(|(status, body)| status == 503 && body.contains("no server is the writer"))
+    })
+    .await;
     pair.promote();
     // Writes go on against the new primary for a while, then stop.
     tokio::time::sleep(Duration::from_secs(3)).await;
