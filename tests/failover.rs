@@ -378,11 +378,17 @@ async fn after_the_primary_is_killed_and_the_standby_promoted_the_stores_equal_t
             .is_some()
     })
     .await;
-    let start = d.log_text();
-    assert!(
-        start.contains("failover readiness") && start.contains("not (yet) synchronised"),
-        "the start says the standby has no copy of the new slot yet:\n{start}"
-    );
+    // The log file is written asynchronously: wait for the line rather than read it once.
+    let says = |t: &str| t.contains("failover readiness") && t.contains("not (yet) synchronised");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !says(&d.log_text()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the start says the standby has no copy of the new slot yet:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let stop = tokio_util::sync::CancellationToken::new();
     let hosts = format!(
