@@ -3,6 +3,7 @@
 //! at the last chunk whose rows every sink applied. `polysync status` reads the same file.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -110,6 +111,74 @@ impl SnapshotProgress {
     }
 }
 
+/// The progress of one source's snapshots as the running daemon holds it: the tasks in memory
+/// for the workers, and the file written after each change off the runtime's threads (an
+/// fsync under a lock on an async worker would stall every task scheduled on it). Writes are
+/// serialised and each writes the state as it is when its turn comes, so the file only ever
+/// moves forward, whatever order the callers finish in.
+#[derive(Debug)]
+pub struct ProgressStore {
+    state: Mutex<SnapshotProgress>,
+    path: PathBuf,
+    write: tokio::sync::Mutex<()>,
+}
+
+impl ProgressStore {
+    /// Read the file (a missing file is an empty progress).
+    pub fn open(path: PathBuf) -> Result<ProgressStore, ProgressError> {
+        let state = Mutex::new(SnapshotProgress::load(&path)?);
+        Ok(ProgressStore { state, path, write: tokio::sync::Mutex::new(()) })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SnapshotProgress> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Look at the tasks (no I/O).
+    pub fn read<R>(&self, f: impl FnOnce(&SnapshotProgress) -> R) -> R {
+        f(&self.lock())
+    }
+
+    /// A copy of one task.
+    pub fn task(&self, id: &str) -> Option<SnapshotTask> {
+        self.lock().tasks.iter().find(|t| t.id == id).cloned()
+    }
+
+    /// Change the tasks, then record them durably; the result of `f` once the file holds it.
+    pub async fn change<R>(&self, f: impl FnOnce(&mut SnapshotProgress) -> R) -> Result<R, ProgressError> {
+        let r = f(&mut self.lock());
+        self.persist().await?;
+        Ok(r)
+    }
+
+    /// Change one task (stamping its `updated`) and record it; a missing task changes nothing.
+    pub async fn update(&self, id: &str, f: impl FnOnce(&mut SnapshotTask)) -> Result<(), ProgressError> {
+        self.change(|p| {
+            if let Some(t) = p.get_mut(id) {
+                f(t);
+                t.updated = Utc::now();
+            }
+        })
+        .await
+    }
+
+    async fn persist(&self) -> Result<(), ProgressError> {
+        let _turn = self.write.lock().await;
+        let err = |msg: String| ProgressError { path: self.path.clone(), msg };
+        let body = serde_json::to_vec_pretty(&*self.lock()).map_err(|e| err(e.to_string()))?;
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || super::file::write_atomic(&path, &body))
+            .await
+            .map_err(|e| err(format!("the write task failed: {e}")))?
+            .map_err(|e| err(e.to_string()))
+    }
+}
+
 impl SnapshotTask {
     /// A new pending task.
     pub fn new(id: String, pipeline: &str, relation: &str, filter: Option<String>) -> SnapshotTask {
@@ -171,5 +240,30 @@ mod tests {
         assert_eq!(back.tasks[0].last_key.as_deref(), Some(&["42".to_string(), "x,y".to_string()][..]));
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_updates_leave_the_file_with_the_latest_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = progress_path(dir.path(), "shop");
+        let store = std::sync::Arc::new(ProgressStore::open(path.clone()).unwrap());
+        store.change(|p| p.add(SnapshotTask::new("t".into(), "a", "public.t", None))).await.unwrap();
+        let mut writers = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let store = std::sync::Arc::clone(&store);
+            writers.spawn(async move { store.update("t", |t| t.chunks += 1).await.unwrap() });
+        }
+        while writers.join_next().await.is_some() {}
+        assert_eq!(store.task("t").unwrap().chunks, 50);
+        assert_eq!(SnapshotProgress::load(&path).unwrap().tasks[0].chunks, 50, "the file holds the last state");
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_reported_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing-dir").join("snapshot-shop.json");
+        let store = ProgressStore::open(path).unwrap();
+        let e = store.change(|p| p.add(SnapshotTask::new("t".into(), "a", "public.t", None))).await.unwrap_err();
+        assert!(e.to_string().contains("missing-dir"), "{e}");
     }
 }

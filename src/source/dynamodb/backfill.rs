@@ -21,7 +21,7 @@ use base64::Engine;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::{Change, Name, Op, Position, Row, SNAPSHOT_ORIGIN, Version};
-use crate::checkpoint::snapshot::{SnapshotProgress, SnapshotTask, TaskState, progress_path};
+use crate::checkpoint::snapshot::{ProgressStore, SnapshotTask, TaskState, progress_path};
 use crate::sink::version::DDB_SHIFT;
 use crate::source::Output;
 use crate::telemetry::metrics;
@@ -147,47 +147,33 @@ impl Backfiller {
 
     /// Run initial and requested backfills until cancelled.
     pub async fn run(self) {
-        let path = progress_path(&self.state_dir, &self.source);
-        let progress = match SnapshotProgress::load(&path) {
-            Ok(p) => Arc::new(Mutex::new(p)),
+        let progress = match ProgressStore::open(progress_path(&self.state_dir, &self.source)) {
+            Ok(p) => p,
             Err(e) => {
                 tracing::error!(source = %self.source, error = %e, "backfills disabled: cannot read their progress");
                 return;
             }
         };
-        {
-            let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
-            for (name, rels, initial) in self.pipelines.load().iter() {
-                if *initial && rels.iter().any(|r| r.matches(&self.relation)) {
-                    if !self.initial_allowed {
-                        tracing::warn!(source = %self.source, pipeline = %name, "snapshot = \"initial\" is not started automatically with a lease table (every instance would scan); run `polysync snapshot --pipeline {name}` against one instance");
-                        continue;
-                    }
-                    p.add(SnapshotTask::new(format!("initial:{name}:{}", self.relation), name, &self.relation, None));
-                }
-            }
-            let _ = p.save(&path);
-        }
         let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut warned = std::collections::HashSet::new();
         loop {
-            self.take_requests(&progress, &path);
+            self.queue_initial(&progress, &mut warned).await;
+            self.take_requests(&progress).await;
             let next = progress
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .tasks
-                .iter()
-                .find(|t| matches!(t.state, TaskState::Pending | TaskState::Running))
-                .cloned();
+                .read(|p| p.tasks.iter().find(|t| matches!(t.state, TaskState::Pending | TaskState::Running)).cloned());
             if let Some(task) = next {
                 if !self.wait_for_readers().await {
                     return;
                 }
-                if let Err(msg) = self.run_task(&progress, &path, &task).await {
+                if let Err(msg) = self.run_task(&progress, &task).await {
                     tracing::error!(source = %self.source, pipeline = %task.pipeline, error = %msg, "backfill failed");
-                    update(&progress, &path, &task.id, |t| {
+                    let failed = progress.update(&task.id, |t| {
                         t.state = TaskState::Failed;
                         t.error = Some(msg);
                     });
+                    if let Err(e) = failed.await {
+                        tracing::error!(source = %self.source, pipeline = %task.pipeline, error = %e, "could not record the backfill's failure");
+                    }
                 }
                 if self.cancel.is_cancelled() {
                     return;
@@ -201,60 +187,92 @@ impl Backfiller {
         }
     }
 
-    fn take_requests(&self, progress: &Mutex<SnapshotProgress>, path: &std::path::Path) {
+    /// Initial backfills of pipelines that never had one (at start, and for pipelines a reload
+    /// adds).
+    async fn queue_initial(&self, progress: &ProgressStore, warned: &mut std::collections::HashSet<String>) {
+        let mut new = Vec::new();
+        for (name, rels, initial) in self.pipelines.load().iter() {
+            let id = format!("initial:{name}:{}", self.relation);
+            if !*initial || !rels.iter().any(|r| r.matches(&self.relation)) || progress.task(&id).is_some() {
+                continue;
+            }
+            if !self.initial_allowed {
+                if warned.insert(id) {
+                    tracing::warn!(source = %self.source, pipeline = %name, "snapshot = \"initial\" is not started automatically with a lease table (every instance would scan); run `polysync snapshot --pipeline {name}` against one instance");
+                }
+                continue;
+            }
+            tracing::info!(source = %self.source, pipeline = %name, "initial backfill requested");
+            new.push(SnapshotTask::new(id, name, &self.relation, None));
+        }
+        if new.is_empty() {
+            return;
+        }
+        if let Err(e) = progress.change(|p| new.into_iter().for_each(|t| _ = p.add(t))).await {
+            tracing::error!(source = %self.source, error = %e, "could not record the initial backfills; they are requested again");
+        }
+    }
+
+    /// Requests `polysync snapshot` dropped into the state directory. Each becomes a task, or a
+    /// failed task naming why, so the CLI reports the daemon's answer; the file is removed only
+    /// once that is recorded.
+    async fn take_requests(&self, progress: &ProgressStore) {
         let dir = requests_dir(&self.state_dir);
-        let Ok(rd) = std::fs::read_dir(&dir) else { return };
-        let mut files: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect();
-        files.sort();
-        for f in files {
-            let Ok(bytes) = std::fs::read(&f) else { continue };
-            let Ok(req) = serde_json::from_slice::<Request>(&bytes) else { continue };
+        let found = tokio::task::spawn_blocking(move || -> Vec<(PathBuf, Option<Request>)> {
+            let Ok(rd) = std::fs::read_dir(&dir) else { return Vec::new() };
+            let mut files: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect();
+            files.sort();
+            files
+                .into_iter()
+                .map(|f| {
+                    let req = std::fs::read(&f).ok().and_then(|b| serde_json::from_slice::<Request>(&b).ok());
+                    (f, req)
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        for (f, req) in found {
+            let Some(req) = req else {
+                tracing::warn!(source = %self.source, file = %f.display(), "unreadable snapshot request; left in place");
+                continue;
+            };
             if req.source != *self.source {
                 continue;
             }
             let id = f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            if self
+            let id = format!("signal:{id}:{}", self.relation);
+            let served = self
                 .pipelines
                 .load()
                 .iter()
-                .any(|(n, rels, _)| **n == *req.pipeline && rels.iter().any(|r| r.matches(&self.relation)))
-            {
-                let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
-                if p.add(SnapshotTask::new(
-                    format!("signal:{id}:{}", self.relation),
-                    &req.pipeline,
-                    &self.relation,
-                    None,
-                )) {
-                    tracing::info!(source = %self.source, pipeline = %req.pipeline, "backfill requested");
-                }
-                let _ = p.save(path);
+                .any(|(n, rels, _)| **n == *req.pipeline && rels.iter().any(|r| r.matches(&self.relation)));
+            let mut t = SnapshotTask::new(id, &req.pipeline, &self.relation, None);
+            if served {
+                tracing::info!(source = %self.source, pipeline = %req.pipeline, "backfill requested");
             } else {
-                // Recorded as failed, with the reason, so the CLI reports the daemon's answer.
                 let why =
                     format!("source {} runs no pipeline {:?} that reads {}", self.source, req.pipeline, self.relation);
                 tracing::error!(source = %self.source, pipeline = %req.pipeline, reason = %why, "backfill request rejected");
-                let mut t =
-                    SnapshotTask::new(format!("signal:{id}:{}", self.relation), &req.pipeline, &self.relation, None);
                 t.state = TaskState::Failed;
                 t.error = Some(why);
-                let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
-                p.add(t);
-                let _ = p.save(path);
             }
-            let _ = std::fs::remove_file(&f);
+            match progress.change(|p| p.add(t)).await {
+                Ok(_) => {
+                    let _ = tokio::fs::remove_file(&f).await;
+                }
+                Err(e) => {
+                    tracing::error!(source = %self.source, error = %e, "could not record a backfill request; it is read again");
+                    return;
+                }
+            }
         }
     }
 
-    async fn run_task(
-        &self,
-        progress: &Mutex<SnapshotProgress>,
-        path: &std::path::Path,
-        task: &SnapshotTask,
-    ) -> Result<(), String> {
+    async fn run_task(&self, progress: &ProgressStore, task: &SnapshotTask) -> Result<(), String> {
         // Key attributes in name order, as stream records give them: one item, one lane.
         let mut key_names = self.key_names.clone();
         key_names.sort();
@@ -263,10 +281,13 @@ impl Backfiller {
         if segments.len() != self.segments {
             segments = vec![String::new(); self.segments]; // not started (or the segment count changed)
         }
-        update(progress, path, &task.id, |t| {
-            t.state = TaskState::Running;
-            t.last_key = Some(segments.clone());
-        });
+        progress
+            .update(&task.id, |t| {
+                t.state = TaskState::Running;
+                t.last_key = Some(segments.clone());
+            })
+            .await
+            .map_err(|e| e.to_string())?;
         let shared = Arc::new(Mutex::new(segments));
         let origin = Name::from(format!("{SNAPSHOT_ORIGIN}{}", task.pipeline));
         let rows_metric = metrics().snapshot_rows.with_label_values(&[&*self.source, &*self.relation]);
@@ -368,16 +389,18 @@ impl Backfiller {
                     }
                     rows_metric.inc_by(n as u64);
                     let next = page.last_evaluated_key().map(key_to_json).unwrap_or_else(|| SEGMENT_DONE.to_string());
-                    let snapshot = {
-                        let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
-                        s[seg] = next;
-                        s.clone()
-                    };
-                    update(progress, path, &task.id, |t| {
-                        t.last_key = Some(snapshot);
-                        t.rows += n as u64;
-                        t.chunks += 1;
-                    });
+                    shared.lock().unwrap_or_else(|p| p.into_inner())[seg] = next.clone();
+                    // Only this segment's key: segments record concurrently.
+                    progress
+                        .update(&task.id, |t| {
+                            if let Some(k) = t.last_key.as_mut().filter(|k| k.len() > seg) {
+                                k[seg] = next;
+                            }
+                            t.rows += n as u64;
+                            t.chunks += 1;
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
             });
         }
@@ -387,20 +410,9 @@ impl Backfiller {
         if self.cancel.is_cancelled() {
             return Ok(());
         }
-        update(progress, path, &task.id, |t| t.state = TaskState::Done);
+        progress.update(&task.id, |t| t.state = TaskState::Done).await.map_err(|e| e.to_string())?;
         tracing::info!(source = %self.source, pipeline = %task.pipeline, "backfill finished");
         Ok(())
-    }
-}
-
-fn update(progress: &Mutex<SnapshotProgress>, path: &std::path::Path, id: &str, f: impl FnOnce(&mut SnapshotTask)) {
-    let mut p = progress.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(t) = p.get_mut(id) {
-        f(t);
-        t.updated = chrono::Utc::now();
-    }
-    if let Err(e) = p.save(path) {
-        tracing::error!(error = %e, "cannot record backfill progress");
     }
 }
 

@@ -83,7 +83,7 @@ pub fn compare(old: &[(String, u32)], new: &[(String, u32)]) -> (String, Vec<&'s
 /// The shapes a source has seen, persisted.
 pub struct SchemaLog {
     path: PathBuf,
-    tables: Mutex<BTreeMap<String, Shape>>,
+    tables: std::sync::Arc<Mutex<BTreeMap<String, Shape>>>,
 }
 
 /// `state_dir/schema-<source>.json`.
@@ -96,7 +96,7 @@ impl SchemaLog {
     /// are then first shapes, which is what a fresh state directory means).
     pub fn load(path: PathBuf) -> SchemaLog {
         let tables = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        SchemaLog { path, tables: Mutex::new(tables) }
+        SchemaLog { path, tables: std::sync::Arc::new(Mutex::new(tables)) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Shape>> {
@@ -147,12 +147,22 @@ impl SchemaLog {
         self.save_logged();
     }
 
+    /// Write the shapes off the async threads (the stream calls this). Each write takes the
+    /// shapes as they are when it runs, under the map's lock, so the file ends at the latest.
     fn save_logged(&self) {
-        let bytes = serde_json::to_vec_pretty(&*self.lock()).unwrap_or_default();
-        if let Err(e) = crate::checkpoint::file::write_atomic(&self.path, &bytes) {
-            // Not fatal: a shape not recorded is judged again after a restart (a change is
-            // then seen a second time, never missed).
-            tracing::warn!(path = %self.path.display(), error = %e, "could not save the table shapes");
+        let (tables, path) = (std::sync::Arc::clone(&self.tables), self.path.clone());
+        let write = move || {
+            let tables = tables.lock().unwrap_or_else(|p| p.into_inner());
+            let bytes = serde_json::to_vec_pretty(&*tables).unwrap_or_default();
+            if let Err(e) = crate::checkpoint::file::write_atomic(&path, &bytes) {
+                // Not fatal: a shape not recorded is judged again after a restart (a change is
+                // then seen a second time, never missed).
+                tracing::warn!(path = %path.display(), error = %e, "could not save the table shapes");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(write)),
+            Err(_) => write(),
         }
     }
 }
