@@ -1,10 +1,14 @@
 //! Every retry loop's delays come from here: named backoff profiles on `backon` (the
-//! `backoff` crate is unmaintained, RUSTSEC-2025-0012). What to retry at all is the runtime's
-//! error policy (`runtime::policy`); sources use the profiles for reconnects.
+//! `backoff` crate is unmaintained, RUSTSEC-2025-0012), with the kinds of failure and the one
+//! function that logs and counts a failure. What each kind leads to (retry with which profile,
+//! or dead-letter) is the runtime's error policy (`runtime::policy`); sources use the profiles
+//! for reconnects and report their failures here.
 
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+
+use crate::telemetry::metrics;
 
 /// Named backoff profiles: every retry loop in the daemon uses one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +45,68 @@ pub fn backoff_between(min: Duration, max: Duration) -> impl Iterator<Item = Dur
         .with_jitter()
         .without_max_times()
         .build()
+}
+
+/// What went wrong, as far as the policy cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Network, timeout, a server busy or restarting: it heals by itself.
+    Transient,
+    /// The peer refuses on purpose (authentication, permission, a missing database or index):
+    /// a person must act. Retried slowly, never dropped; the component is reported failed.
+    Fatal,
+    /// This item is refused for good (a mapping error, a value the sink cannot store).
+    Rejected,
+    /// Local storage (the spool or the dead-letter queue) cannot be written: a full or broken
+    /// disk. Nothing is confirmed until it can.
+    Local,
+}
+
+impl Failure {
+    /// Label of `polysync_sink_errors_total` and the log field.
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Transient => "transient",
+            Failure::Fatal => "fatal",
+            Failure::Rejected => "rejected",
+            Failure::Local => "local",
+        }
+    }
+}
+
+/// Log and count one failure of `component` (`sink search`, `source shop`). `loud` chooses a
+/// warning/error line over a debug one, so a long outage logs its first failures and then
+/// every power of two, not every retry.
+pub fn report(component: &str, failure: Failure, msg: &str, loud: bool) {
+    let (kind, name) = component.split_once(' ').unwrap_or(("component", component));
+    if kind == "sink" {
+        metrics().sink_errors.with_label_values(&[name, failure.label()]).inc();
+    }
+    if !loud {
+        tracing::debug!(component, kind = failure.label(), error = msg, "failure (retrying)");
+        return;
+    }
+    match failure {
+        Failure::Transient => tracing::warn!(component, kind = failure.label(), error = msg, "failed; retrying"),
+        Failure::Fatal => tracing::error!(
+            component,
+            kind = failure.label(),
+            error = msg,
+            "refused: this needs a fix in the config or on the server; retrying slowly (nothing is dropped)"
+        ),
+        Failure::Rejected => tracing::warn!(component, kind = failure.label(), error = msg, "rejected"),
+        Failure::Local => tracing::error!(
+            component,
+            kind = failure.label(),
+            error = msg,
+            "local storage cannot be written; nothing more is confirmed until it can"
+        ),
+    }
+}
+
+/// Retry attempts worth a log line: the first three, then every power of two.
+pub fn worth_logging(attempt: u32) -> bool {
+    attempt <= 3 || attempt.is_power_of_two()
 }
 
 #[cfg(test)]

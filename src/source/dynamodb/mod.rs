@@ -12,6 +12,7 @@ pub mod config;
 pub mod decode;
 pub mod reader;
 pub mod scan_fence;
+pub mod stream_error;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -241,11 +242,7 @@ impl DynamoSource {
             (None, None) => unreachable!("validate() requires table or stream_arn"),
         };
         let desc = streams.describe_stream().stream_arn(&stream_arn).limit(1).send().await.map_err(|e| {
-            let code = match &e {
-                aws_sdk_dynamodb::error::SdkError::ServiceError(s) => s.err().code().unwrap_or_default().to_string(),
-                _ => String::new(),
-            };
-            if code == "ResourceNotFoundException" {
+            if stream_error::StreamFault::of_describe_stream(&e) == stream_error::StreamFault::Gone {
                 setup(name, format!("stream {stream_arn:?} does not exist (wrong ARN, or the stream was disabled)"))
             } else {
                 setup(name, format!("DescribeStream {stream_arn}: {}", aws_text(&e)))
@@ -280,7 +277,8 @@ impl DynamoSource {
     }
 
     /// Every shard of the stream (DescribeStream, paginated).
-    async fn shards(&self) -> Result<Vec<ShardInfo>, String> {
+    async fn shards(&self) -> Result<Vec<ShardInfo>, stream_error::DescribeFailure> {
+        use stream_error::{DescribeFailure, StreamFault};
         let mut out = Vec::new();
         let mut start: Option<String> = None;
         loop {
@@ -291,10 +289,16 @@ impl DynamoSource {
                 .set_exclusive_start_shard_id(start.clone())
                 .send()
                 .await
-                .map_err(|e| aws_text(&e))?;
-            let d = resp.stream_description().ok_or("DescribeStream returned no description")?;
+                .map_err(|e| DescribeFailure { fault: StreamFault::of_describe_stream(&e), message: aws_text(&e) })?;
+            let d = resp.stream_description().ok_or_else(|| DescribeFailure {
+                fault: StreamFault::Transient,
+                message: "DescribeStream returned no description".into(),
+            })?;
             if d.stream_status() == Some(&StreamStatus::Disabled) {
-                return Err(format!("stream {} was disabled", self.stream_arn));
+                return Err(DescribeFailure {
+                    fault: StreamFault::Disabled,
+                    message: format!("stream {} was disabled", self.stream_arn),
+                });
             }
             for s in d.shards() {
                 out.push(ShardInfo {
@@ -317,7 +321,7 @@ impl DynamoSource {
     async fn shard_gone(&self, shard: &str, detail: &str) -> Result<(), String> {
         let listed = match self.shards().await {
             Ok(list) => list.iter().any(|s| s.id == shard),
-            Err(e) if e.contains("ResourceNotFound") || e.contains("disabled") => {
+            Err(e) if matches!(e.fault, stream_error::StreamFault::Gone | stream_error::StreamFault::Disabled) => {
                 return Err(format!("stream {} is gone: {e}", self.stream_arn));
             }
             Err(e) => {
@@ -405,13 +409,20 @@ impl DynamoSource {
                             health.set(&component, Err(e.to_string()));
                         }
                     }
-                    Err(e) if e.contains("ResourceNotFound") || e.contains("disabled") => {
+                    Err(e)
+                        if matches!(e.fault, stream_error::StreamFault::Gone | stream_error::StreamFault::Disabled) =>
+                    {
                         result = Err(fail(format!("stream {} is gone: {e}", self.stream_arn)));
                         break;
                     }
                     Err(e) => {
-                        tracing::warn!(source = %self.name, error = %e, "DescribeStream failed; retrying");
-                        health.set(&component, Err(e));
+                        crate::retry::report(
+                            &format!("source {}", self.name),
+                            e.fault.failure(),
+                            &format!("DescribeStream: {e}"),
+                            true,
+                        );
+                        health.set(&component, Err(e.to_string()));
                     }
                 }
                 balance.reset_immediately();

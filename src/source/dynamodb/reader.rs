@@ -17,13 +17,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodbstreams::Client;
-use aws_sdk_dynamodbstreams::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodbstreams::error::SdkError;
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
 use tokio_util::sync::CancellationToken;
 
 use super::decode;
+use super::stream_error::{StreamFault, describe};
 use crate::change::Name;
 use crate::checkpoint::store::{ShardCheckpoint, ShardStore, StoreError};
+use crate::retry;
 use crate::source::{Output, Partition, Rejects};
 use crate::telemetry::metrics;
 
@@ -78,32 +80,6 @@ pub enum ReaderEnd {
     Gone(String),
     /// A permanent error occurred.
     Failed(String),
-}
-
-fn code<E: ProvideErrorMetadata>(e: &SdkError<E>) -> Option<String> {
-    match e {
-        SdkError::ServiceError(s) => s.err().code().map(str::to_string),
-        _ => None,
-    }
-}
-
-fn text<E: ProvideErrorMetadata + std::error::Error + 'static>(e: &SdkError<E>) -> String {
-    match e {
-        SdkError::ServiceError(s) => {
-            format!("{}: {}", s.err().code().unwrap_or("error"), s.err().message().unwrap_or(""))
-        }
-        other => crate::sink::search::aws_error_text(other),
-    }
-}
-
-fn is_throttle(code: &str) -> bool {
-    matches!(
-        code,
-        "LimitExceededException"
-            | "ProvisionedThroughputExceededException"
-            | "ThrottlingException"
-            | "RequestLimitExceeded"
-    )
 }
 
 impl ShardReader {
@@ -196,19 +172,23 @@ impl ShardReader {
                     }
                     Ok(None) => return self.finish(window, &stop, &hard_stop).await,
                     Err(e) => {
-                        let c = code(&e).unwrap_or_default();
-                        if c == "ResourceNotFoundException" {
-                            return ReaderEnd::Gone(text(&e));
+                        let fault = StreamFault::of_get_shard_iterator(&e);
+                        match fault {
+                            StreamFault::Gone => return ReaderEnd::Gone(describe(&e)),
+                            StreamFault::Trimmed => {
+                                self.trimmed(&src, &describe(&e));
+                                want_iterator = Some((ShardIteratorType::TrimHorizon, None));
+                                continue;
+                            }
+                            StreamFault::Throttled => m.ddb_throttles.with_label_values(&[&src]).inc(),
+                            _ => {}
                         }
-                        if c == "TrimmedDataAccessException" {
-                            self.trimmed(&src, &text(&e));
-                            want_iterator = Some((ShardIteratorType::TrimHorizon, None));
-                            continue;
-                        }
-                        if is_throttle(&c) {
-                            m.ddb_throttles.with_label_values(&[&src]).inc();
-                        }
-                        tracing::warn!(source = %src, shard = %self.shard, error = %text(&e), "GetShardIterator failed; retrying");
+                        retry::report(
+                            &format!("source {src}"),
+                            fault.failure(),
+                            &format!("shard {}: GetShardIterator: {}", self.shard, describe(&e)),
+                            true,
+                        );
                         want_iterator = Some((kind, after));
                         if !pause(delays.next().unwrap_or(Duration::from_secs(20))).await {
                             break;
@@ -227,9 +207,9 @@ impl ShardReader {
             let out = match resp {
                 Ok(out) => out,
                 Err(e) => {
-                    let c = code(&e).unwrap_or_default();
-                    match c.as_str() {
-                        "ExpiredIteratorException" => {
+                    let fault = StreamFault::of_get_records(&e);
+                    match fault {
+                        StreamFault::IteratorExpired => {
                             m.ddb_iterators_expired.with_label_values(&[&src]).inc();
                             expired_in_a_row += 1;
                             tracing::info!(source = %src, shard = %self.shard, "shard iterator expired; re-acquiring after the last record read");
@@ -241,17 +221,25 @@ impl ShardReader {
                                 break;
                             }
                         }
-                        "TrimmedDataAccessException" => {
-                            self.trimmed(&src, &text(&e));
+                        StreamFault::Trimmed => {
+                            self.trimmed(&src, &describe(&e));
                             want_iterator = Some((ShardIteratorType::TrimHorizon, None));
                         }
-                        "ResourceNotFoundException" => return ReaderEnd::Gone(text(&e)),
-                        c => {
-                            if is_throttle(c) {
-                                m.ddb_throttles.with_label_values(&[&src]).inc();
-                            } else {
-                                tracing::warn!(source = %src, shard = %self.shard, error = %text(&e), "GetRecords failed; retrying");
+                        StreamFault::Gone | StreamFault::Disabled => return ReaderEnd::Gone(describe(&e)),
+                        StreamFault::Throttled => {
+                            m.ddb_throttles.with_label_values(&[&src]).inc();
+                            iterator = Some(it);
+                            if !pause(delays.next().unwrap_or(Duration::from_secs(20))).await {
+                                break;
                             }
+                        }
+                        fault => {
+                            retry::report(
+                                &format!("source {src}"),
+                                fault.failure(),
+                                &format!("shard {}: GetRecords: {}", self.shard, describe(&e)),
+                                true,
+                            );
                             iterator = Some(it);
                             if !pause(delays.next().unwrap_or(Duration::from_secs(20))).await {
                                 break;
