@@ -295,3 +295,93 @@ async fn reload_by_sighup_under_load_loses_nothing() {
 async fn reload_by_file_edit_under_load_loses_nothing() {
     reload_under_load(true).await;
 }
+
+/// A reload that changes a sink's URL hands what the sink holds to the new target: first from
+/// an endpoint that is down (the usual reason for the edit), then from one that is alive (a
+/// cluster migration), after which the old endpoint receives nothing more. The old endpoints
+/// are loopback proxies in front of the real OpenSearch (`support::proxy`), so "down" and
+/// "bytes received" can be shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_that_repoints_a_sink_hands_its_queue_to_the_new_target() {
+    use crate::support::daemon::quick_spill;
+    use crate::support::proxy::Proxy;
+    use crate::support::search;
+    let _g = shared().await;
+    let db = TestDb::create("rlsink").await;
+    db.exec("CREATE TABLE items (id bigint PRIMARY KEY, v text)").await;
+    let slot = unique("s");
+    let index = unique("rlsink").to_lowercase();
+    let port = free_port();
+    let old = Proxy::start(&search::addr()).await;
+    let ws = Workspace::new();
+    let config = |url: &str| {
+        let sink = format!(
+            "\n[sinks.search]\nkind = \"search\"\nurl = \"{url}\"\ntimeout = \"3s\"\nlinger = \"2ms\"\nbatch_size = 10\n"
+        );
+        with_metrics(quick_spill(pg_cache_config(&db.url, &slot, &sink)), port, false)
+    };
+    ws.write_config(&config(&format!("http://{}", old.addr)));
+    ws.write_pipeline(
+        "items",
+        &format!(
+            "source = \"db\"\n[match]\nrelations = [\"public.items\"]\n[[sink]]\ntarget = \"search\"\nindex = \"{index}\"\nid = \"{{{{ key.id }}}}\"\n"
+        ),
+    );
+    let log = ws.path().join("daemon.log");
+    let d = ChildDaemon::spawn(&ws.config_path(), &log);
+    db.wait_streaming(&slot).await;
+    let count = || {
+        let index = index.clone();
+        async move {
+            search::refresh(&index).await;
+            search::count(&index).await
+        }
+    };
+    let insert =
+        |from: i64, to: i64| format!("INSERT INTO items SELECT g, 'v' || g FROM generate_series({from}, {to}) g");
+    db.exec(&insert(1, 50)).await;
+    wait_for("the first rows through the old endpoint", CATCH_UP, || async { count().await == 50 }).await;
+
+    // 1. The old endpoint goes down; the sink's records wait (in memory, then its spool).
+    old.set_down(true);
+    db.exec(&insert(51, 300)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(count().await, 50, "nothing can arrive while the endpoint is down");
+    ws.write_config(&config(&search::url()));
+    d.signal(libc::SIGHUP);
+    wait_for("the reload", CATCH_UP, || async { reloads(port, "ok").await >= 1.0 }).await;
+    wait_for("the held rows at the new endpoint", CATCH_UP, || async { count().await == 300 }).await;
+    db.exec(&insert(301, 400)).await;
+    wait_for("new rows at the new endpoint", CATCH_UP, || async { count().await == 400 }).await;
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    let ready = http_get(&format!("127.0.0.1:{port}"), "/readyz").await;
+    assert!(ready.as_ref().is_some_and(|(s, _)| *s == 200), "ready after the hand-over: {ready:?}");
+
+    // 2. A migration: the sink moves to a slow but living endpoint, rows queue up behind it,
+    //    and it moves on again before they are all written.
+    old.set_down(false);
+    old.set_delay(Duration::from_millis(1000));
+    ws.write_config(&config(&format!("http://{}", old.addr)));
+    d.signal(libc::SIGHUP);
+    wait_for("the second reload", CATCH_UP, || async { reloads(port, "ok").await >= 2.0 }).await;
+    db.exec(&insert(401, 900)).await;
+    wait_for("the slow endpoint to receive writes", CATCH_UP, || async { old.received() > 0 }).await;
+    ws.write_config(&config(&search::url()));
+    d.signal(libc::SIGHUP);
+    wait_for("the third reload", CATCH_UP, || async { reloads(port, "ok").await >= 3.0 }).await;
+    assert!(count().await < 900, "rows were still queued for the slow endpoint when the sink moved on");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at_swap = old.received();
+    db.exec(&insert(901, 1000)).await;
+    wait_for("every row at the new endpoint", CATCH_UP, || async { count().await == 1000 }).await;
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(old.received(), at_swap, "the old endpoint received writes after the swap");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("sink config changed: its queued records go to the new target"), "{text}");
+    let started = std::time::Instant::now();
+    assert!(d.terminate().await.success(), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(10), "shutdown ran into its deadline: {:?}", started.elapsed());
+    search::delete_index(&index).await;
+    db.cleanup().await;
+}

@@ -17,6 +17,7 @@ pub struct Proxy {
     pub addr: String,
     down: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
     generation: watch::Sender<u64>,
 }
 
@@ -26,7 +27,7 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (generation, _) = watch::channel(0u64);
-        let p = Proxy { addr, down: Arc::default(), delay_ms: Arc::default(), generation };
+        let p = Proxy { addr, down: Arc::default(), delay_ms: Arc::default(), received: Arc::default(), generation };
         let (me, target) = (p.clone(), target.to_string());
         tokio::spawn(async move {
             loop {
@@ -38,6 +39,7 @@ impl Proxy {
                 let Ok(server) = TcpStream::connect(&target).await else { continue };
                 let mut gen_rx = me.generation.subscribe();
                 let delay = Arc::clone(&me.delay_ms);
+                let received = Arc::clone(&me.received);
                 tokio::spawn(async move {
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
@@ -48,6 +50,7 @@ impl Proxy {
                             if n == 0 {
                                 return;
                             }
+                            received.fetch_add(n as u64, Ordering::SeqCst);
                             let d = delay.load(Ordering::SeqCst);
                             if d > 0 {
                                 tokio::time::sleep(Duration::from_millis(d)).await;
@@ -83,6 +86,12 @@ impl Proxy {
         if down {
             self.generation.send_modify(|g| *g += 1);
         }
+    }
+
+    /// Bytes the clients have sent so far (counted on arrival, before any delay): whether a
+    /// client still talks to this server.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
     }
 
     /// Delay every client→server chunk by this much (a slow server as seen from the client).
