@@ -2,10 +2,15 @@
 //! that each sink consumes at its own pace.
 //!
 //! Two tiers, one order. While the sink keeps up, records wait in memory, one bounded deque per
-//! lane, each holding its change's ticket until the sink applied it. When the sink falls
-//! behind (a lane is full, a record waited longer than `spill_after`, a write failed) or a
-//! truncate needs a barrier, the queue *spills*: every record not yet applied is written to the
+//! lane, each holding its change's ticket until the sink applied it. When the sink holds the
+//! others back or is stuck, the queue *spills*: every record not yet applied is written to the
 //! sink's [`Spool`] and its ticket released, and from then on new records go to the spool too.
+//! It spills when a lane is full or a record waited longer than `spill_after` *while another
+//! sink has nothing to do* (it waits for this one through the window), when no write of this
+//! sink succeeded for `spill_after` (stalled), when writes fail, or when a truncate needs a
+//! barrier. A sink that is merely slower than the source, with no other sink waiting for it (a
+//! backlog drain into one sink), is not spilled: a full lane is backpressure, which costs less
+//! than writing every record to disk and reading it back.
 //! The spool task reads them back in order and hands them to the lanes as room allows; once it
 //! has caught up with the end, new records go to memory again. Either way a change's position
 //! is confirmed only when each sink has applied or durably spooled its records.
@@ -19,6 +24,7 @@
 //! and before any later one is handed to a writer.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +42,19 @@ use crate::telemetry::metrics;
 const PENDING_CAP: usize = 8192;
 /// Records read from the spool per read.
 const READ_BATCH: usize = 512;
+
+/// How many sink queues have nothing to do right now (in memory mode, nothing unapplied),
+/// shared by every queue of a topology: a queue that is full or slow spills only when some
+/// other queue is hungry, i.e. when it is holding the others back through the window.
+#[derive(Debug, Default)]
+pub struct Hunger(AtomicUsize);
+
+impl Hunger {
+    /// Queues with nothing to do.
+    pub fn hungry(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
 
 /// The queue no longer takes records (shutdown, or the sink was removed).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
@@ -82,6 +101,10 @@ struct State {
     barrier: Option<(u64, bool)>,
     /// Last append failure, for the log (once per failure streak).
     spool_error: Option<String>,
+    /// Counted in the topology's [`Hunger`].
+    hungry: bool,
+    /// When a write of this sink last completed (or the queue started).
+    last_progress: Instant,
 }
 
 /// A sink's queue, shared by the pipeline lanes (intake), its writers and its spool task.
@@ -94,6 +117,16 @@ pub struct SinkQueue {
     lane_ready: Vec<Notify>,
     room: Notify,
     spool_wake: Notify,
+    hunger: Arc<Hunger>,
+}
+
+impl Drop for SinkQueue {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if st.hungry {
+            self.hunger.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
 }
 
 /// What a writer took: records of one lane, or a barrier alone.
@@ -116,13 +149,14 @@ impl SinkQueue {
         lane_cap: usize,
         spill_after: Duration,
         spool: Option<Arc<Spool>>,
+        hunger: Arc<Hunger>,
     ) -> SinkQueue {
         let (mode, next_seq, read) = match &spool {
             Some(s) if !s.is_empty() => (Mode::Spool, s.end(), Some(s.start())),
             Some(s) => (Mode::Memory, s.end(), None),
             None => (Mode::Memory, 0, None),
         };
-        SinkQueue {
+        let q = SinkQueue {
             name,
             lane_cap: lane_cap.max(1),
             spill_after,
@@ -140,15 +174,38 @@ impl SinkQueue {
                 carry: VecDeque::new(),
                 barrier: None,
                 spool_error: None,
+                hungry: false,
+                last_progress: Instant::now(),
             }),
             lane_ready: (0..lanes.max(1)).map(|_| Notify::new()).collect(),
             room: Notify::new(),
             spool_wake: Notify::new(),
-        }
+            hunger,
+        };
+        q.update_hunger(&mut q.lock());
+        q
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Recount this queue in the shared [`Hunger`] after its state changed.
+    fn update_hunger(&self, st: &mut State) {
+        let now = st.mode == Mode::Memory && st.held.is_empty() && st.pending.is_empty() && !st.closed;
+        if now != st.hungry {
+            st.hungry = now;
+            if now {
+                self.hunger.0.fetch_add(1, Ordering::SeqCst);
+            } else {
+                self.hunger.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Another queue has nothing to do (this one is holding it back).
+    fn others_hungry(&self, st: &State) -> bool {
+        self.hunger.hungry() > usize::from(st.hungry)
     }
 
     /// Sink name.
@@ -223,8 +280,11 @@ impl SinkQueue {
                         let t = ticket.take().expect("taken once");
                         st.held.insert(seq, Held { rec: Arc::clone(&rec), ticket: t, since: Instant::now() });
                         st.lanes[lane].push_back(Item { seq, rec: Arc::clone(&rec), held: true });
+                        self.update_hunger(&mut st);
                         Next::Queued(lane)
                     }
+                    // A full lane while no other sink waits for this one: backpressure.
+                    Mode::Memory if !barrier && !self.others_hungry(&st) => Next::Wait,
                     Mode::Memory if self.spool.is_some() => {
                         self.spill_locked(
                             &mut st,
@@ -238,6 +298,7 @@ impl SinkQueue {
                         let seq = st.next_seq;
                         st.next_seq += 1;
                         st.pending.push(Pending { seq, rec: Arc::clone(&rec), ticket: ticket.take(), barrier });
+                        self.update_hunger(&mut st);
                         Next::Spooled
                     }
                     Mode::Spool => Next::Wait,
@@ -314,6 +375,7 @@ impl SinkQueue {
             lane.retain(|i| !i.held);
         }
         st.mode = Mode::Spool;
+        self.update_hunger(st);
         st.read = self.spool.as_ref().map(|s| s.start());
         metrics().sink_spills.with_label_values(&[&self.name]).inc();
         tracing::info!(sink = %self.name, records = n, reason = why, "sink is behind: its records go to the spool until it catches up");
@@ -321,12 +383,18 @@ impl SinkQueue {
         self.room.notify_waiters();
     }
 
-    /// Spill now if the sink is behind: a memory record has waited longer than `spill_after`.
+    /// Spill now if the sink is behind: a memory record has waited longer than `spill_after`
+    /// and another sink waits for this one, or no write completed for `spill_after` (stalled).
     pub fn spill_if_behind(&self) {
         let mut st = self.lock();
         let old = st.held.values().next().is_some_and(|h| h.since.elapsed() >= self.spill_after);
-        if old {
-            self.spill_locked(&mut st, "a record waited longer than spill_after");
+        if !old {
+            return;
+        }
+        if st.last_progress.elapsed() >= self.spill_after {
+            self.spill_locked(&mut st, "no write completed for spill_after (the sink is stuck)");
+        } else if self.others_hungry(&st) {
+            self.spill_locked(&mut st, "a record waited longer than spill_after while other sinks wait");
         }
     }
 
@@ -412,6 +480,7 @@ impl SinkQueue {
         let mut tickets = Vec::new();
         {
             let mut st = self.lock();
+            st.last_progress = Instant::now();
             for i in items {
                 if i.held {
                     if let Some(h) = st.held.remove(&i.seq) {
@@ -424,6 +493,7 @@ impl SinkQueue {
                     st.barrier = None;
                 }
             }
+            self.update_hunger(&mut st);
         }
         for t in tickets {
             t.ack();
@@ -435,7 +505,10 @@ impl SinkQueue {
     /// Stop: no more records are taken or read back from the spool; writers finish what their
     /// lanes hold and end. The spool keeps the rest for the next start.
     pub fn close(&self) {
-        self.lock().closed = true;
+        let mut st = self.lock();
+        st.closed = true;
+        self.update_hunger(&mut st);
+        drop(st);
         self.room.notify_waiters();
         self.spool_wake.notify_one();
         for n in &self.lane_ready {
@@ -582,6 +655,7 @@ impl SinkQueue {
                     && st.read.is_none_or(|r| r.next >= spool.end());
                 if caught_up {
                     st.mode = Mode::Memory;
+                    self.update_hunger(&mut st);
                     st.read = None;
                     drop(st);
                     tracing::info!(sink = %self.name, "sink caught up with its spool");

@@ -32,6 +32,8 @@ struct Faults {
     reject: Vec<i64>,
     /// Hang every write until cleared.
     stall: bool,
+    /// Take this long per write (a slow sink that makes progress).
+    delay: Duration,
 }
 
 /// A sink that records what it applied, in order, and misbehaves on request.
@@ -63,6 +65,10 @@ impl Sink for TestSink {
     fn write<'a>(&'a self, batch: &'a [Arc<Record>]) -> BoxFuture<'a, Result<Vec<ItemOutcome>, SinkError>> {
         Box::pin(async move {
             *self.writes.lock().unwrap() += 1;
+            let delay = self.faults.lock().unwrap().delay;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             loop {
                 let n = self.unstall.notified();
                 if !self.faults.lock().unwrap().stall {
@@ -125,21 +131,39 @@ struct Rig {
     tasks: TaskTracker,
     dlq_dir: tempfile::TempDir,
     _spool_dir: tempfile::TempDir,
+    /// Another sink's queue with nothing to do, so a full or slow test sink holds it back.
+    _bystander: Option<Arc<SinkQueue>>,
 }
 
 fn rig(spool: bool, spill_after: Duration) -> Rig {
+    rig_with(spool, spill_after, true)
+}
+
+/// `others`: whether another sink shares the topology (and waits for this one).
+fn rig_with(spool: bool, spill_after: Duration, others: bool) -> Rig {
+    let hunger = Arc::new(crate::runtime::queue::Hunger::default());
+    let bystander =
+        others.then(|| Arc::new(SinkQueue::new("other".into(), 1, 4, spill_after, None, Arc::clone(&hunger))));
     let dlq_dir = tempfile::tempdir().unwrap();
     let spool_dir = tempfile::tempdir().unwrap();
     let dlq = Arc::new(DeadLetterQueue::open(dlq_dir.path(), 1 << 20, 1 << 24).unwrap());
     let spool = spool.then(|| Arc::new(Spool::open(&spool_dir.path().join("test"), 1 << 26).unwrap()));
-    let queue = Arc::new(SinkQueue::new("test".into(), 2, 4, spill_after, spool));
+    let queue = Arc::new(SinkQueue::new("test".into(), 2, 4, spill_after, spool, Arc::clone(&hunger)));
     let tasks = TaskTracker::new();
     let rt =
         SinkRuntime { dlq, health: Arc::new(Health::new()), hard_stop: CancellationToken::new(), tasks: tasks.clone() };
     let sink = Arc::new(TestSink::default());
     let handle =
         SinkHandle::start("test", SinkConfig::Noop(Default::default()), Arc::clone(&sink) as Arc<dyn Sink>, queue, &rt);
-    Rig { sink, handle, window: AckWindow::new("t", 1024, 0), tasks, dlq_dir, _spool_dir: spool_dir }
+    Rig {
+        sink,
+        handle,
+        window: AckWindow::new("t", 1024, 0),
+        tasks,
+        dlq_dir,
+        _spool_dir: spool_dir,
+        _bystander: bystander,
+    }
 }
 
 impl Rig {
@@ -259,6 +283,31 @@ async fn a_stalled_sink_spills_to_its_spool_releases_the_window_and_catches_up_i
     r.stop().await;
 }
 
+/// A sink that is only slower than the source, with no other sink waiting for it (a backlog
+/// drain into one sink), is not spilled: a full lane is backpressure, cheaper than writing each
+/// record to the spool and reading it back. Once it stops making progress at all, it spills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sink_alone_gets_backpressure_and_a_stuck_one_spills() {
+    let r = rig_with(true, Duration::from_millis(300), false);
+    r.sink.faults.lock().unwrap().delay = Duration::from_millis(40);
+    for i in 0..60u64 {
+        r.push(change((i % 7) as i64, Op::Update, i + 1), i + 1, false).await;
+        assert!(!r.handle.queue.spooling(), "a slow but progressing sink alone is not spilled");
+    }
+    r.until("everything applied", |r| r.window.confirmed() == 60).await;
+    assert_eq!(r.applied().len(), 60, "each record applied once (none went through the spool)");
+    r.sink.faults.lock().unwrap().delay = Duration::ZERO;
+    r.sink.faults.lock().unwrap().stall = true;
+    for i in 60..70u64 {
+        r.push(change((i % 7) as i64, Op::Update, i + 1), i + 1, false).await;
+    }
+    r.until("a stuck sink to spill", |r| r.handle.queue.spooling() && r.window.confirmed() == 70).await;
+    r.sink.faults.lock().unwrap().stall = false;
+    r.sink.unstall.notify_waiters();
+    r.until("the sink to catch up", |r| !r.handle.queue.spooling() && r.handle.queue.backlog() == 0).await;
+    r.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_barrier_is_applied_after_everything_before_and_before_everything_after() {
     for spool in [true, false] {
@@ -292,7 +341,14 @@ async fn spooled_records_survive_a_restart_and_are_delivered_first() {
     {
         // A queue whose sink never answers: records spill, then the process "dies".
         let spool = Arc::new(Spool::open(&path, 1 << 24).unwrap());
-        let q = Arc::new(SinkQueue::new("test".into(), 2, 4, Duration::from_millis(100), Some(Arc::clone(&spool))));
+        let q = Arc::new(SinkQueue::new(
+            "test".into(),
+            2,
+            4,
+            Duration::from_millis(100),
+            Some(Arc::clone(&spool)),
+            Default::default(),
+        ));
         let stop = CancellationToken::new();
         let task = tokio::spawn(Arc::clone(&q).run_spool(stop.clone()));
         let w = AckWindow::new("t", 64, 0);
@@ -312,7 +368,7 @@ async fn spooled_records_survive_a_restart_and_are_delivered_first() {
     // Restart: a new queue on the same spool starts in spool mode and delivers them.
     let spool = Arc::new(Spool::open(&path, 1 << 24).unwrap());
     assert_eq!(spool.backlog(), 10);
-    let q = Arc::new(SinkQueue::new("test".into(), 2, 4, Duration::from_secs(1), Some(spool)));
+    let q = Arc::new(SinkQueue::new("test".into(), 2, 4, Duration::from_secs(1), Some(spool), Default::default()));
     assert!(q.spooling());
     let stop = CancellationToken::new();
     let task = tokio::spawn(Arc::clone(&q).run_spool(stop.clone()));

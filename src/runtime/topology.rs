@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{self, Profile};
-use super::queue::SinkQueue;
+use super::queue::{Hunger, SinkQueue};
 use super::sink_handle::{SinkHandle, SinkRuntime};
 use super::spool::Spool;
 use super::{PipelineSet, RunningPipeline};
@@ -77,6 +77,8 @@ pub struct Topology {
     pub set: Arc<ArcSwap<PipelineSet>>,
     rt: SinkRuntime,
     settings: QueueSettings,
+    /// Which sink queues have nothing to do (a slow sink spills only while another waits).
+    hunger: Arc<Hunger>,
 }
 
 /// A prepared, not yet installed, change of the topology.
@@ -134,6 +136,7 @@ impl Topology {
             set: Arc::new(ArcSwap::from_pointee(PipelineSet::new(Vec::new()))),
             rt,
             settings,
+            hunger: Arc::new(Hunger::default()),
         }
     }
 
@@ -213,6 +216,7 @@ impl Topology {
                 self.settings.lane_capacity,
                 self.settings.spill_after,
                 spool,
+                Arc::clone(&self.hunger),
             ));
             let handle = Arc::new(SinkHandle::start(&name, cfg, sink, queue, &self.rt));
             self.sinks.insert(name, handle);
