@@ -1320,3 +1320,119 @@ async fn only_writes_from_keeps_this_regions_writes_of_a_global_table() {
     assert_eq!(metric_value(&metrics, "polysync_ddb_foreign_writes_skipped_total", &[("source", "ddb")]), 2.0);
     assert!(d.terminate().await.success());
 }
+
+/// With a lease table the instance asked to backfill may read no shard: the deletes made
+/// during its scan are applied by the other instance, so the scan fence never sees them. Rows
+/// that waited (a slow sink, here a delaying TCP proxy) longer than `backfill_recheck_after`
+/// are read again before hand-over, so none brings back an item deleted meanwhile, even though
+/// the index forgets tombstones after `index.gc_deletes` (8 s here, 60 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backfill_on_an_instance_that_reads_no_shard_never_resurrects_an_item_deleted_during_the_scan() {
+    let _g = shared().await;
+    let client = ddb().await;
+    let table = unique("fence2");
+    create_table(&client, &table, true).await;
+    const ITEMS: usize = 300;
+    for i in 0..ITEMS {
+        let attrs = [("n", AttributeValue::N(i.to_string())), ("name", AttributeValue::S(format!("user {i}")))];
+        put(&client, &table, item(&format!("u{i:03}"), &attrs)).await;
+    }
+    let index = unique("fence2-idx").to_lowercase();
+    let (status, body) = crate::support::search::call(
+        "PUT",
+        &format!("/{index}"),
+        Some(r#"{"settings": {"index": {"gc_deletes": "8s", "number_of_replicas": 0}}}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let leases = unique("fleases");
+    let pipeline = format!(
+        "name = \"profiles\"\nsource = \"ddb\"\n[match]\nrelations = [\"*\"]\n[[sink]]\ntarget = \"search\"\nindex = \"{index}\"\nid = \"{{{{ key.user_id }}}}\"\n"
+    );
+    let instance = |w: &str, search: &str| {
+        let ws = Workspace::new();
+        let extra = format!(
+            "start = \"latest\"\nbackfill_segments = 1\nbackfill_recheck_after = \"2s\"\n[sources.ddb.checkpoint]\nstore = \"dynamodb\"\ntable = \"{leases}\"\ncreate_table = true\nworker_id = \"{w}\"\nlease_duration = \"3s\"\n[sinks.search]\nkind = \"search\"\nurl = \"{search}\"\nlinger = \"2ms\"\nbatch_size = 5\n"
+        );
+        ws.write_config(&config(&table, &extra, None).replace(
+            "shutdown_timeout = \"15s\"",
+            "shutdown_timeout = \"15s\"\nmax_in_flight = 16\nspill_after = \"10m\"",
+        ));
+        ws.write_pipeline("profiles", &pipeline);
+        ws
+    };
+    // The owner of the (only) shard writes to the index directly …
+    let owner_ws = instance("owner", &crate::support::search::url());
+    let owner = ChildDaemon::spawn(&owner_ws.config_path(), &owner_ws.path().join("daemon.log"));
+    let owner_log = owner_ws.path().join("daemon.log");
+    let owned = tokio::time::timeout(WAIT, async {
+        while !lease_owner(&client, &leases).await.into_values().flatten().any(|o| o == "owner") {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(owned.is_ok(), "the owner's lease: {}", std::fs::read_to_string(&owner_log).unwrap_or_default());
+    // … the backfilling instance through a slow proxy.
+    let slow = crate::support::proxy::Proxy::start(&crate::support::search::addr()).await;
+    slow.set_delay(Duration::from_millis(300));
+    let other_ws = instance("other", &format!("http://{}", slow.addr));
+    let other = ChildDaemon::spawn(&other_ws.config_path(), &other_ws.path().join("daemon.log"));
+    let config_path = other_ws.config_path();
+    let request = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_polysync"))
+            .args(["snapshot", "--pipeline", "profiles", "--wait", "--config"])
+            .arg(&config_path)
+            .output()
+            .unwrap()
+    });
+    let progress = other_ws.path().join("state/snapshot-ddb.json");
+    wait_for("the backfill to start", WAIT, || async {
+        polysync::checkpoint::snapshot::SnapshotProgress::load(&progress)
+            .is_ok_and(|p| p.tasks.iter().any(|t| t.state == polysync::checkpoint::snapshot::TaskState::Running))
+    })
+    .await;
+    // Delete, last items first (the scan hands them over last), while the rows wait.
+    let mut deleted = 0;
+    for i in (0..ITEMS).rev().step_by(2) {
+        client
+            .delete_item()
+            .table_name(&table)
+            .key("user_id", AttributeValue::S(format!("u{i:03}")))
+            .send()
+            .await
+            .unwrap();
+        deleted += 1;
+    }
+    let out = request.await.unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        lease_owner(&client, &leases).await.into_values().flatten().all(|o| o == "owner"),
+        "the backfilling instance read no shard"
+    );
+    slow.set_delay(Duration::ZERO);
+    let expected: std::collections::BTreeSet<String> = table_docs(&client, &table).await.into_keys().collect();
+    assert_eq!(expected.len(), ITEMS - deleted);
+    let mut last = String::new();
+    let mut converged = false;
+    for _ in 0..150 {
+        crate::support::search::refresh(&index).await;
+        let (_, hits) = crate::support::search::call("GET", &format!("/{index}/_search?size=1000&q=*:*"), None).await;
+        let have: std::collections::BTreeSet<String> = hits["hits"]["hits"]
+            .as_array()
+            .map(|a| a.iter().map(|h| h["_id"].as_str().unwrap().to_string()).collect())
+            .unwrap_or_default();
+        if have == expected {
+            converged = true;
+            break;
+        }
+        let back: Vec<&String> = have.difference(&expected).collect();
+        last =
+            format!("{} docs, {} expected; resurrected: {:?}", have.len(), expected.len(), &back[..back.len().min(10)]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(converged, "{last}");
+    assert!(other.terminate().await.success());
+    assert!(owner.terminate().await.success());
+    crate::support::search::delete_index(&index).await;
+}

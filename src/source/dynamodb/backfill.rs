@@ -30,6 +30,14 @@ use crate::telemetry::metrics;
 /// this host and DynamoDB's `ApproximateCreationDateTime`.
 const CLOCK_MARGIN_SECS: i64 = 2;
 
+/// By default, a row that waited this long for room is read again (consistent `GetItem`) before it is
+/// handed over. The fence only sees the stream records of shards this instance reads; with a
+/// lease table another instance may apply an item's delete, and a sink forgets tombstones
+/// after a while (OpenSearch: `index.gc_deletes`, 60 s by default). A row re-read just before
+/// hand-over is never older than that memory, wherever the delete was applied.
+/// (`backfill_recheck_after`).
+pub const RECHECK_AFTER: Duration = Duration::from_secs(10);
+
 /// Directory where `polysync snapshot` drops requests for DynamoDB sources.
 pub fn requests_dir(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("snapshot-requests")
@@ -108,6 +116,8 @@ pub struct Backfiller {
     pub segments: usize,
     /// Items per Scan page.
     pub page_size: i32,
+    /// Read a row again when it waited this long ([`RECHECK_AFTER`] by default).
+    pub recheck_after: Duration,
     /// Window size per segment.
     pub max_in_flight: usize,
     /// State directory (progress, requests).
@@ -131,11 +141,19 @@ pub struct Backfiller {
 impl Backfiller {
     /// Wait until every started shard reader has its position: from then on every write is in
     /// what the stream will deliver, so a scan started now misses nothing.
+    /// With a lease table this instance may read no shard at all (the others hold them, and
+    /// their readers are positioned): after a grace period the scan starts anyway, and rows
+    /// delayed on their way are read again before hand-over ([`RECHECK_AFTER`]).
     async fn wait_for_readers(&self) -> bool {
         use std::sync::atomic::Ordering::SeqCst;
+        let since = std::time::Instant::now();
         loop {
             let spawned = self.spawned.load(SeqCst);
             if spawned > 0 && self.positioned.load(SeqCst) >= spawned {
+                return true;
+            }
+            if spawned == 0 && !self.initial_allowed && since.elapsed() > Duration::from_secs(15) {
+                tracing::info!(source = %self.source, "this instance reads no shard of the stream (the lease table gives them to others); backfilling anyway");
                 return true;
             }
             tokio::select! {
@@ -272,6 +290,34 @@ impl Backfiller {
         }
     }
 
+    /// Read a delayed row's item again (consistent read): `None` when it is gone (its delete
+    /// is or will be applied from the stream), otherwise the row as it is now, versioned now.
+    async fn reread(
+        &self,
+        raw_key: &HashMap<String, AttributeValue>,
+        mut change: Change,
+    ) -> Result<Option<Change>, String> {
+        let read_secs = chrono::Utc::now().timestamp() - CLOCK_MARGIN_SECS;
+        let got = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(raw_key.clone()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| format!("GetItem {}: {}", self.table, crate::sink::search::aws_error_text(&e)))?;
+        let Some(item) = got.item() else { return Ok(None) };
+        let version = Version::from_u64((read_secs.max(0) as u64) << DDB_SHIFT);
+        change.after = Some(super::decode::scanned_image(item));
+        change.version = version;
+        change.commit_time = chrono::DateTime::from_timestamp(read_secs, 0);
+        if let Position::Snapshot { at, .. } = &mut change.position {
+            *at = version;
+        }
+        Ok(Some(change))
+    }
+
     async fn run_task(&self, progress: &ProgressStore, task: &SnapshotTask) -> Result<(), String> {
         // Key attributes in name order, as stream records give them: one item, one lane.
         let mut key_names = self.key_names.clone();
@@ -321,6 +367,14 @@ impl Backfiller {
                             format!("Scan {} segment {seg}: {}", self.table, crate::sink::search::aws_error_text(&e))
                         })?;
                     let n = page.items().len();
+                    let raw_keys: Vec<HashMap<String, AttributeValue>> = page
+                        .items()
+                        .iter()
+                        .map(|item| {
+                            item.iter().filter(|(k, _)| key_names.contains(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+                        })
+                        .collect();
+                    let page_read = std::time::Instant::now();
                     let rows: Vec<(Row, Row)> = page
                         .items()
                         .iter()
@@ -336,7 +390,8 @@ impl Backfiller {
                     let page_keys: Vec<Row> = rows.iter().map(|(k, _)| k.clone()).collect();
                     self.fence.register(page_keys.iter().cloned(), read_secs);
                     let mut superseded = 0usize;
-                    for (i, (key, row)) in rows.into_iter().enumerate() {
+                    for (i, ((key, row), raw_key)) in rows.into_iter().zip(raw_keys).enumerate() {
+                        let mut read_at = page_read;
                         let mut change = Change {
                             source: Arc::clone(&self.source),
                             relation: Arc::clone(&self.relation),
@@ -353,6 +408,18 @@ impl Backfiller {
                             key_changed: false,
                         };
                         loop {
+                            // A row that has waited (for room, or behind earlier rows of its
+                            // page) is read again just before it is handed over.
+                            if read_at.elapsed() >= self.recheck_after {
+                                read_at = std::time::Instant::now();
+                                match self.reread(&raw_key, change).await? {
+                                    Some(fresh) => change = fresh,
+                                    None => {
+                                        superseded += 1;
+                                        break;
+                                    }
+                                }
+                            }
                             match self.fence.offer(&*window, change) {
                                 Ok(super::scan_fence::Offered::Sent) => break,
                                 Ok(super::scan_fence::Offered::Superseded) => {

@@ -73,6 +73,10 @@ pub struct DynamoSourceConfig {
     /// Parallel Scan segments of a backfill (default 4).
     #[serde(default)]
     pub backfill_segments: Option<usize>,
+    /// A backfill row that waited this long to be handed over is read again first (default
+    /// 10 s; keep it below the sinks' tombstone memory, OpenSearch `index.gc_deletes`).
+    #[serde(default, with = "duration_opt")]
+    pub backfill_recheck_after: Option<Duration>,
     /// Checkpoints and leases.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,

@@ -380,6 +380,7 @@ impl DynamoSource {
                         key_names,
                         segments: self.cfg.backfill_segments.unwrap_or(4).clamp(1, 1000),
                         page_size: 1000,
+                        recheck_after: self.cfg.backfill_recheck_after.unwrap_or(backfill::RECHECK_AFTER),
                         max_in_flight: self.max_in_flight,
                         state_dir: self.state_dir.clone(),
                         pipelines: Arc::clone(&self.pipelines),
