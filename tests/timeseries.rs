@@ -128,6 +128,45 @@ async fn influxdb_points_hold_exact_values_and_escaped_names_round_trip() {
     db.cleanup().await;
 }
 
+/// Many orders in one transaction share `created_at = now()` and their tags: each is its own
+/// point (the change's index in the transaction is the time's sub-microsecond part), so the
+/// shipped `pipelines/order-metrics.toml` counts every order, and a replay of the same
+/// changes lands on the same points instead of counting them twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orders_written_in_one_transaction_are_each_counted_by_the_shipped_pipeline() {
+    let _g = crate::support::shared().await;
+    let db = TestDb::create("influxtx").await;
+    db.exec(ORDERS).await;
+    let influx_db = unique("tstx");
+    let (slot, replay_slot) = (unique("s"), unique("r"));
+    let ws = Workspace::new();
+    ws.write_config(&pg_cache_config(&db.url, &slot, &influx_sink(&influx_db)));
+    let shipped = std::fs::read_to_string(crate::support::repo().join("pipelines/order-metrics.toml")).unwrap();
+    ws.write_pipeline("order-metrics", &shipped.replace("source = \"shop\"", "source = \"db\""));
+    let d = InProcess::start(&ws.config_path());
+    db.wait_streaming(&slot).await;
+    db.exec(&format!("SELECT pg_create_logical_replication_slot('{replay_slot}', 'pgoutput')")).await;
+    db.exec("INSERT INTO orders SELECT i, 'eu', 10, 'placed', false, now() FROM generate_series(1, 300) i").await;
+    db.exec("INSERT INTO orders SELECT i, 'eu', 10, 'placed', false, now() FROM generate_series(301, 310) i").await;
+    db.wait_caught_up(&slot, WAIT).await;
+    let sum = |q: &'static str| {
+        let influx_db = influx_db.clone();
+        async move { influx_query(&influx_db, q).await["results"][0]["series"][0]["values"][0][1].clone() }
+    };
+    assert_eq!(sum(r#"SELECT sum("count") FROM "orders_total""#).await, json!(310), "every order counted");
+    assert_eq!(sum(r#"SELECT count("total") FROM "order_value""#).await, json!(310), "a value point per order");
+    d.stop().await.unwrap();
+    // The same changes again from an older slot: the same points, not new ones.
+    let ws2 = Workspace::new();
+    ws2.write_config(&pg_cache_config_with(&db.url, &replay_slot, &slot, "", &influx_sink(&influx_db)));
+    ws2.write_pipeline("order-metrics", &shipped.replace("source = \"shop\"", "source = \"db\""));
+    let d = InProcess::start(&ws2.config_path());
+    db.wait_caught_up(&replay_slot, WAIT).await;
+    d.stop().await.unwrap();
+    assert_eq!(sum(r#"SELECT sum("count") FROM "orders_total""#).await, json!(310), "a replay counts nothing twice");
+    db.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_field_type_conflict_is_dead_lettered_with_influxdbs_message_and_the_rest_is_written() {
     // The outcome does not depend on batching: split or not, "thirty" meets an integer field.
@@ -270,7 +309,7 @@ async fn timestream_records_carry_dimensions_measures_types_times_and_versions_1
     );
     let value_rec = first["Records"].as_array().unwrap().iter().find(|r| r["MeasureName"] == "order value").unwrap();
     assert_eq!(value_rec["MeasureValueType"], "MULTI");
-    assert_eq!(value_rec["TimeUnit"], "MICROSECONDS");
+    assert_eq!(value_rec["TimeUnit"], "NANOSECONDS");
     let measures = value_rec["MeasureValues"].as_array().unwrap();
     let m = |n: &str| measures.iter().find(|v| v["Name"] == n).unwrap();
     assert_eq!(m("total")["Type"], "DOUBLE");
@@ -280,7 +319,11 @@ async fn timestream_records_carry_dimensions_measures_types_times_and_versions_1
     let total: f64 = m("total")["Value"].as_str().unwrap().parse().unwrap();
     let id: i64 = m("id")["Value"].as_str().unwrap().parse().unwrap();
     assert_eq!(total, id as f64 + 0.25, "exact digits");
-    assert_eq!(value_rec["Time"].as_str().unwrap().parse::<i64>().unwrap(), 1_767_323_045_000_000 + id * 1000);
+    // created_at in nanoseconds, plus the change's index in its transaction (id − 1 here).
+    assert_eq!(
+        value_rec["Time"].as_str().unwrap().parse::<i64>().unwrap(),
+        (1_767_323_045_000_000 + id * 1000) * 1000 + (id - 1)
+    );
     let version = value_rec["Version"].as_i64().unwrap();
     assert!(version > 0);
     d.stop().await.unwrap();

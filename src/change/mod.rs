@@ -269,6 +269,12 @@ impl Version {
         Some(Version { hi: if hi.is_empty() { 0 } else { hi.parse().ok()? }, lo: lo.parse().ok()? })
     }
 
+    /// The last `digits` decimal digits (at most 18): a short, stable number derived from a
+    /// long sequence number.
+    pub fn last_digits(&self, digits: u32) -> u64 {
+        (self.lo % 10u128.pow(digits.min(18))) as u64
+    }
+
     /// The value if it fits in 64 bits (always true for PostgreSQL LSNs).
     pub fn as_u64(&self) -> Option<u64> {
         if self.hi == 0 { u64::try_from(self.lo).ok() } else { None }

@@ -33,6 +33,7 @@ pub mod names {
     pub const DDB_ITERATORS_EXPIRED: &str = "polysync_ddb_iterators_expired_total";
     pub const DDB_FOREIGN_WRITES: &str = "polysync_ddb_foreign_writes_skipped_total";
     pub const DDB_THROTTLES: &str = "polysync_ddb_throttles_total";
+    pub const TS_POINT_COLLISIONS: &str = "polysync_timeseries_point_collisions_total";
     pub const SNAPSHOT_ROWS: &str = "polysync_snapshot_rows_total";
     pub const SNAPSHOT_CHUNKS_REMAINING: &str = "polysync_snapshot_chunks_remaining";
     pub const IN_FLIGHT: &str = "polysync_in_flight_changes";
@@ -72,6 +73,7 @@ pub mod names {
         DDB_ITERATORS_EXPIRED,
         DDB_FOREIGN_WRITES,
         DDB_THROTTLES,
+        TS_POINT_COLLISIONS,
         SNAPSHOT_ROWS,
         PG_SLOT_LAG_EXCEEDED,
         PG_SLOT_LOST,
@@ -147,6 +149,8 @@ pub struct Metrics {
     pub ddb_foreign_writes: IntCounterVec,
     /// Throttled stream or table calls.
     pub ddb_throttles: IntCounterVec,
+    /// Points of one write that share measurement, tags and time (the store keeps only one).
+    pub ts_point_collisions: IntCounterVec,
     /// Rows emitted by snapshots and backfills, by source and relation.
     pub snapshot_rows: IntCounterVec,
     /// Estimated chunks a running snapshot still has to read (from the table's row estimate).
@@ -277,6 +281,12 @@ impl Metrics {
                 &["source"],
             ),
             ddb_throttles: counter(&r, DDB_THROTTLES, "Throttled DynamoDB Streams calls", &["source"]),
+            ts_point_collisions: counter(
+                &r,
+                TS_POINT_COLLISIONS,
+                "Time-series points of one write with the same measurement, tags and time: the store keeps one of them",
+                &["sink"],
+            ),
             pg_slot_lag_exceeded: gauge(
                 &r,
                 PG_SLOT_LAG_EXCEEDED,

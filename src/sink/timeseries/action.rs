@@ -62,8 +62,59 @@ pub struct Point {
     pub fields: Vec<(String, Measure)>,
     /// Microseconds since the epoch.
     pub time_micros: i64,
+    /// Nanoseconds added to `time_micros` (0–999): the change's index in its transaction, so
+    /// the points of rows written together (`created_at = now()`, or the commit time) get
+    /// distinct timestamps instead of overwriting each other, and a replay of a change lands
+    /// on the same point again. Spool entries written before it existed read as 0.
+    #[serde(default)]
+    pub nanos: u16,
     /// Record version.
     pub version: i64,
+}
+
+impl Point {
+    /// The point's time in nanoseconds since the epoch.
+    pub fn time_nanos(&self) -> i64 {
+        self.time_micros.saturating_mul(1000).saturating_add(i64::from(self.nanos))
+    }
+}
+
+/// Points of one write that would land on the same series and time, so the store keeps only
+/// the last: counted in `polysync_timeseries_point_collisions_total` and said once per write
+/// with the first such point, never dropped silently. `records` are each record's points.
+pub fn report_collisions<'a>(sink: &str, records: impl Iterator<Item = &'a [Point]>) {
+    let mut seen = std::collections::HashSet::new();
+    let mut first = None;
+    let mut n = 0u64;
+    for points in records {
+        for p in points {
+            let mut tags = p.tags.clone();
+            tags.sort();
+            if !seen.insert((p.table.clone(), p.measurement.clone(), tags, p.time_nanos())) {
+                n += 1;
+                first.get_or_insert_with(|| format!("{} {:?} at {} ns", p.measurement, p.tags, p.time_nanos()));
+            }
+        }
+    }
+    if let Some(first) = first {
+        crate::telemetry::metrics().ts_point_collisions.with_label_values(&[sink]).inc_by(n);
+        tracing::warn!(sink, points = n, first = %first, "time-series points share measurement, tags and time, so the store keeps only one of each; add a tag that tells their rows apart (docs/types.md, \"Time series\")");
+    }
+}
+
+/// The sub-microsecond part of a change's points: its index within the transaction (a
+/// snapshot row's index within its chunk, a DynamoDB record's sequence number), modulo 1000.
+/// Unique for up to 1000 changes of one transaction that share measurement, tags and time;
+/// beyond that, or for rows of different transactions in the same microsecond, a tag that
+/// tells them apart is needed (docs/types.md, "Time series").
+pub fn sequence_nanos(change: &Change) -> u16 {
+    use crate::change::Position;
+    let n = match &change.position {
+        Position::Pg { seq, .. } => u64::from(*seq),
+        Position::Snapshot { chunk, .. } => *chunk,
+        Position::Ddb { sequence, .. } => sequence.last_digits(3),
+    };
+    (n % 1000) as u16
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -76,6 +127,9 @@ enum FieldType {
     Timestamp,
 }
 
+/// A field as written: a path, or a table with `path` or `value` and an optional `type`. The
+/// type is read as text and checked here, so a wrong one is named with the choices (serde's
+/// untagged enums only say that no variant matched).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum RawField {
@@ -84,10 +138,34 @@ enum RawField {
         #[serde(default)]
         path: Option<String>,
         #[serde(default)]
-        value: Option<String>,
+        value: Option<toml::Value>,
         #[serde(default, rename = "type")]
-        kind: Option<FieldType>,
+        kind: Option<String>,
     },
+}
+
+const FIELD_TYPES: &str = "double, bigint, varchar, boolean, timestamp";
+
+fn field_type(name: &str, kind: Option<String>) -> Result<Option<FieldType>, String> {
+    let Some(k) = kind else { return Ok(None) };
+    let t = match k.as_str() {
+        "double" => FieldType::Double,
+        "bigint" => FieldType::Bigint,
+        "varchar" => FieldType::Varchar,
+        "boolean" => FieldType::Boolean,
+        "timestamp" => FieldType::Timestamp,
+        other => {
+            let hint = match other {
+                "float" | "float64" | "real" | "number" | "numeric" | "decimal" => " (a float is `double`)",
+                "int" | "integer" | "long" | "int64" => " (an integer is `bigint`)",
+                "string" | "text" => " (text is `varchar`)",
+                "bool" => " (`boolean`)",
+                _ => "",
+            };
+            return Err(format!("field {name}: type {other:?} is not one of {FIELD_TYPES}{hint}"));
+        }
+    };
+    Ok(Some(t))
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,7 +222,7 @@ fn tpl(s: &str) -> Result<Template, String> {
 
 /// Compile a `[[sink]]` table aimed at a time-series target.
 pub fn compile(table: toml::Table) -> Result<Arc<dyn Action>, String> {
-    let raw: RawAction = table.try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
+    let raw: RawAction = crate::sink::parse_action(table)?;
     if raw.point.is_empty() {
         return Err("a timeseries sink needs at least one [[sink.point]]".into());
     }
@@ -167,10 +245,25 @@ pub fn compile(table: toml::Table) -> Result<Arc<dyn Action>, String> {
                 RawField::Path(path) => {
                     (Source::Path(Path::parse(&path).map_err(|e| format!("field {name}: {e}"))?), None)
                 }
-                RawField::Spec { path: Some(path), value: None, kind } => {
-                    (Source::Path(Path::parse(&path).map_err(|e| format!("field {name}: {e}"))?), kind)
+                RawField::Spec { path: Some(path), value: None, kind } => (
+                    Source::Path(Path::parse(&path).map_err(|e| format!("field {name}: {e}"))?),
+                    field_type(&name, kind)?,
+                ),
+                RawField::Spec { path: None, value: Some(v), kind } => {
+                    let text = match v {
+                        toml::Value::String(s) => s,
+                        toml::Value::Integer(i) => i.to_string(),
+                        toml::Value::Float(f) => f.to_string(),
+                        toml::Value::Boolean(b) => b.to_string(),
+                        other => {
+                            return Err(format!(
+                                "field {name}: value must be a string, number or boolean, not {}",
+                                other.type_str()
+                            ));
+                        }
+                    };
+                    (Source::Const(text), field_type(&name, kind)?)
                 }
-                RawField::Spec { path: None, value: Some(v), kind } => (Source::Const(v), kind),
                 RawField::Spec { .. } => return Err(format!("field {name}: set exactly one of path and value")),
             };
             fields.push(FieldMap { name, source, kind });
@@ -282,6 +375,7 @@ impl Action for Points {
                 tags,
                 fields,
                 time_micros,
+                nanos: sequence_nanos(change),
                 version: external_version(change)?,
             });
         }
@@ -325,5 +419,47 @@ impl Action for Points {
             })
             .collect::<Vec<_>>()
             .join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::{Name, Position, Row};
+
+    fn change_at(seq: u32) -> Change {
+        let key: Row = [(Name::from("id"), Value::Int(i64::from(seq)))].into_iter().collect();
+        let mut c = Change::test_insert("public.orders", key.clone(), Some(key));
+        c.position = Position::Pg { commit_lsn: 42, seq };
+        c
+    }
+
+    fn point(measurement: &str, nanos: u16) -> Point {
+        Point {
+            table: None,
+            measurement: measurement.into(),
+            tags: vec![("region".into(), "eu".into())],
+            fields: vec![("count".into(), Measure::Bigint(1))],
+            time_micros: 1_000,
+            nanos,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn changes_of_one_transaction_get_distinct_times_and_collisions_are_counted() {
+        let nanos: Vec<u16> = (0..5).map(|s| sequence_nanos(&change_at(s))).collect();
+        assert_eq!(nanos, vec![0, 1, 2, 3, 4]);
+        assert_eq!(sequence_nanos(&change_at(1234)), 234);
+        assert_eq!(point("m", 7).time_nanos(), 1_000_007);
+        let counter = crate::telemetry::metrics().ts_point_collisions.with_label_values(&["ts-unit"]);
+        let before = counter.get();
+        let a = [point("m", 1), point("n", 1)];
+        let b = [point("m", 2)];
+        report_collisions("ts-unit", [&a[..], &b[..]].into_iter());
+        assert_eq!(counter.get(), before, "distinct measurement or time: no collision");
+        let c = [point("m", 1)];
+        report_collisions("ts-unit", [&a[..], &c[..]].into_iter());
+        assert_eq!(counter.get(), before + 1, "same series and time from another record");
     }
 }

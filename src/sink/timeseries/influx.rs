@@ -29,7 +29,7 @@ pub struct InfluxSink {
     batch_bytes: usize,
 }
 
-/// The line for a point (microsecond precision).
+/// The line for a point (nanosecond precision).
 pub fn line(point: &Point, out: &mut String) -> Result<(), String> {
     let fields: Vec<(String, FieldValue)> = point
         .fields
@@ -47,7 +47,7 @@ pub fn line(point: &Point, out: &mut String) -> Result<(), String> {
             )
         })
         .collect();
-    encode_line(out, &point.measurement, &point.tags, &fields, point.time_micros)
+    encode_line(out, &point.measurement, &point.tags, &fields, point.time_nanos())
 }
 
 impl InfluxSink {
@@ -56,6 +56,7 @@ impl InfluxSink {
         name: &str,
         cfg: &TimeseriesSinkConfig,
         base: &std::path::Path,
+        dry_run: bool,
     ) -> Result<InfluxSink, SinkError> {
         let url = cfg.url.clone().unwrap_or_default().trim_end_matches('/').to_string();
         let err = |kind, msg: String| SinkError { sink: name.to_string(), endpoint: url.clone(), kind, msg };
@@ -72,7 +73,7 @@ impl InfluxSink {
         let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
         let (write_url, auth) = match cfg.api() {
             InfluxApi::V1 => {
-                let mut w = format!("{url}/write?db={}&precision=u", enc(cfg.database.as_deref().unwrap_or_default()));
+                let mut w = format!("{url}/write?db={}&precision=n", enc(cfg.database.as_deref().unwrap_or_default()));
                 if let Some(rp) = &cfg.retention_policy {
                     w.push_str(&format!("&rp={}", enc(rp)));
                 }
@@ -85,7 +86,7 @@ impl InfluxSink {
             }
             InfluxApi::V2 => (
                 format!(
-                    "{url}/api/v2/write?org={}&bucket={}&precision=us",
+                    "{url}/api/v2/write?org={}&bucket={}&precision=ns",
                     enc(cfg.org.as_deref().unwrap_or_default()),
                     enc(cfg.bucket.as_deref().unwrap_or_default())
                 ),
@@ -105,7 +106,7 @@ impl InfluxSink {
             batch_bytes: cfg.batch_bytes.map(|b| b.0 as usize).unwrap_or(4 << 20),
         };
         sink.ping().await?;
-        if cfg.create_database && cfg.api() == InfluxApi::V1 {
+        if cfg.create_database && cfg.api() == InfluxApi::V1 && !dry_run {
             let db = cfg.database.as_deref().unwrap_or_default().replace('"', "\\\"");
             let q = format!("{url}/query?q={}", enc(&format!("CREATE DATABASE \"{db}\"")));
             let mut req = sink.client.post(q);
@@ -121,7 +122,41 @@ impl InfluxSink {
                 ));
             }
         }
+        if !cfg.create_database && cfg.api() == InfluxApi::V1 {
+            sink.require_database(cfg.database.as_deref().unwrap_or_default()).await?;
+        }
         Ok(sink)
+    }
+
+    /// A 1.x database that does not exist is found at start, not by the first write (which
+    /// would then be refused on every retry while the slot waits).
+    async fn require_database(&self, db: &str) -> Result<(), SinkError> {
+        let q = format!("{}/query?q=SHOW%20DATABASES", self.endpoint);
+        let mut req = self.client.get(q);
+        if let Some(a) = &self.auth {
+            req = req.header("Authorization", a);
+        }
+        let resp = req.send().await.map_err(|e| self.transient(e))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        if status.as_u16() == 401 || status.as_u16() == 403 {
+            return Err(self.fatal(format!("SHOW DATABASES: {status}: check username and password")));
+        }
+        if !status.is_success() {
+            return Err(self.transient(format!("SHOW DATABASES: {status} {body}")));
+        }
+        let names: Vec<&str> = body["results"][0]["series"][0]["values"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|r| r[0].as_str()).collect())
+            .unwrap_or_default();
+        if names.contains(&db) {
+            return Ok(());
+        }
+        Err(self.fatal(format!(
+            "database {db:?} does not exist on {} (it has: {}); create it (CREATE DATABASE \"{db}\") or set create_database = true",
+            self.endpoint,
+            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+        )))
     }
 
     fn transient(&self, e: impl std::fmt::Display) -> SinkError {
@@ -226,6 +261,13 @@ impl InfluxSink {
                 }
             }
         }
+        super::action::report_collisions(
+            &self.name,
+            batch.iter().filter_map(|r| match &r.payload {
+                Payload::Points(p) => Some(p.as_slice()),
+                _ => None,
+            }),
+        );
         self.write_some(&lines, idx, &mut outcomes).await?;
         Ok(outcomes)
     }

@@ -67,8 +67,8 @@ pub fn record(p: &Point, common: &[(String, String)]) -> Result<TsRecord, String
     let mut r = TsRecord::builder()
         .set_dimensions(Some(dims))
         .measure_name(&p.measurement)
-        .time(p.time_micros.to_string())
-        .time_unit(TimeUnit::Microseconds)
+        .time(p.time_nanos().to_string())
+        .time_unit(TimeUnit::Nanoseconds)
         .version(p.version);
     if p.fields.len() == 1 && p.fields[0].0 == "value" {
         let (v, t) = measure(&p.fields[0].1);
@@ -232,6 +232,13 @@ impl TimestreamSink {
                 }
             }
         }
+        super::action::report_collisions(
+            &self.name,
+            batch.iter().filter_map(|r| match &r.payload {
+                Payload::Points(p) => Some(p.as_slice()),
+                _ => None,
+            }),
+        );
         for (table, items) in &by_table {
             for chunk in items.chunks(MAX_RECORDS_PER_CALL) {
                 self.call(table, chunk, &mut outcomes).await?;
