@@ -69,11 +69,16 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// Show snapshot progress (from the state directory).
+    /// Show the daemon's state per source and sink: connection, lag, confirmed position,
+    /// in-flight changes, sink health and backlog, the last reload, dead letters and snapshots
+    /// (from the running daemon; from the state directory when none answers).
     Status {
         /// Config file.
         #[arg(long, short, env = "POLYSYNC_CONFIG", default_value = "config/polysync.toml")]
         config: PathBuf,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Inspect or replay the dead-letter queue.
     Dlq {
@@ -382,26 +387,20 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { config } => {
+        Command::Status { config, json } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let mut any = false;
-            for name in cfg.sources.keys() {
-                let path = polysync::checkpoint::snapshot::progress_path(&cfg.state_dir, name);
-                match polysync::checkpoint::snapshot::SnapshotProgress::load(&path) {
-                    Ok(p) => {
-                        for t in &p.tasks {
-                            any = true;
-                            println!("source {name}: {}", t.describe());
-                        }
-                    }
-                    Err(e) => eprintln!("{e}"),
-                }
-            }
-            if !any {
-                println!("no snapshots recorded in {}", cfg.state_dir.display());
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            let status = rt.block_on(polysync::app::status::gather(&cfg));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+            } else {
+                print!("{}", polysync::app::status::render(&status));
             }
             ExitCode::SUCCESS
         }
@@ -460,19 +459,19 @@ fn main() -> ExitCode {
                         Err(code) => return code,
                     };
                     let mut refused = false;
-                    for (name, result) in rt.block_on(polysync::app::check_online(&cfg)) {
+                    for (what, result) in rt.block_on(polysync::app::check_online(&cfg, &pipelines)) {
                         match result {
                             Ok(report) => {
                                 for f in &report.facts {
-                                    println!("source {name}: {f}");
+                                    println!("{what}: {f}");
                                 }
                                 for w in &report.warnings {
-                                    println!("source {name}: warning: {w}");
+                                    println!("{what}: warning: {w}");
                                 }
                             }
                             Err(e) => {
                                 refused = true;
-                                eprintln!("source {name}: {e}");
+                                eprintln!("{what}: {e}");
                             }
                         }
                     }

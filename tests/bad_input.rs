@@ -82,6 +82,27 @@ fn check_names_file_line_and_column_for_each_mistake() {
     assert!(!ok && err.contains("extra.toml:2:") && err.contains("sorce"), "{err}");
     ws.remove_pipeline("extra");
 
+    // Messages that say what was expected: a list where one key goes, a time-series type.
+    ws.write_pipeline(
+        "keylist",
+        "source = \"db\"\n[match]\nrelations = [\"public.t\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = [\"a:{{ key.id }}\", \"b\"]\n",
+    );
+    let (ok, err) = check(&ws);
+    assert!(!ok && err.contains("keylist.toml:7:") && err.contains("keys = [...]"), "{err}");
+    ws.remove_pipeline("keylist");
+    ws.write_config(&pg_cache_config(
+        "postgres://u:p@127.0.0.1:1/db",
+        "s",
+        "[sinks.metrics]\nkind = \"timeseries\"\nengine = \"influxdb\"\nurl = \"http://127.0.0.1:1\"\ndatabase = \"x\"\n",
+    ));
+    ws.write_pipeline(
+        "floattype",
+        "source = \"db\"\n[match]\nrelations = [\"public.t\"]\n[[sink]]\ntarget = \"metrics\"\n[[sink.point]]\nmeasurement = \"m\"\nfields = { v = { path = \"after.v\", type = \"float\" } }\n",
+    );
+    let (ok, err) = check(&ws);
+    assert!(!ok && err.contains("type \"float\" is not one of double") && err.contains("a float is `double`"), "{err}");
+    ws.remove_pipeline("floattype");
+
     // A good pipeline passes and prints the plan.
     ws.write_pipeline("good", &format!("source = \"db\"\n[match]\nrelations = [\"public.t\"]\n{GOOD_SINK}"));
     let (ok, out) = check(&ws);
@@ -92,6 +113,14 @@ fn check_names_file_line_and_column_for_each_mistake() {
     std::fs::write(ws.config_path(), "state_dir = \"s\"\n[runtime]\nlanse = 3\n").unwrap();
     let (ok, err) = check(&ws);
     assert!(!ok && err.contains("polysync.toml:3:") && err.contains("lanse"), "{err}");
+    // A misspelt key of a source table is named at its own line, not the table's header.
+    std::fs::write(
+        ws.config_path(),
+        "state_dir = \"s\"\n\n[sources.app]\nkind = \"postgres\"\nurl = \"postgres://u:p@127.0.0.1:1/db\"\nslot = \"s\"\npublication = \"p\"\ncreate_if_mising = true\n",
+    )
+    .unwrap();
+    let (ok, err) = check(&ws);
+    assert!(!ok && err.contains("polysync.toml:8:1") && err.contains("create_if_mising"), "{err}");
     std::fs::write(ws.config_path(), "[sinks.c]\nkind = \"cache\"\nurl = \"redis://${POLYSYNC_SURELY_UNSET_VAR}@h\"\n")
         .unwrap();
     let (ok, err) = check(&ws);
@@ -172,6 +201,28 @@ async fn run_refuses_missing_objects_with_a_precise_message() {
     ws.write_pipeline("missing", &format!("source = \"db\"\n[match]\nrelations = [\"public.nope\"]\n{GOOD_SINK}"));
     let err = refused(&ws).await;
     assert!(err.contains("do not exist") && err.contains("public.nope"), "{err}");
+
+    // An InfluxDB database that does not exist, without create_database: refused at start
+    // with the fix, not found by the first write and retried while the slot waits.
+    let ws = Workspace::new();
+    let missing_db = unique("nodb");
+    ws.write_config(&pg_cache_config(
+        &db.url,
+        &format!("{slot}_i"),
+        &format!(
+            "\n[sinks.metrics]\nkind = \"timeseries\"\nengine = \"influxdb\"\nurl = \"{}\"\ndatabase = \"{missing_db}\"\n",
+            crate::support::converge::influx_url()
+        ),
+    ));
+    ws.write_pipeline(
+        "points",
+        "source = \"db\"\n[match]\nrelations = [\"public.t\"]\n[[sink]]\ntarget = \"metrics\"\n[[sink.point]]\nmeasurement = \"m\"\nfields = { n = \"after.user_id\" }\n",
+    );
+    let err = refused(&ws).await;
+    assert!(
+        err.contains(&format!("database \"{missing_db}\" does not exist")) && err.contains("create_database = true"),
+        "{err}"
+    );
     db.cleanup().await;
 }
 
@@ -208,5 +259,138 @@ async fn a_template_missing_its_field_dead_letters_and_the_stream_goes_on() {
     assert_eq!(dl[0].change.relation.as_ref(), "public.t");
     assert!(dl[0].reason.contains("template field row.user_id is missing"), "{}", dl[0].reason);
     d.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// A second config on the same slot that runs fewer pipelines is refused (it would confirm
+/// changes the other config's pipelines never saw); `take_over_slot = true` moves the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_config_with_fewer_pipelines_cannot_consume_the_slot() {
+    let _g = shared().await;
+    let db = TestDb::create("slotowner").await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, user_id bigint)").await;
+    let slot = unique("s");
+    let pipeline =
+        |name: &str| format!("name = \"{name}\"\nsource = \"db\"\n[match]\nrelations = [\"public.t\"]\n{GOOD_SINK}");
+    let first = Workspace::new();
+    first.write_config(&pg_cache_config(&db.url, &slot, ""));
+    first.write_pipeline("a", &pipeline("a"));
+    first.write_pipeline("b", &pipeline("b"));
+    let d = InProcess::start(&first.config_path());
+    db.wait_streaming(&slot).await;
+    d.stop().await.unwrap();
+
+    let second = Workspace::new();
+    second.write_config(&pg_cache_config(&db.url, &slot, ""));
+    second.write_pipeline("a", &pipeline("a"));
+    let err = refused(&second).await;
+    assert!(err.contains(&format!("slot \"{slot}\" is consumed by another polysync")), "{err}");
+    assert!(err.contains("does not run [b]") && err.contains("take_over_slot = true"), "{err}");
+
+    // The first config itself starts again (same installation), even with a pipeline fewer.
+    first.remove_pipeline("b");
+    let d = InProcess::start(&first.config_path());
+    db.exec("INSERT INTO t VALUES (1, 1)").await;
+    db.wait_caught_up(&slot, Duration::from_secs(60)).await;
+    d.stop().await.unwrap();
+    // Now the slot is recorded for [a] only: the second config runs [a] and may take it.
+    let d = InProcess::start(&second.config_path());
+    db.wait_streaming(&slot).await;
+    db.exec("INSERT INTO t VALUES (2, 2)").await;
+    db.wait_caught_up(&slot, Duration::from_secs(60)).await;
+    d.stop().await.unwrap();
+    // The first one cannot come back silently: the slot moved past what it confirmed.
+    let err = refused(&first).await;
+    assert!(err.contains("something else consumed or advanced it"), "{err}");
+    // A deliberate move to a config with fewer pipelines.
+    let third = Workspace::new();
+    third.write_config(
+        &pg_cache_config(&db.url, &slot, "")
+            .replace("create_if_missing = true", "create_if_missing = true\ntake_over_slot = true"),
+    );
+    third.write_pipeline("c", &pipeline("c"));
+    let d = InProcess::start(&third.config_path());
+    db.wait_streaming(&slot).await;
+    db.exec("INSERT INTO t VALUES (3, 3)").await;
+    db.wait_caught_up(&slot, Duration::from_secs(60)).await;
+    d.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+fn check_online(ws: &Workspace) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_polysync"))
+        .args(["check", "--online", "--config"])
+        .arg(ws.config_path())
+        .output()
+        .expect("run polysync check --online");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// `polysync check --online` runs the start-up checks against the real servers and exits:
+/// nothing is created (the publication and slot a first start would create are listed), a
+/// column typo and a missing InfluxDB database are refused with exit status 2, and so is a
+/// sink that does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_online_runs_every_start_up_check_without_creating_anything() {
+    let _g = shared().await;
+    let db = TestDb::create("online").await;
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, user_id bigint)").await;
+    let slot = unique("s");
+    let ws = Workspace::new();
+    ws.write_config(&pg_cache_config(&db.url, &slot, ""));
+    ws.write_pipeline("p", &format!("source = \"db\"\n[match]\nrelations = [\"public.t\"]\n{GOOD_SINK}"));
+    let (code, out) = check_online(&ws);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("source db: publication") && out.contains("the first start would create publication"),
+        "{out}"
+    );
+    assert!(out.contains("sink cache: ") && out.contains("answers"), "{out}");
+    let publications: i64 = db.client.query_one("SELECT count(*) FROM pg_publication", &[]).await.unwrap().get(0);
+    let slots: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((publications, slots), (0, 0), "check --online created nothing");
+
+    // A column list naming a column the table lacks.
+    ws.write_pipeline(
+        "p",
+        "source = \"db\"\n[match]\nrelations = [\"public.t\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"u:{{ key.id }}\"\ncolumns = [\"id\", \"usr_id\"]\n",
+    );
+    let (code, out) = check_online(&ws);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("source db:") && out.contains("public.t has no column \"usr_id\""), "{out}");
+
+    // A missing InfluxDB database, and a cache that does not answer.
+    let missing_db = unique("nodb");
+    ws.write_config(
+        &pg_cache_config(
+            &db.url,
+            &slot,
+            &format!(
+                "\n[sinks.metrics]\nkind = \"timeseries\"\nengine = \"influxdb\"\nurl = \"{}\"\ndatabase = \"{missing_db}\"\n",
+                crate::support::converge::influx_url()
+            ),
+        )
+        .replace(&crate::support::redis::url(), "redis://127.0.0.1:1"),
+    );
+    ws.write_pipeline("p", &format!("source = \"db\"\n[match]\nrelations = [\"public.t\"]\n{GOOD_SINK}"));
+    ws.write_pipeline(
+        "points",
+        "source = \"db\"\n[match]\nrelations = [\"public.t\"]\n[[sink]]\ntarget = \"metrics\"\n[[sink.point]]\nmeasurement = \"m\"\nfields = { n = \"after.user_id\" }\n",
+    );
+    let (code, out) = check_online(&ws);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("sink metrics:") && out.contains(&format!("database \"{missing_db}\" does not exist")),
+        "{out}"
+    );
+    assert!(out.contains("sink cache:"), "{out}");
     db.cleanup().await;
 }

@@ -374,12 +374,46 @@ async fn readyz_and_healthcheck_follow_redis_going_away_and_coming_back() {
     })
     .await;
     let out = healthcheck();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("sink cache"));
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && said.contains("sink cache"), "{said}");
+    assert!(!said.contains("Os {"), "an I/O error reads as a sentence, not Rust's debug form: {said}");
     assert_eq!(http_get(&addr, "/healthz").await.unwrap().0, 200, "alive while unready");
+    // `polysync status` names the sink that is down, and why.
+    let status = |json: bool| {
+        let mut args = vec!["status", "--config"];
+        let config = ws.config_path();
+        let config = config.to_str().unwrap().to_string();
+        args.push(&config);
+        if json {
+            args.push("--json");
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_polysync")).args(&args).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let down = status(false);
+    assert!(down.contains("daemon: running") && down.contains("sink cache (cache): DOWN"), "{down}");
+    assert!(down.contains("source db (postgres) slot") && down.contains(": connected"), "{down}");
 
     crate::support::peers(&["redis"]);
     wait_for("ready again", WAIT, || async { http_get(&addr, "/readyz").await.is_some_and(|(s, _)| s == 200) }).await;
     assert!(healthcheck().status.success());
+    db.exec("INSERT INTO items VALUES (1, 1)").await;
+    db.wait_caught_up(&slot, WAIT).await;
+    d.signal(libc::SIGHUP);
+    wait_for("the reload in status", WAIT, || async { status(false).contains("last reload: ok") }).await;
+    let up = status(false);
+    assert!(up.contains("sink cache (cache): up, 0 records behind") && up.contains("(last error:"), "{up}");
+    assert!(up.contains("dead letters: none"), "{up}");
+    let j: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    assert_eq!(j["sources"]["db"]["connected"], true, "{j}");
+    assert_eq!(j["sources"]["db"]["slot"], slot.as_str(), "{j}");
+    assert!(j["sources"]["db"]["confirmed_lsn"].as_str().is_some_and(|l| l.contains('/')), "{j}");
+    assert_eq!(j["sinks"]["cache"]["up"], true, "{j}");
+    assert_eq!(j["last_reload"]["ok"], true, "{j}");
     assert!(d.terminate().await.success());
+    // With the daemon gone: what state_dir holds, said as such.
+    let after = status(false);
+    assert!(after.contains("not answering") && after.contains("last confirmed"), "{after}");
     db.cleanup().await;
 }

@@ -193,14 +193,20 @@ async fn a_vrl_compile_error_is_located_and_the_running_pipelines_keep_deliverin
     let log = ws.path().join("daemon.log");
     let d = ChildDaemon::spawn(&ws.config_path(), &log);
     db.wait_streaming(&slot).await;
-    // Line 2 of the file: `to_int(` called with no argument.
-    let bad = "source = \"db\"\ntransform = '.after.x = to_int()'\n[match]\nrelations = [\"public.items\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"k:{{ key.id }}\"]\n";
+    // Two mistakes: line 3 of the file calls `to_int` with no argument, line 4 calls a
+    // fallible function without handling its error (VRL's hint says how).
+    let bad = "source = \"db\"\ntransform = \'\'\'\n.after.x = to_int()\n.after.y = parse_json(.after.z)\n\'\'\'\n[match]\nrelations = [\"public.items\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"k:{{ key.id }}\"]\n";
     ws.write_pipeline("bad", bad);
     let (ok, out) = cli(&["check"], &ws.config_path());
     assert!(!ok);
-    assert!(out.contains("bad.toml:2:") && out.contains("transform: error[E"), "{out}");
+    assert!(out.contains("bad.toml:3:") && out.contains("bad.toml:4:") && out.contains("transform: error[E"), "{out}");
+    assert!(out.contains("infallible assignment"), "VRL's advice is shown whole: {out}");
     wait_for("the failed reload to be counted", CATCH_UP, || async { reloads(port, "error").await >= 1.0 }).await;
-    assert!(std::fs::read_to_string(&log).unwrap().contains("bad.toml:2:"), "the reload error names file and line");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("bad.toml:3:") && text.contains("bad.toml:4:"),
+        "the reload error names every mistake with file and line: {text}"
+    );
     let redis = TestRedis::connect().await;
     redis.set(&format!("{p}:g:1"), "x").await;
     db.exec("INSERT INTO items VALUES (1)").await;

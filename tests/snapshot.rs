@@ -245,6 +245,33 @@ async fn on_demand_backfill_of_one_table_while_others_stream_and_a_keyless_table
     db.exec("INSERT INTO orders VALUES (-1, 7)").await;
     db.wait_caught_up(&slot, WAIT).await;
     assert!(redis.exists(&format!("{po}-1")).await, "the stream still flows");
+
+    // Pipelines a reload adds: one with `snapshot = "initial"` is filled at once, another is
+    // filled by `polysync snapshot`, whose answer is the daemon's (the first-hour case).
+    let (pn, pc) = (format!("{}:", unique("bn")), format!("{}:", unique("bc")));
+    ws.write_pipeline("orders-new", &cache_pipeline("orders-new", "orders", &pn, true));
+    ws.write_pipeline("orders-cmd", &cache_pipeline("orders-cmd", "orders", &pc, false));
+    d.reload();
+    let orders_now = pg_rows(&db.client, "SELECT id::text, row_to_json(o)::text FROM orders o").await;
+    eventually_converged("the initial snapshot of a pipeline added by reload", &orders_now, WAIT, || {
+        redis_docs(&redis.client, &pn)
+    })
+    .await;
+    let config = ws.config_path();
+    let out =
+        tokio::task::spawn_blocking(move || polysync(&["snapshot", "--pipeline", "orders-cmd", "--wait"], &config))
+            .await
+            .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eventually_converged("a snapshot of a pipeline added by reload", &orders_now, WAIT, || {
+        redis_docs(&redis.client, &pc)
+    })
+    .await;
+    // A pipeline the daemon does not run: the daemon's refusal, with its reason.
+    let out = polysync(&["snapshot", "--pipeline", "no-such-pipeline", "--wait"], &ws.config_path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-pipeline"), "{err}");
     d.stop().await.unwrap();
     db.cleanup().await;
 }

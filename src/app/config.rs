@@ -212,7 +212,11 @@ impl Config {
 
     /// What building a sink needs besides its own config.
     pub fn sink_context(&self) -> SinkContext {
-        SinkContext { aws: self.aws.clone(), base_dir: self.path.parent().map(Path::to_path_buf).unwrap_or_default() }
+        SinkContext {
+            aws: self.aws.clone(),
+            base_dir: self.path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            dry_run: false,
+        }
     }
 
     /// What loading the pipelines needs: their directory, the sources and sink targets.

@@ -13,6 +13,7 @@ pub mod dlq_replay;
 pub mod needs;
 pub mod reload;
 pub mod snapshot_request;
+pub mod status;
 pub mod warnings;
 
 use std::sync::Arc;
@@ -91,18 +92,55 @@ pub fn check(config: &Config) -> Result<Vec<Arc<Pipeline>>, ConfigError> {
     load::load_all(&config.pipeline_env())
 }
 
-/// What `check --online` found for one source: its report, or what `run` would refuse with.
-pub type OnlineCheck = (String, Result<crate::source::postgres::OnlineReport, SourceError>);
+/// What `check --online` found for one source or sink (`source shop`, `sink cache`): facts and
+/// warnings, or what `run` would refuse with.
+pub type OnlineCheck = (String, Result<crate::source::postgres::OnlineReport, String>);
 
-/// `check --online`: the read-only part of each PostgreSQL source's start (the writer, the
-/// privileges, the slot against polysync's record, failover readiness), against the real
-/// servers. Nothing is created; a source of another kind is not contacted.
-pub async fn check_online(config: &Config) -> Vec<OnlineCheck> {
+/// `check --online`: the read-only part of every start-up check against the real servers.
+/// PostgreSQL sources: the writer, the privileges, tables, publication, keys, replica identity
+/// and the columns the pipelines name, the slot against polysync's record, failover readiness.
+/// Sinks the pipelines use: connected and checked as at start (reachable, authenticated, the
+/// InfluxDB database present), without creating anything. DynamoDB sources are not contacted
+/// (said in the report).
+pub async fn check_online(config: &Config, pipelines: &[Arc<Pipeline>]) -> Vec<OnlineCheck> {
     let mut out = Vec::new();
     for (name, source) in &config.sources {
-        if let crate::source::SourceConfig::Postgres(pg) = source {
-            out.push((name.clone(), crate::source::postgres::check_online(name, pg, &config.state_dir).await));
+        let label = format!("source {name}");
+        match source {
+            crate::source::SourceConfig::Postgres(pg) => {
+                let needs = needs::source_needs(pipelines, name);
+                let r = crate::source::postgres::check_online(name, pg, &needs, &config.state_dir).await;
+                // The error names the source already; the label does too.
+                let prefix = format!("{label}: ");
+                out.push((label, r.map_err(|e| e.to_string().trim_start_matches(&prefix).to_string())));
+            }
+            crate::source::SourceConfig::Dynamodb(_) => out.push((
+                label,
+                Ok(crate::source::postgres::OnlineReport {
+                    facts: Vec::new(),
+                    warnings: vec![
+                        "DynamoDB sources are not checked online yet; `run` checks the table and stream at start"
+                            .into(),
+                    ],
+                }),
+            )),
         }
+    }
+    let used: std::collections::BTreeSet<&str> =
+        pipelines.iter().flat_map(|p| p.actions.iter().map(|a| &*a.target)).collect();
+    let ctx = crate::sink::SinkContext { dry_run: true, ..config.sink_context() };
+    for (name, sink) in config.sinks.iter().filter(|(n, _)| used.contains(n.as_str())) {
+        let label = format!("sink {name}");
+        let built = tokio::time::timeout(std::time::Duration::from_secs(20), sink.build(name, &ctx)).await;
+        let r = match built {
+            Ok(Ok(s)) => Ok(crate::source::postgres::OnlineReport {
+                facts: vec![format!("{} answers and accepts the credentials", s.endpoint())],
+                warnings: Vec::new(),
+            }),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within 20 s from {name}")),
+        };
+        out.push((label, r));
     }
     out
 }

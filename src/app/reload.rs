@@ -115,9 +115,11 @@ impl Reloader {
             Ok(summary) => {
                 m.config_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(?trigger, %summary, "reloaded");
+                self.health.reloaded(true, summary);
             }
             Err(e) => {
                 m.config_reloads.with_label_values(&["error"]).inc();
+                self.health.reloaded(false, e.to_string());
                 for line in e.to_string().lines() {
                     tracing::error!(?trigger, error = %line, "reload failed; the previous pipelines keep running");
                 }

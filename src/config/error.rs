@@ -46,10 +46,26 @@ impl ConfigError {
         ConfigError::At { path: path.to_owned(), line, col, msg: msg.into() }
     }
 
-    /// Turn a TOML parse/deserialize error into a located one.
+    /// Turn a TOML parse/deserialize error into a located one. An unknown key is pointed at
+    /// itself: serde reports it with the span of its whole table when the table is read
+    /// through a tagged enum (`kind = "postgres"`), which would name the table's header line.
     pub fn from_toml(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-        let offset = e.span().map(|s| s.start).unwrap_or(0);
-        ConfigError::at(path, text, offset, e.message().trim().to_string())
+        let msg = e.message().trim();
+        let mut offset = e.span().map(|s| s.start).unwrap_or(0);
+        if let (Some(span), Some(key)) = (e.span(), unknown_key(msg)) {
+            // The span may cover only the table's header: look up to the next header.
+            let from = span.start.min(text.len());
+            let end = text[from..]
+                .match_indices("\n[")
+                .map(|(i, _)| from + i)
+                .find(|&i| i > from)
+                .unwrap_or(text.len())
+                .max(span.end.min(text.len()));
+            if let Some(at) = key_offset(text, from..end, key) {
+                offset = at;
+            }
+        }
+        ConfigError::at(path, text, offset, explain(msg))
     }
 
     /// Collapse a list: none → Ok, one → itself, more → `Many`.
@@ -60,6 +76,42 @@ impl ConfigError {
             _ => Err(ConfigError::Many(errors)),
         }
     }
+}
+
+/// The key of serde's "unknown field `x`, expected one of …".
+fn unknown_key(msg: &str) -> Option<&str> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    rest.split_once('`').map(|(k, _)| k)
+}
+
+/// Where `key = …` starts inside `span` (bare or quoted key at the start of a line).
+pub fn key_offset(text: &str, span: std::ops::Range<usize>, key: &str) -> Option<usize> {
+    let end = span.end.min(text.len());
+    let start = span.start.min(end);
+    let mut pos = start;
+    for line in text[start..end].split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        let bare = trimmed.strip_prefix(key);
+        let quoted = trimmed.strip_prefix(&format!("\"{key}\"")).or(trimmed.strip_prefix(&format!("'{key}'")));
+        if let Some(after) = bare.or(quoted)
+            && after.trim_start().starts_with(['=', '.'])
+        {
+            return Some(pos + indent);
+        }
+        pos += line.len();
+    }
+    None
+}
+
+/// serde's wording, rewritten where it does not say what was expected.
+fn explain(msg: &str) -> String {
+    if msg.contains("did not match any variant of untagged enum") {
+        return format!(
+            "{msg}: see the examples in the README for this setting's accepted forms (a string, or a table of the documented keys)"
+        );
+    }
+    msg.to_string()
 }
 
 /// 1-based line and column of a byte offset.
@@ -74,6 +126,15 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_key_is_pointed_at_itself() {
+        let text = "[sources.app]\nkind = \"postgres\"\nslot = \"s\"\ncreate_if_mising = true\n";
+        let span = 0..text.len();
+        assert_eq!(unknown_key("unknown field `create_if_mising`, expected one of `a`, `b`"), Some("create_if_mising"));
+        let at = key_offset(text, span, "create_if_mising").unwrap();
+        assert_eq!(line_col(text, at), (4, 1));
+    }
 
     #[test]
     fn line_col_counts_from_one() {

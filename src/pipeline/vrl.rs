@@ -54,10 +54,50 @@ pub enum Role {
     Transform,
 }
 
-/// A compiled program.
+/// A compiled program (with its text, so a runtime error's byte span reads as line:col).
 pub struct VrlProgram {
     program: Program,
     role: Role,
+    source: String,
+}
+
+/// VRL's notes that help a person fix the program (hints, examples, the coercion advice),
+/// without the documentation links.
+fn helpful_notes(notes: &[vrl::diagnostic::Note]) -> Vec<String> {
+    use vrl::diagnostic::Note;
+    notes
+        .iter()
+        .filter(|n| !matches!(n, Note::SeeErrorDocs | Note::SeeDocs(..) | Note::SeeFunctionDocs(_)))
+        .map(|n| n.to_string().trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// `… at (22:47) …` (byte offsets) → `… at line 2, column 5 …` of `source`.
+fn spans_to_lines(text: &str, source: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(" at (") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 5..];
+        let parsed = after.split_once(')').and_then(|(inner, tail)| {
+            let (a, _) = inner.split_once(':')?;
+            Some((a.trim().parse::<usize>().ok()?, tail))
+        });
+        match parsed {
+            Some((start, tail)) => {
+                let (line, col) = crate::config::line_col(source, start);
+                out.push_str(&format!(" at line {line}, column {col} of the program"));
+                rest = tail;
+            }
+            None => {
+                out.push_str(" at (");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Outcome of running a program on a change.
@@ -74,7 +114,7 @@ impl VrlProgram {
     /// Compile source text; every error with its position.
     pub fn compile(source: &str, role: Role) -> Result<VrlProgram, Vec<VrlError>> {
         match vrl::compiler::compile(source, functions()) {
-            Ok(result) => Ok(VrlProgram { program: result.program, role }),
+            Ok(result) => Ok(VrlProgram { program: result.program, role, source: source.to_string() }),
             Err(diagnostics) => Err(diagnostics
                 .errors()
                 .into_iter()
@@ -82,7 +122,19 @@ impl VrlProgram {
                     let primary = d.labels.iter().find(|l| l.primary).or(d.labels.first());
                     let offset = primary.map(|l| l.span.start()).unwrap_or(0);
                     let label = primary.map(|l| format!(": {}", l.message)).unwrap_or_default();
-                    VrlError { offset, message: format!("error[E{:03}]: {}{label}", d.code, d.message) }
+                    let mut message = format!("error[E{:03}]: {}{label}", d.code, d.message);
+                    for other in d
+                        .labels
+                        .iter()
+                        .filter(|l| !primary.is_some_and(|p| std::ptr::eq(p, *l)) && !l.message.is_empty())
+                    {
+                        let (line, col) = crate::config::line_col(source, other.span.start());
+                        message.push_str(&format!("; {} (program line {line}:{col})", other.message));
+                    }
+                    for note in helpful_notes(&d.notes) {
+                        message.push_str(&format!("; {}", note.replace('\n', " ")));
+                    }
+                    VrlError { offset, message }
                 })
                 .collect()),
         }
@@ -94,7 +146,7 @@ impl VrlProgram {
         match runtime.resolve(&mut target, &self.program, utc()) {
             Ok(result) => Outcome::Ok((result, target.value)),
             Err(Terminate::Abort(_)) => Outcome::Aborted,
-            Err(e) => Outcome::Failed(e.to_string()),
+            Err(e) => Outcome::Failed(spans_to_lines(&e.to_string(), &self.source)),
         }
     }
 
@@ -316,5 +368,12 @@ mod tests {
         assert!(matches!(t.transform(&change()), Outcome::Aborted));
         let e = VrlProgram::compile(".after.x = to_int(.after.y)\n.foo = bar(", Role::Transform).err().unwrap();
         assert!(!e.is_empty() && e[0].message.starts_with("error[E"), "{:?}", e);
+        // The fallible call's advice is kept whole.
+        let e = VrlProgram::compile(".after.x = to_int(.after.y)", Role::Transform).err().unwrap();
+        assert!(e[0].message.contains("infallible assignment"), "{:?}", e);
+        // A runtime error names line and column of the program, not a byte span.
+        let t = VrlProgram::compile(".a = 1\n.after.n = to_int!(.after.secret)", Role::Transform).unwrap();
+        let Outcome::Failed(msg) = t.transform(&change()) else { panic!("expected a failure") };
+        assert!(msg.contains("line 2, column") && !msg.contains("at ("), "{msg}");
     }
 }

@@ -46,6 +46,26 @@ pub struct SinkContext {
     pub aws: crate::aws::AwsSettings,
     /// Directory of the config file (relative paths in sink configs start there).
     pub base_dir: std::path::PathBuf,
+    /// `check --online`: connect and check, but create nothing (databases, indices).
+    pub dry_run: bool,
+}
+
+/// Read a `[[sink]]` table into an action's raw form. An error names the key it is about
+/// (`` `key`: invalid type: … ``) so the pipeline loader can point at that key's line, and
+/// says what was expected where serde's words do not.
+pub fn parse_action<T: serde::de::DeserializeOwned>(table: toml::Table) -> Result<T, String> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.inner().message().trim().to_string();
+        let hint = if msg.starts_with("invalid type: sequence, expected a string") && path == "key" {
+            " (`key` takes one template; several cache keys go in `keys = [...]`)"
+        } else if msg.starts_with("invalid type: string") && msg.contains("expected a sequence") {
+            " (this key takes a list: `[\"...\"]`)"
+        } else {
+            ""
+        };
+        if path.is_empty() || path == "." { format!("{msg}{hint}") } else { format!("`{path}`: {msg}{hint}") }
+    })
 }
 
 impl SinkConfig {
@@ -88,14 +108,16 @@ impl SinkConfig {
     pub async fn build(&self, name: &str, ctx: &SinkContext) -> Result<Arc<dyn Sink>, SinkError> {
         match self {
             SinkConfig::Cache(c) => Ok(Arc::new(cache::CacheSink::connect(name, c).await?)),
-            SinkConfig::Search(c) => Ok(Arc::new(search::SearchSink::connect(name, c, &ctx.aws, &ctx.base_dir).await?)),
+            SinkConfig::Search(c) => {
+                Ok(Arc::new(search::SearchSink::connect(name, c, &ctx.aws, &ctx.base_dir, ctx.dry_run).await?))
+            }
             SinkConfig::Graph(c) => Ok(Arc::new(graph::GraphSink::connect(name, c, &ctx.aws, &ctx.base_dir).await?)),
             SinkConfig::Timeseries(c) => match c.engine {
                 timeseries::Engine::Timestream => {
                     Ok(Arc::new(timeseries::timestream::TimestreamSink::connect(name, c, &ctx.aws).await?))
                 }
                 timeseries::Engine::Influxdb => {
-                    Ok(Arc::new(timeseries::influx::InfluxSink::connect(name, c, &ctx.base_dir).await?))
+                    Ok(Arc::new(timeseries::influx::InfluxSink::connect(name, c, &ctx.base_dir, ctx.dry_run).await?))
                 }
             },
             SinkConfig::Noop(c) => Ok(Arc::new(noop::NoopSink::new(name, c))),

@@ -9,11 +9,25 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Shared readiness state.
+/// Shared readiness state, and what `polysync status` shows beyond the metrics: each
+/// component's last error (kept after it recovered) and the last reload.
 #[derive(Default)]
 pub struct Health {
     components: Mutex<BTreeMap<String, Result<(), String>>>,
+    last_errors: Mutex<BTreeMap<String, (String, i64)>>,
+    last_reload: Mutex<Option<ReloadOutcome>>,
     heartbeat_ms: AtomicI64,
+}
+
+/// How the last reload ended.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadOutcome {
+    /// Milliseconds since the epoch.
+    pub at_ms: i64,
+    /// It was swapped in.
+    pub ok: bool,
+    /// The summary (what changed) or the error.
+    pub detail: String,
 }
 
 fn now_ms() -> i64 {
@@ -40,7 +54,37 @@ impl Health {
 
     /// Set a component's state (`source shop`, `sink cache`).
     pub fn set(&self, component: &str, state: Result<(), String>) {
+        if let Err(e) = &state {
+            self.last_errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(component.to_string(), (e.clone(), now_ms()));
+        }
         self.components.lock().unwrap_or_else(|p| p.into_inner()).insert(component.to_string(), state);
+    }
+
+    /// Record how a reload ended.
+    pub fn reloaded(&self, ok: bool, detail: String) {
+        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(ReloadOutcome { at_ms: now_ms(), ok, detail });
+    }
+
+    /// Everything `polysync status` reads from the running daemon (besides the metrics): each
+    /// component's state and last error, and the last reload.
+    pub fn status(&self) -> serde_json::Value {
+        let components = self.components.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let errors = self.last_errors.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let comps: serde_json::Map<String, serde_json::Value> = components
+            .iter()
+            .map(|(k, v)| {
+                let last = errors.get(k).map(|(e, at)| serde_json::json!({ "error": e, "at_ms": at }));
+                (k.clone(), serde_json::json!({ "ok": v.is_ok(), "error": v.as_ref().err(), "last_error": last }))
+            })
+            .collect();
+        serde_json::json!({
+            "components": comps,
+            "last_reload": *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()),
+        })
     }
 
     /// Forget a component (a sink removed by reload).

@@ -1,4 +1,5 @@
-//! The HTTP listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
+//! The HTTP listener: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and `/status`
+//! (JSON: each component's state and last error, the last reload) for `polysync status`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ pub async fn serve(
         .route("/metrics", get(|| async { metrics().render() }))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/status", get(|State(h): State<Arc<Health>>| async move { axum::Json(h.status()) }))
         .with_state(Arc::clone(&health));
     let ticker = {
         let health = Arc::clone(&health);

@@ -127,7 +127,7 @@ pub struct Set {
 
 /// Compile a `[[sink]]` table aimed at a cache target.
 pub fn compile(_cfg: &CacheSinkConfig, target: &str, table: toml::Table) -> Result<Arc<dyn Action>, String> {
-    let raw: RawAction = table.try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
+    let raw: RawAction = crate::sink::parse_action(table)?;
     let tpl = |s: &str| Template::parse(s).map_err(|e| format!("template {s:?}: {}", e.msg));
     match raw.action.as_str() {
         "invalidate" => {

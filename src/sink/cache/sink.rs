@@ -79,7 +79,37 @@ pub struct CacheSink {
 }
 
 fn err(name: &str, endpoint: &str, kind: SinkErrorKind, e: impl std::fmt::Display) -> SinkError {
-    SinkError { sink: name.to_string(), endpoint: endpoint.to_string(), kind, msg: e.to_string() }
+    SinkError { sink: name.to_string(), endpoint: endpoint.to_string(), kind, msg: readable(&e.to_string()) }
+}
+
+/// fred prints an I/O error as Rust's debug form (`IO Error: Os { code: 111, kind:
+/// ConnectionRefused, message: "Connection refused" }`); say it the way an operator reads it
+/// (`connection refused (os error 111)`).
+fn readable(text: &str) -> String {
+    let Some(rest) = text.split("message: \"").nth(1) else { return text.to_string() };
+    let Some(message) = rest.split('"').next() else { return text.to_string() };
+    let code = text
+        .split("code: ")
+        .nth(1)
+        .and_then(|c| c.split(|ch: char| !ch.is_ascii_digit()).next())
+        .filter(|c| !c.is_empty());
+    let message = message.to_lowercase();
+    match code {
+        Some(c) => format!("{message} (os error {c})"),
+        None => message,
+    }
+}
+
+#[cfg(test)]
+mod readable_tests {
+    #[test]
+    fn io_errors_read_like_sentences() {
+        assert_eq!(
+            super::readable("IO Error: Os { code: 111, kind: ConnectionRefused, message: \"Connection refused\" }"),
+            "connection refused (os error 111)"
+        );
+        assert_eq!(super::readable("WRONGTYPE Operation"), "WRONGTYPE Operation");
+    }
 }
 
 impl CacheSink {

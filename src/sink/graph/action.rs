@@ -205,7 +205,7 @@ fn props(raw: BTreeMap<String, String>) -> Result<Vec<(String, PropSpec)>, Strin
 
 /// Compile a `[[sink]]` table aimed at a graph target.
 pub fn compile(table: toml::Table) -> Result<Arc<dyn Action>, String> {
-    let raw: RawAction = table.try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
+    let raw: RawAction = crate::sink::parse_action(table)?;
     if raw.vertex.is_empty() && raw.edge.is_empty() {
         return Err("a graph sink needs at least one [[sink.vertex]] or [[sink.edge]]".into());
     }

@@ -84,7 +84,7 @@ pub struct Index {
 
 /// Compile a `[[sink]]` table aimed at a search target.
 pub fn compile(table: toml::Table, max_document_bytes: usize) -> Result<Arc<dyn Action>, String> {
-    let raw: RawAction = table.try_into().map_err(|e: toml::de::Error| e.message().to_string())?;
+    let raw: RawAction = crate::sink::parse_action(table)?;
     let tpl = |s: &str| Template::parse(s).map_err(|e| format!("template {s:?}: {}", e.msg));
     let document = match raw.document.as_deref().unwrap_or("row") {
         "row" => Document::Row(raw.columns),

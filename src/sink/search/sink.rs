@@ -106,12 +106,14 @@ pub fn item_outcome(item: &serde_json::Value) -> ItemOutcome {
 }
 
 impl SearchSink {
-    /// Resolve the endpoint, build the client, create missing indices, templates and aliases.
+    /// Resolve the endpoint, build the client, create missing indices, templates and aliases
+    /// (not in a `dry_run`: `check --online` only connects).
     pub async fn connect(
         name: &str,
         cfg: &SearchSinkConfig,
         aws: &AwsSettings,
         base: &std::path::Path,
+        dry_run: bool,
     ) -> Result<SearchSink, SinkError> {
         let fatal = |endpoint: &str, e: &dyn std::fmt::Display| err(name, endpoint, SinkErrorKind::Fatal, e);
         let needs_aws = cfg.auth() == SearchAuth::Sigv4 || cfg.domain.is_some();
@@ -202,7 +204,9 @@ impl SearchSink {
             refresh_wait: cfg.refresh_wait,
             serverless: cfg.service.as_deref() == Some("aoss"),
         };
-        sink.setup(cfg, base).await?;
+        if !dry_run {
+            sink.setup(cfg, base).await?;
+        }
         Ok(sink)
     }
 

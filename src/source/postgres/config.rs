@@ -57,6 +57,10 @@ pub struct PostgresSourceConfig {
     /// Create the publication/slot (and add missing tables) instead of refusing to start.
     #[serde(default)]
     pub create_if_missing: bool,
+    /// Take the slot over from another polysync config whose pipelines this one does not all
+    /// run (refused by default: this config would confirm changes those pipelines never saw).
+    #[serde(default)]
+    pub take_over_slot: bool,
     /// Tables the publication must contain; default: every relation this source's pipelines match.
     #[serde(default)]
     pub tables: Vec<String>,

@@ -8,6 +8,7 @@
 //! not applied.
 
 pub mod config;
+pub mod consumer;
 pub mod decode;
 pub mod failover;
 pub mod origin;
@@ -68,6 +69,12 @@ pub struct PgAdmin {
     standby: Option<ConnInfo>,
     catalog: Arc<ArcSwap<Catalog>>,
     pipelines: SnapshotPipelines,
+    state_dir: std::path::PathBuf,
+}
+
+/// This source's pipeline names, as the slot's consumer record lists them.
+fn pipeline_names(needs: &SourceNeeds) -> Vec<String> {
+    needs.snapshots.iter().map(|(n, _, _)| n.to_string()).collect()
 }
 
 impl SourceAdmin for PgAdmin {
@@ -92,6 +99,7 @@ impl SourceAdmin for PgAdmin {
             .await?;
             setup::check_columns(&catalog, &needs.columns)
                 .map_err(|msg| SourceError::Setup { source_name: self.name.to_string(), msg })?;
+            consumer::claim(&client, &self.name, &self.cfg, &self.state_dir, &pipeline_names(needs)).await?;
             self.catalog.store(Arc::new(catalog));
             self.pipelines.store(Arc::new(needs.snapshots.clone()));
             Ok(())
@@ -168,6 +176,7 @@ impl PostgresSource {
         )
         .await?;
         setup::check_columns(&catalog, &needs.columns).map_err(setup_err)?;
+        consumer::claim(&client, name, cfg, &env.state_dir, &pipeline_names(needs)).await?;
         if resnapshot {
             request_resnapshot(name, &catalog, needs, &env.state_dir).map_err(setup_err)?;
         }
@@ -261,6 +270,7 @@ impl Source for PostgresSource {
             standby: self.standby.clone(),
             catalog: Arc::clone(&self.catalog),
             pipelines: Arc::clone(&self.pipelines),
+            state_dir: self.state_dir.clone(),
         })
     }
 
@@ -628,6 +638,7 @@ pub struct OnlineReport {
 pub async fn check_online(
     name: &str,
     cfg: &PostgresSourceConfig,
+    needs: &SourceNeeds,
     state_dir: &std::path::Path,
 ) -> Result<OnlineReport, SourceError> {
     let setup_err = |msg: String| SourceError::Setup { source_name: name.into(), msg };
@@ -649,6 +660,21 @@ pub async fn check_online(
         version / 10_000,
         info.user
     ));
+    // Tables, publication, keys and columns, as a start checks them (nothing created).
+    let mut tables = needs.tables.clone();
+    tables.extend(cfg.tables.iter().cloned());
+    let (catalog, planned) = setup::inspect(&client, name, cfg, &info, &tables).await?;
+    setup::check_columns(&catalog, &needs.columns).map_err(setup_err)?;
+    report.facts.push(format!(
+        "publication {:?}: tables {} exist with keys; the columns the pipelines name exist",
+        cfg.publication,
+        if tables.is_empty() {
+            "(none named)".to_string()
+        } else {
+            tables.iter().cloned().collect::<Vec<_>>().join(", ")
+        }
+    ));
+    report.facts.extend(planned);
     let standby_client = match &standby {
         Some(s) => {
             let c = setup::connect_sql(s, name).await?;

@@ -34,7 +34,15 @@ pub struct Catalog {
 
 /// Read the published tables' keys, columns and shapes and every type; refuse a published
 /// table whose updates and deletes would carry no key.
-pub(super) async fn read(c: &Checks<'_>, publication: &str, catalog: &mut Catalog) -> Result<(), SourceError> {
+///
+/// In a dry run the tables a start would add to the publication (`wanted`) are checked as if
+/// they were published already.
+pub(super) async fn read(
+    c: &Checks<'_>,
+    publication: &str,
+    wanted: &BTreeSet<String>,
+    catalog: &mut Catalog,
+) -> Result<(), SourceError> {
     catalog.published = c
         .client
         .query("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1", &[&publication])
@@ -43,6 +51,9 @@ pub(super) async fn read(c: &Checks<'_>, publication: &str, catalog: &mut Catalo
         .iter()
         .map(|r| r.get(0))
         .collect();
+    if c.dry_run {
+        catalog.published.extend(wanted.iter().cloned());
+    }
 
     // Replica identity: updates and deletes of a table with neither a primary key nor
     // REPLICA IDENTITY FULL/INDEX carry no key, so they could not be routed or applied.
@@ -52,11 +63,9 @@ pub(super) async fn read(c: &Checks<'_>, publication: &str, catalog: &mut Catalo
             "SELECT n.nspname || '.' || c.relname, c.relreplident::text, \
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) \
-             FROM pg_publication_tables pt \
-             JOIN pg_namespace n ON n.nspname = pt.schemaname \
-             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename \
-             WHERE pt.pubname = $1",
-            &[&publication],
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE (n.nspname || '.' || c.relname) = ANY($1)",
+            &[&catalog.published.iter().cloned().collect::<Vec<_>>()],
         )
         .await
         .map_err(|e| c.sql(e))?;

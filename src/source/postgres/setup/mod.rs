@@ -93,10 +93,13 @@ pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
 }
 
 /// The connection and the source's name, with the two ways a check fails: a refusal a person
-/// must act on, or the server's error.
+/// must act on, or the server's error. In a dry run (`check --online`) nothing is created:
+/// what a start would create is written down instead.
 pub(super) struct Checks<'a> {
     pub(super) client: &'a Client,
     pub(super) name: &'a str,
+    pub(super) dry_run: bool,
+    pub(super) planned: std::sync::Mutex<Vec<String>>,
 }
 
 impl Checks<'_> {
@@ -106,6 +109,18 @@ impl Checks<'_> {
 
     pub(super) fn sql(&self, e: tokio_postgres::Error) -> SourceError {
         SourceError::Setup { source_name: self.name.to_string(), msg: pg_error_text(&e) }
+    }
+
+    /// Run a statement that creates or changes something (`what` says what, for the log), or
+    /// in a dry run only record that the start would.
+    pub(super) async fn apply(&self, sql: &str, what: String) -> Result<(), SourceError> {
+        if self.dry_run {
+            self.planned.lock().unwrap_or_else(|p| p.into_inner()).push(format!("the first start would {what}"));
+            return Ok(());
+        }
+        self.client.batch_execute(sql).await.map_err(|e| self.sql(e))?;
+        tracing::info!(source = self.name, "{what}");
+        Ok(())
     }
 }
 
@@ -169,7 +184,7 @@ pub async fn prepare(
     create_slot: bool,
     standby: Option<(&Client, &ConnInfo)>,
 ) -> Result<Catalog, SourceError> {
-    let c = Checks { client, name };
+    let c = Checks { client, name, dry_run: false, planned: Default::default() };
     preflight(client, name, info).await?;
     let server_version: u32 = client
         .query_one("SHOW server_version_num", &[])
@@ -186,7 +201,7 @@ pub async fn prepare(
     let publishes_generated = publication::publishes_generated(&c, &cfg.publication, server_version).await?;
     let mut catalog =
         Catalog { published: BTreeSet::new(), server_version, signal_table, publishes_generated, ..Catalog::default() };
-    catalog::read(&c, &cfg.publication, &mut catalog).await?;
+    catalog::read(&c, &cfg.publication, &wanted, &mut catalog).await?;
     match standby {
         None => ensure_slot(client, None, name, cfg, info, server_version, create_slot).await?,
         Some((standby, standby_info)) => {
@@ -194,6 +209,38 @@ pub async fn prepare(
         }
     }
     Ok(catalog)
+}
+
+/// The read-only half of [`prepare`] for `polysync check --online`: every check a start makes
+/// on the writer (signal table, tables, publication and its members, partitioned tables, keys
+/// and replica identity, columns), with what the start would create listed instead of done.
+/// The slot is judged separately (against polysync's record).
+pub async fn inspect(
+    client: &Client,
+    name: &str,
+    cfg: &PostgresSourceConfig,
+    info: &ConnInfo,
+    wanted: &BTreeSet<String>,
+) -> Result<(Catalog, Vec<String>), SourceError> {
+    let c = Checks { client, name, dry_run: true, planned: Default::default() };
+    let server_version: u32 = client
+        .query_one("SHOW server_version_num", &[])
+        .await
+        .map_err(|e| c.sql(e))?
+        .get::<_, String>(0)
+        .parse()
+        .unwrap_or(0);
+    let mut wanted = wanted.clone();
+    let signal_table = publication::signal_table(&c, cfg, &mut wanted).await?;
+    publication::require_tables(&c, info, &wanted).await?;
+    publication::ensure_publication(&c, cfg, info, &wanted, server_version).await?;
+    publication::require_partition_root(&c, &cfg.publication, &wanted).await?;
+    let publishes_generated = publication::publishes_generated(&c, &cfg.publication, server_version).await?;
+    let mut catalog =
+        Catalog { published: BTreeSet::new(), server_version, signal_table, publishes_generated, ..Catalog::default() };
+    catalog::read(&c, &cfg.publication, &wanted, &mut catalog).await?;
+    let planned = c.planned.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok((catalog, planned))
 }
 
 /// Check that the columns templates name exist (for pipelines without a transform), so a typo

@@ -42,8 +42,10 @@ pub(super) async fn signal_table(
             .map_err(|e| c.sql(e))?
             .get(0);
         if !exists && cfg.create_if_missing {
-            c.client.batch_execute(&signal_table_ddl(&sig)).await.map_err(|e| c.sql(e))?;
-            tracing::info!(source = c.name, table = %sig, "created the snapshot signal table");
+            c.apply(&signal_table_ddl(&sig), format!("create the snapshot signal table {sig}")).await?;
+            if c.dry_run {
+                return Ok(None); // not there to check yet; the start creates and publishes it
+            }
         }
         if exists || cfg.create_if_missing {
             wanted.insert(sig.clone());
@@ -107,16 +109,13 @@ pub(super) async fn ensure_publication(
                 )));
             }
             let list: Vec<String> = wanted.iter().map(|t| quote_relation(t)).collect();
-            c.client
-                .batch_execute(&format!(
-                    "CREATE PUBLICATION {} FOR TABLE {} WITH ({})",
-                    quote_ident(publication),
-                    list.join(", "),
-                    publication_options(server_version)
-                ))
-                .await
-                .map_err(|e| c.sql(e))?;
-            tracing::info!(source = c.name, publication = %publication, tables = %list.join(", "), "created publication");
+            let sql = format!(
+                "CREATE PUBLICATION {} FOR TABLE {} WITH ({})",
+                quote_ident(publication),
+                list.join(", "),
+                publication_options(server_version)
+            );
+            c.apply(&sql, format!("create publication {publication} for {}", list.join(", "))).await?;
         }
         None => {
             return Err(c.refuse(format!(
@@ -151,15 +150,9 @@ pub(super) async fn ensure_publication(
                 if !missing.is_empty() {
                     if cfg.create_if_missing {
                         let list: Vec<String> = missing.iter().map(|t| quote_relation(t)).collect();
-                        c.client
-                            .batch_execute(&format!(
-                                "ALTER PUBLICATION {} ADD TABLE {}",
-                                quote_ident(publication),
-                                list.join(", ")
-                            ))
-                            .await
-                            .map_err(|e| c.sql(e))?;
-                        tracing::info!(source = c.name, publication = %publication, tables = %list.join(", "), "added tables to publication");
+                        let sql =
+                            format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(publication), list.join(", "));
+                        c.apply(&sql, format!("add {} to publication {publication}", list.join(", "))).await?;
                     } else {
                         return Err(c.refuse(format!(
                             "publication {publication:?} does not include {}; ALTER PUBLICATION {} ADD TABLE {} (or set create_if_missing = true)",
@@ -183,12 +176,16 @@ pub(super) async fn require_partition_root(
     publication: &str,
     wanted: &BTreeSet<String>,
 ) -> Result<(), SourceError> {
-    let via_root: bool = c
+    // No publication yet (a dry run before the first start): the one polysync creates has it.
+    let Some(row) = c
         .client
-        .query_one("SELECT pubviaroot FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt("SELECT pubviaroot FROM pg_publication WHERE pubname = $1", &[&publication])
         .await
         .map_err(|e| c.sql(e))?
-        .get(0);
+    else {
+        return Ok(());
+    };
+    let via_root: bool = row.get(0);
     if !via_root {
         let partitioned: Vec<String> = c
             .client
@@ -222,14 +219,14 @@ pub(super) async fn publishes_generated(
     publication: &str,
     server_version: u32,
 ) -> Result<bool, SourceError> {
-    let publishes = server_version >= 180_000 && {
-        let g: String = c
-            .client
-            .query_one("SELECT pubgencols::text FROM pg_publication WHERE pubname = $1", &[&publication])
-            .await
-            .map_err(|e| c.sql(e))?
-            .get(0);
-        g == "s"
-    };
-    Ok(publishes)
+    if server_version < 180_000 {
+        return Ok(false);
+    }
+    let row = c
+        .client
+        .query_opt("SELECT pubgencols::text FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await
+        .map_err(|e| c.sql(e))?;
+    // No publication yet (a dry run): the one polysync creates publishes them.
+    Ok(row.is_none_or(|r| r.get::<_, String>(0) == "s"))
 }
