@@ -39,10 +39,13 @@ test-faults: peers
 demo: peers build
 	bash deploy/local/demo.sh
 
-# BENCH_ARGS: e.g. --quick, --runs 5, --changes 2000000, --no-debezium.
+# BENCH_ARGS: e.g. --quick, --runs 5, --changes 2000000, --no-debezium, --only outage,fanout.
+# BENCH_PROFILE=dev measures the tests' build (no release build needed; ratios within one run
+# hold, absolute figures are lower than release).
+BENCH_PROFILE ?= release
 bench: peers
-	cargo build --release --bins
-	bash bench/run.sh $(BENCH_ARGS)
+	cargo build $(if $(filter release,$(BENCH_PROFILE)),--release) --bins
+	BENCH_PROFILE=$(BENCH_PROFILE) bash bench/run.sh $(BENCH_ARGS)
 
 fmt:
 	cargo fmt --all

@@ -5,7 +5,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 set -a && . ./.local/peers.env && set +a
-BIN="${CARGO_TARGET_DIR:-$HOME/.cache/polysync/target}/release/polysync-bench"
+PROFILE_DIR=release
+[ "${BENCH_PROFILE:-release}" = dev ] && PROFILE_DIR=debug
+BIN="${CARGO_TARGET_DIR:-$HOME/.cache/polysync/target}/$PROFILE_DIR/polysync-bench"
 clean() {
   for p in 'lat:*' '{lat:*' 'fan:*' '{fan:*' 'bench:*' '{bench:*'; do
     redis-cli -p 56379 --scan --pattern "$p" | xargs -r -n 5000 redis-cli -p 56379 unlink >/dev/null

@@ -8,7 +8,7 @@ use polysync::app::Config;
 
 /// mimalloc instead of the system allocator: decoding allocates and frees many small values per
 /// change, and the profile of a backlog drain showed glibc's malloc/free among the top costs
-/// (see the README's Performance section for the before/after figures).
+/// (see docs/performance.md for the before/after figures).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -3,7 +3,7 @@
 //! as a Markdown report with the machine and the method.
 //!
 //! Usage: `polysync-bench [--changes N] [--runs R] [--quick] [--no-debezium] [--only LIST]
-//! [--before BIN] [--out FILE]`. `--only` picks scenarios (`drain,big,steady,fanout`);
+//! [--before BIN] [--out FILE]`. `--only` picks scenarios (`drain,big,steady,fanout,outage`);
 //! `--before BIN` adds a second polysync binary (e.g. the build before an optimisation) to the
 //! backlog drain and the big transaction, run side by side with the current one on identical slots.
 //! Environment: `POLYSYNC_TEST_PG` (admin URL), `POLYSYNC_TEST_REDIS`, `POLYSYNC_TEST_OPENSEARCH`,
@@ -13,8 +13,10 @@
 #[allow(dead_code)]
 #[path = "../../tests/support/converge.rs"]
 mod converge;
+mod cpu;
 mod daemon;
 mod latency;
+mod outage;
 mod workload;
 
 use std::fmt::Write as _;
@@ -279,11 +281,16 @@ async fn main() {
     let _ = writeln!(
         r,
         "## Method\n\nEverything runs on this machine against the local servers (`make peers`): PostgreSQL with \
-         `wal_level=logical`, Redis, OpenSearch, Gremlin Server (TinkerGraph), InfluxDB. polysync is the release \
+         `wal_level=logical`, Redis, OpenSearch, Gremlin Server (TinkerGraph), InfluxDB. polysync is the {} \
          build. Each figure is the median of {} runs with min–max in brackets. Throughput is row changes per second \
          of wall time from process start until the replication slot's `confirmed_flush_lsn` passes the last change \
          (so it includes start-up and the final confirmation). Before the changes are written, one pgoutput slot per \
          tool and run is created at the same position, so every tool drains an identical backlog.\n",
+        if std::env::var("BENCH_PROFILE").is_ok_and(|p| p == "dev") {
+            "tests' (`dev` profile: the crate at opt-level 1, its dependencies at 2; `--before` builds alike)"
+        } else {
+            "release"
+        },
         a.runs
     );
     eprintln!("bench: machine and method recorded; scenarios follow");
@@ -430,9 +437,24 @@ async fn main() {
         let cfg = format!("{}{sinks}", source_cfg(&db_url, "fan", ""));
         let start = Instant::now();
         let d = Daemon::start(&bin, "fan", &cfg, &pipelines, free_port());
+        let cpu_before = cpu::snapshot(d.pid());
         let mut finished: Vec<(String, f64, f64)> = Vec::new();
         let mut last: std::collections::HashMap<String, (f64, Instant)> = Default::default();
-        while confirmed(&db, "fan").await < target && start.elapsed() < Duration::from_secs(1800) {
+        // Until the slot is confirmed past the last change *and* every sink has applied what
+        // it holds (a sink that fell behind may still be working through its spool).
+        let backlog = |d: &Daemon| {
+            let d = d.metrics.clone();
+            async move {
+                let text = daemon::http_get(&d, "/metrics").await.unwrap_or_default();
+                text.lines()
+                    .filter(|l| l.starts_with("polysync_sink_backlog_records{"))
+                    .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+                    .sum::<f64>()
+            }
+        };
+        while (confirmed(&db, "fan").await < target || backlog(&d).await > 0.0)
+            && start.elapsed() < Duration::from_secs(1800)
+        {
             for s in ["cache", "search", "graph", "metrics"] {
                 let v = d.metric("polysync_sink_records_total", &[("sink", s)]).await;
                 let e = last.entry(s.to_string()).or_insert((0.0, Instant::now()));
@@ -443,6 +465,7 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let total = start.elapsed().as_secs_f64();
+        let cpu_used = cpu::table(&cpu_before, &cpu::snapshot(d.pid()), total);
         for s in ["cache", "search", "graph", "metrics"] {
             let v = d.metric("polysync_sink_records_total", &[("sink", s)]).await;
             let at = last.get(s).map(|(_, t)| t.duration_since(start).as_secs_f64()).unwrap_or(total).max(0.001);
@@ -453,12 +476,10 @@ async fn main() {
         let _ = writeln!(
             r,
             "## Fan-out ({n} changes → cache + search + graph + timeseries at once)\n\nAll four sinks are fed by one source; \
-             the slot confirms a change only when every sink has applied it, so the slowest sink bounds the whole.\n"
+             each sink progresses at its own pace (a sink that falls behind spools its records), and the slot is \
+             confirmed up to what every sink has applied or spooled.\n"
         );
-        let _ = writeln!(r, "| sink | records | finished after s | records/s |\n|---|---|---|---|");
-        for (s, v, at) in &finished {
-            let _ = writeln!(r, "| {s} | {v:.0} | {at:.1} | {:.0} |", v / at);
-        }
+        let fan_table_at = r.len();
         let bound =
             finished.iter().max_by(|a, b| a.2.partial_cmp(&b.2).unwrap()).map(|x| x.0.clone()).unwrap_or_default();
         // Each sink alone on the same backlog (its own slot): its own ceiling. The index starts
@@ -492,13 +513,22 @@ async fn main() {
         for (s, v, t) in &solo {
             let _ = writeln!(r, "| {s} | {v:.0} | {t:.1} | {:.0} |", v / t);
         }
-        if let Some((slowest, _, t)) = solo.iter().max_by(|a, b| a.2.partial_cmp(&b.2).unwrap()) {
-            let _ = writeln!(
-                r,
-                "\nThe slowest sink on its own is **{slowest}** ({t:.1} s for its share of the backlog): in the fan-out the \
-                 others wait for it through the shared in-flight window, which is why their finishing times match."
-            );
+        // The fan-out table, with each sink's rate as a share of its rate alone.
+        let mut fan = String::from(
+            "| sink | records | finished after s | records/s | alone records/s | fan-out ÷ alone |\n|---|---|---|---|---|---|\n",
+        );
+        for (s, v, at) in &finished {
+            let alone = solo.iter().find(|x| &x.0 == s).map(|x| x.1 / x.2).unwrap_or(f64::NAN);
+            let _ =
+                writeln!(fan, "| {s} | {v:.0} | {at:.1} | {:.0} | {alone:.0} | **{:.2}** |", v / at, (v / at) / alone);
         }
+        let _ = writeln!(
+            fan,
+            "\nCPU of each process during the fan-out ({total:.1} s; postgres summed over its processes that were \
+             running at both readings). On two cores the servers and polysync share the machine, so a sink's \
+             fan-out rate is bounded by the CPU its server gets while the others run:\n\n{cpu_used}"
+        );
+        r.insert_str(fan_table_at, &fan);
         let _ = writeln!(r, "\n{checked}");
         let _ = writeln!(
             r,
@@ -511,6 +541,23 @@ async fn main() {
         workload::drop_db(&admin, "polysync_bench_fan").await;
         converge::gremlin_query("g.V().hasId(startingWith(p)).drop()", serde_json::json!({ "p": gp })).await;
         eprintln!("bench: fan-out done");
+    }
+
+    // ---------------------------------------------------------------- outage
+    if a.runs("outage") {
+        let search_url = env("POLYSYNC_TEST_OPENSEARCH", "http://127.0.0.1:59200");
+        let setup = outage::Setup {
+            bin: &bin,
+            admin_url: &admin_url,
+            redis_url: &redis_url,
+            search_url: &search_url,
+            rate: if a.quick { 2_000 } else { 5_000 },
+            baseline: Duration::from_secs(if a.quick { 10 } else { 30 }),
+            outage: Duration::from_secs(if a.quick { 20 } else { 60 }),
+            spool_bytes: 1 << 30,
+            port: free_port(),
+        };
+        outage::run(&setup, &mut r).await;
     }
 
     let out = a.out.unwrap_or_else(|| {

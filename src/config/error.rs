@@ -108,7 +108,7 @@ pub fn key_offset(text: &str, span: std::ops::Range<usize>, key: &str) -> Option
 fn explain(msg: &str) -> String {
     if msg.contains("did not match any variant of untagged enum") {
         return format!(
-            "{msg}: see the examples in the README for this setting's accepted forms (a string, or a table of the documented keys)"
+            "{msg}: see the examples in docs/configuration.md for this setting's accepted forms (a string, or a table of the documented keys)"
         );
     }
     msg.to_string()

@@ -1,4 +1,4 @@
-//! Every metric polysync exports, in one place, with the names documented in the README.
+//! Every metric polysync exports, in one place, with the names documented in docs/operations.md.
 //!
 //! Naming follows Prometheus conventions: `polysync_` prefix, base units, `_total` for counters,
 //! `_seconds`, `_bytes`. Labels are bounded: source, relation, pipeline, sink and small fixed
