@@ -110,7 +110,11 @@ for i in 1 2 3 4 5 20; do printf '  product:%-3s %s\n' "$i" "$("${RCLI[@]}" get 
 echo "database says product 1 costs $("${PSQL[@]}" -d shop -c 'SELECT price FROM products WHERE id = 1')"
 
 say "Initial snapshots (product-search, product-graph: snapshot = \"initial\")"
-snapshots_done() { "$BIN" status --config "$CONFIG" | grep -q . && ! "$BIN" status --config "$CONFIG" | grep -qv '^source shop: done'; }
+snapshots_done() {
+  "$BIN" status --json --config "$CONFIG" | "$PY" -c 'import json, sys
+tasks = json.load(sys.stdin)["sources"]["shop"]["snapshots"]
+sys.exit(0 if tasks and all(t.startswith("done") for t in tasks) else 1)'
+}
 wait_until 120 snapshots snapshots_done || die "the initial snapshots did not finish (see .local/demo.log)"
 "$BIN" status --config "$CONFIG"
 echo "search index holds $(curl -fsS -XPOST "$SEARCH/products/_refresh" >/dev/null; curl -fsS "$SEARCH/products/_count" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["count"])') products (the database: $("${PSQL[@]}" -d shop -c 'SELECT count(*) FROM products'))"
