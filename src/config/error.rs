@@ -52,18 +52,10 @@ impl ConfigError {
     pub fn from_toml(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
         let msg = e.message().trim();
         let mut offset = e.span().map(|s| s.start).unwrap_or(0);
-        if let (Some(span), Some(key)) = (e.span(), unknown_key(msg)) {
-            // The span may cover only the table's header: look up to the next header.
-            let from = span.start.min(text.len());
-            let end = text[from..]
-                .match_indices("\n[")
-                .map(|(i, _)| from + i)
-                .find(|&i| i > from)
-                .unwrap_or(text.len())
-                .max(span.end.min(text.len()));
-            if let Some(at) = key_offset(text, from..end, key) {
-                offset = at;
-            }
+        if let (Some(span), Some(key)) = (e.span(), unknown_key(msg))
+            && let Some(at) = key_offset(text, table_body(text, span), key)
+        {
+            offset = at;
         }
         ConfigError::at(path, text, offset, explain(msg))
     }
@@ -82,6 +74,19 @@ impl ConfigError {
 fn unknown_key(msg: &str) -> Option<&str> {
     let rest = msg.strip_prefix("unknown field `")?;
     rest.split_once('`').map(|(k, _)| k)
+}
+
+/// A table's text from its header to the next table header: the span serde reports for a
+/// table may cover only its header line.
+pub fn table_body(text: &str, span: std::ops::Range<usize>) -> std::ops::Range<usize> {
+    let from = span.start.min(text.len());
+    let end = text[from..]
+        .match_indices("\n[")
+        .map(|(i, _)| from + i)
+        .find(|&i| i > from)
+        .unwrap_or(text.len())
+        .max(span.end.min(text.len()));
+    from..end
 }
 
 /// Where `key = …` starts inside `span` (bare or quoted key at the start of a line).

@@ -280,18 +280,10 @@ pub fn compile(path: &Path, text: &str, cfg: &PipelineEnv<'_>) -> Result<Pipelin
                 // Point at the key the message names (`` `key`: … ``), else at the offending
                 // template when the message quotes one.
                 let key = msg.strip_prefix('`').and_then(|m| m.split_once('`')).map(|(k, _)| k);
-                // A `[[sink]]` item's span may cover only its header: look up to the next table
-                // header after it.
-                let from = span.start.min(text.len());
-                let body_end = text[from..]
-                    .match_indices("\n[")
-                    .map(|(i, _)| from + i)
-                    .find(|&i| i > from)
-                    .unwrap_or(text.len())
-                    .max(span.end.min(text.len()));
-                let offset = match key
-                    .and_then(|k| crate::config::key_offset(text, from..body_end, k.rsplit('.').next().unwrap_or(k)))
-                {
+                let offset = match key.and_then(|k| {
+                    let body = crate::config::table_body(text, span.clone());
+                    crate::config::key_offset(text, body, k.rsplit('.').next().unwrap_or(k))
+                }) {
                     Some(at) => at,
                     None => {
                         msg.split('"').nth(1).map(|needle| locate(text, span.clone(), needle)).unwrap_or(span.start)

@@ -184,24 +184,10 @@ pub async fn prepare(
     create_slot: bool,
     standby: Option<(&Client, &ConnInfo)>,
 ) -> Result<Catalog, SourceError> {
-    let c = Checks { client, name, dry_run: false, planned: Default::default() };
     preflight(client, name, info).await?;
-    let server_version: u32 = client
-        .query_one("SHOW server_version_num", &[])
-        .await
-        .map_err(|e| c.sql(e))?
-        .get::<_, String>(0)
-        .parse()
-        .unwrap_or(0);
-    let mut wanted = wanted.clone();
-    let signal_table = publication::signal_table(&c, cfg, &mut wanted).await?;
-    publication::require_tables(&c, info, &wanted).await?;
-    publication::ensure_publication(&c, cfg, info, &wanted, server_version).await?;
-    publication::require_partition_root(&c, &cfg.publication, &wanted).await?;
-    let publishes_generated = publication::publishes_generated(&c, &cfg.publication, server_version).await?;
-    let mut catalog =
-        Catalog { published: BTreeSet::new(), server_version, signal_table, publishes_generated, ..Catalog::default() };
-    catalog::read(&c, &cfg.publication, &wanted, &mut catalog).await?;
+    let c = Checks { client, name, dry_run: false, planned: Default::default() };
+    let catalog = writer_checks(&c, cfg, info, wanted).await?;
+    let server_version = catalog.server_version;
     match standby {
         None => ensure_slot(client, None, name, cfg, info, server_version, create_slot).await?,
         Some((standby, standby_info)) => {
@@ -223,7 +209,22 @@ pub async fn inspect(
     wanted: &BTreeSet<String>,
 ) -> Result<(Catalog, Vec<String>), SourceError> {
     let c = Checks { client, name, dry_run: true, planned: Default::default() };
-    let server_version: u32 = client
+    let catalog = writer_checks(&c, cfg, info, wanted).await?;
+    let planned = c.planned.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok((catalog, planned))
+}
+
+/// Every check on the writer, in order, shared by a start and a dry run: the signal table,
+/// the tables, the publication and its members, partitioned tables, generated columns, then
+/// what the catalog says about the published tables.
+async fn writer_checks(
+    c: &Checks<'_>,
+    cfg: &PostgresSourceConfig,
+    info: &ConnInfo,
+    wanted: &BTreeSet<String>,
+) -> Result<Catalog, SourceError> {
+    let server_version: u32 = c
+        .client
         .query_one("SHOW server_version_num", &[])
         .await
         .map_err(|e| c.sql(e))?
@@ -231,16 +232,15 @@ pub async fn inspect(
         .parse()
         .unwrap_or(0);
     let mut wanted = wanted.clone();
-    let signal_table = publication::signal_table(&c, cfg, &mut wanted).await?;
-    publication::require_tables(&c, info, &wanted).await?;
-    publication::ensure_publication(&c, cfg, info, &wanted, server_version).await?;
-    publication::require_partition_root(&c, &cfg.publication, &wanted).await?;
-    let publishes_generated = publication::publishes_generated(&c, &cfg.publication, server_version).await?;
+    let signal_table = publication::signal_table(c, cfg, &mut wanted).await?;
+    publication::require_tables(c, info, &wanted).await?;
+    publication::ensure_publication(c, cfg, info, &wanted, server_version).await?;
+    publication::require_partition_root(c, &cfg.publication, &wanted).await?;
+    let publishes_generated = publication::publishes_generated(c, &cfg.publication, server_version).await?;
     let mut catalog =
         Catalog { published: BTreeSet::new(), server_version, signal_table, publishes_generated, ..Catalog::default() };
-    catalog::read(&c, &cfg.publication, &wanted, &mut catalog).await?;
-    let planned = c.planned.into_inner().unwrap_or_else(|p| p.into_inner());
-    Ok((catalog, planned))
+    catalog::read(c, &cfg.publication, &wanted, &mut catalog).await?;
+    Ok(catalog)
 }
 
 /// Check that the columns templates name exist (for pipelines without a transform), so a typo
