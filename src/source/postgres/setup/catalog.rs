@@ -93,37 +93,8 @@ pub(super) async fn read(
         )));
     }
 
-    for r in c
-        .client
-        .query(
-            "SELECT n.nspname || '.' || c.relname, a.attname \
-             FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
-             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
-             WHERE i.indisprimary AND (n.nspname || '.' || c.relname) = ANY($1) ORDER BY 1, k.ord",
-            &[&catalog.published.iter().cloned().collect::<Vec<_>>()],
-        )
-        .await
-        .map_err(|e| c.sql(e))?
-    {
-        catalog.primary_keys.entry(r.get(0)).or_default().push(r.get(1));
-    }
-    let mut identity_keys: HashMap<String, Vec<String>> = HashMap::new();
-    for r in c
-        .client
-        .query(
-            "SELECT n.nspname || '.' || c.relname, a.attname \
-             FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
-             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
-             WHERE i.indisreplident AND (n.nspname || '.' || c.relname) = ANY($1) ORDER BY 1, k.ord",
-            &[&identity_index.iter().cloned().collect::<Vec<_>>()],
-        )
-        .await
-        .map_err(|e| c.sql(e))?
-    {
-        identity_keys.entry(r.get(0)).or_default().push(r.get(1));
-    }
+    catalog.primary_keys = index_columns(c, Index::Primary, &catalog.published).await?;
+    let mut identity_keys = index_columns(c, Index::ReplicaIdentity, &identity_index).await?;
     for t in &catalog.published {
         let key = identity_keys.remove(t).or_else(|| catalog.primary_keys.get(t).cloned());
         if let Some(k) = key {
@@ -180,4 +151,35 @@ pub(super) async fn read(
     }
 
     Ok(())
+}
+
+/// Which index of a table names its key columns.
+#[derive(Clone, Copy)]
+enum Index {
+    Primary,
+    ReplicaIdentity,
+}
+
+/// `schema.table` → the columns of its primary key or replica identity index, in index order.
+async fn index_columns(
+    c: &Checks<'_>,
+    index: Index,
+    tables: &BTreeSet<String>,
+) -> Result<HashMap<String, Vec<String>>, SourceError> {
+    let flag = match index {
+        Index::Primary => "i.indisprimary",
+        Index::ReplicaIdentity => "i.indisreplident",
+    };
+    let sql = format!(
+        "SELECT n.nspname || '.' || c.relname, a.attname \
+         FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
+         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
+         WHERE {flag} AND (n.nspname || '.' || c.relname) = ANY($1) ORDER BY 1, k.ord"
+    );
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for r in c.client.query(&sql, &[&tables.iter().cloned().collect::<Vec<_>>()]).await.map_err(|e| c.sql(e))? {
+        out.entry(r.get(0)).or_default().push(r.get(1));
+    }
+    Ok(out)
 }
