@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::support::daemon::{InProcess, pg_cache_config, pg_cache_config_with};
 use crate::support::pg::TestDb;
 use crate::support::redis::TestRedis;
-use crate::support::{Workspace, shared, unique, wait_for};
+use crate::support::{Workspace, check_online, shared, unique, wait_for};
 
 fn check(ws: &Workspace) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_polysync"))
@@ -162,7 +162,9 @@ async fn run_refuses_missing_objects_with_a_precise_message() {
         "source = \"db\"\n[match]\nrelations = [\"public.t\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"u:{{ row.usr_id }}\"]\n",
     );
     let err = refused(&ws).await;
-    assert!(err.contains("pipeline typo") && err.contains("public.t has no column \"usr_id\""), "{err}");
+    assert!(err.contains("pipeline typo (") && err.contains("public.t has no column \"usr_id\""), "{err}");
+    // The error points at the line and column of the pipeline file that names the column.
+    assert!(err.contains("typo.toml:7:19): table public.t"), "{err}");
 
     // A `columns = [...]` list naming a column the table does not have: refused, not a JSON
     // value silently lacking the field.
@@ -173,7 +175,7 @@ async fn run_refuses_missing_objects_with_a_precise_message() {
         "source = \"db\"\n[match]\nrelations = [\"public.t\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"u:{{ key.id }}\"\ncolumns = [\"id\", \"is_active\"]\n",
     );
     let err = refused(&ws).await;
-    assert!(err.contains("pipeline coltypo") && err.contains("public.t has no column \"is_active\""), "{err}");
+    assert!(err.contains("coltypo.toml:8:19): table public.t has no column \"is_active\""), "{err}");
 
     // A declared text column the table does not have (checked with a transform too).
     let ws = Workspace::new();
@@ -183,7 +185,7 @@ async fn run_refuses_missing_objects_with_a_precise_message() {
         &format!("source = \"db\"\ntext_columns = [\"nte\"]\ntransform = '.x = 1'\n[match]\nrelations = [\"public.t\"]\n{GOOD_SINK}"),
     );
     let err = refused(&ws).await;
-    assert!(err.contains("pipeline texttypo") && err.contains("public.t has no column \"nte\""), "{err}");
+    assert!(err.contains("texttypo.toml:2:18): table public.t has no column \"nte\""), "{err}");
 
     // A published table without a primary key or REPLICA IDENTITY FULL.
     let ws = Workspace::new();
@@ -317,18 +319,6 @@ async fn a_second_config_with_fewer_pipelines_cannot_consume_the_slot() {
     db.cleanup().await;
 }
 
-fn check_online(ws: &Workspace) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_polysync"))
-        .args(["check", "--online", "--config"])
-        .arg(ws.config_path())
-        .output()
-        .expect("run polysync check --online");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 /// `polysync check --online` runs the start-up checks against the real servers and exits:
 /// nothing is created (the publication and slot a first start would create are listed), a
 /// column typo and a missing InfluxDB database are refused with exit status 2, and so is a
@@ -342,7 +332,7 @@ async fn check_online_runs_every_start_up_check_without_creating_anything() {
     let ws = Workspace::new();
     ws.write_config(&pg_cache_config(&db.url, &slot, ""));
     ws.write_pipeline("p", &format!("source = \"db\"\n[match]\nrelations = [\"public.t\"]\n{GOOD_SINK}"));
-    let (code, out) = check_online(&ws);
+    let (code, out) = check_online(&ws.config_path());
     assert_eq!(code, 0, "{out}");
     assert!(
         out.contains("source db: publication") && out.contains("the first start would create publication"),
@@ -363,9 +353,12 @@ async fn check_online_runs_every_start_up_check_without_creating_anything() {
         "p",
         "source = \"db\"\n[match]\nrelations = [\"public.t\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"u:{{ key.id }}\"\ncolumns = [\"id\", \"usr_id\"]\n",
     );
-    let (code, out) = check_online(&ws);
+    let (code, out) = check_online(&ws.config_path());
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("source db:") && out.contains("public.t has no column \"usr_id\""), "{out}");
+    assert!(
+        out.contains("source db:") && out.contains("p.toml:8:19): table public.t has no column \"usr_id\""),
+        "{out}"
+    );
 
     // A missing InfluxDB database, and a cache that does not answer.
     let missing_db = unique("nodb");
@@ -385,7 +378,7 @@ async fn check_online_runs_every_start_up_check_without_creating_anything() {
         "points",
         "source = \"db\"\n[match]\nrelations = [\"public.t\"]\n[[sink]]\ntarget = \"metrics\"\n[[sink.point]]\nmeasurement = \"m\"\nfields = { n = \"after.user_id\" }\n",
     );
-    let (code, out) = check_online(&ws);
+    let (code, out) = check_online(&ws.config_path());
     assert_eq!(code, 2, "{out}");
     assert!(
         out.contains("sink metrics:") && out.contains(&format!("database \"{missing_db}\" does not exist")),

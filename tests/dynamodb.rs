@@ -13,7 +13,7 @@ use aws_sdk_dynamodb::types::{
 use crate::support::daemon::{ChildDaemon, InProcess};
 use crate::support::fake_streams::{self, FakeShard, Faults};
 use crate::support::redis::TestRedis;
-use crate::support::{Workspace, free_port, http_get, metric_value, shared, unique, wait_for};
+use crate::support::{Workspace, check_online, free_port, http_get, metric_value, shared, unique, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -1435,4 +1435,74 @@ async fn a_backfill_on_an_instance_that_reads_no_shard_never_resurrects_an_item_
     assert!(other.terminate().await.success());
     assert!(owner.terminate().await.success());
     crate::support::search::delete_index(&index).await;
+}
+
+/// `polysync check --online` on a DynamoDB source runs the start-up checks and creates nothing:
+/// the stream and its view type, the shards, the lease table a first start would create (and,
+/// once a daemon ran, its leases); a table without a stream and a stream whose view type lacks
+/// the image a pipeline reads exit 2 with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_online_reads_the_stream_and_the_lease_table_and_creates_nothing() {
+    let _g = shared().await;
+    let client = ddb().await;
+    let table = unique("online");
+    create_table(&client, &table, true).await;
+    let leases = unique("onleases");
+    let lease = format!(
+        "[sources.ddb.checkpoint]\nstore = \"dynamodb\"\ntable = \"{leases}\"\ncreate_table = true\nworker_id = \"w1\"\n"
+    );
+    let ws = Workspace::new();
+    ws.write_config(&config(&table, &lease, None));
+    ws.write_pipeline("markers", &markers_pipeline("on"));
+    let (code, out) = check_online(&ws.config_path());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("source ddb: stream arn:") && out.contains("is enabled (NEW_AND_OLD_IMAGES"), "{out}");
+    assert!(out.contains("1 shards, 1 open"), "{out}");
+    assert!(out.contains(&format!("lease table {leases} does not exist yet: the first start creates it")), "{out}");
+    assert!(out.contains("sink cache: ") && out.contains("answers"), "{out}");
+    assert!(
+        client.describe_table().table_name(&leases).send().await.is_err(),
+        "check --online created the lease table"
+    );
+
+    // After a run, the leases are reported.
+    let d = InProcess::start(&ws.config_path());
+    wait_for("the daemon to take the shard's lease", WAIT, || {
+        let (client, leases) = (client.clone(), leases.clone());
+        async move { !lease_owner(&client, &leases).await.is_empty() }
+    })
+    .await;
+    d.stop().await.unwrap();
+    let (code, out) = check_online(&ws.config_path());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("lease table {leases}: 1 leases of this stream (0 finished)")), "{out}");
+
+    // Without create_table, a missing lease table is what a start refuses.
+    let ws = Workspace::new();
+    ws.write_config(&config(&table, &lease.replace("create_table = true\n", "").replace(&leases, "nolease"), None));
+    ws.write_pipeline("markers", &markers_pipeline("on"));
+    let (code, out) = check_online(&ws.config_path());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("lease table nolease does not exist") && out.contains("create_table = true"), "{out}");
+
+    // A table without a stream, and a KEYS_ONLY stream for a pipeline reading the new image.
+    let bare = unique("onbare");
+    create_table(&client, &bare, false).await;
+    let ws = Workspace::new();
+    ws.write_config(&config(&bare, "", None));
+    ws.write_pipeline("markers", &markers_pipeline("on"));
+    let (code, out) = check_online(&ws.config_path());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("has no stream") && out.contains(&bare), "{out}");
+    let keys_only = unique("onkeys");
+    create_table_with_view(&client, &keys_only, Some(StreamViewType::KeysOnly)).await;
+    let ws = Workspace::new();
+    ws.write_config(&config(&keys_only, "", None));
+    ws.write_pipeline(
+        "names",
+        "source = \"ddb\"\n[match]\nrelations = [\"*\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"n:{{ after.name }}\"]\n",
+    );
+    let (code, out) = check_online(&ws.config_path());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("KEYS_ONLY") && out.contains("NEW_AND_OLD_IMAGES"), "{out}");
 }

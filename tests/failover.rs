@@ -7,7 +7,7 @@ use crate::support::daemon::{ChildDaemon, pg_cache_config_with, refusal};
 use crate::support::pg::TestDb;
 use crate::support::pg_pair::PgPair;
 use crate::support::redis::TestRedis;
-use crate::support::{Workspace, free_port, http_get, metric_value, shared, unique, wait_for};
+use crate::support::{Workspace, check_online, free_port, http_get, metric_value, shared, unique, wait_for};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -275,19 +275,6 @@ async fn wait_slot_synced(primary: &tokio_postgres::Client, standby: &tokio_post
             .is_some()
     })
     .await;
-}
-
-/// `polysync check --online`: exit code and stdout + stderr.
-fn check_online(config: &std::path::Path) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_polysync"))
-        .args(["check", "--online", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
 }
 
 /// `active` of the slot on a server, `None` when it has no such slot.

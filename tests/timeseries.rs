@@ -417,3 +417,67 @@ fields = { value = "after.total" }
     d.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// A Timestream database or table that does not exist is found at start (and by `polysync
+/// check --online`), refused with the fix; with `create_database` and `create_table` a start
+/// creates both (a dry run creates nothing) and the points are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_timestream_database_or_table_is_refused_with_the_fix_or_created_where_configured() {
+    let _g = shared().await;
+    require_env();
+    let db = TestDb::create("tstarget").await;
+    db.exec(ORDERS).await;
+    let client = aws_sdk_timestreamwrite::Client::new(&crate::support::aws::sdk().await);
+    let tsdb = unique("tsnew");
+    let slot = unique("s");
+    let ws = Workspace::new();
+    let sink = |extra: &str| {
+        format!(
+            "\n[aws]\nendpoint_url = \"{}\"\n\n[sinks.metrics]\nkind = \"timeseries\"\nengine = \"timestream\"\ndatabase = \"{tsdb}\"\ntable = \"orders\"\nlinger = \"100ms\"\n{extra}",
+            crate::support::aws::endpoint()
+        )
+    };
+    ws.write_pipeline("orders", &order_metrics(""));
+    ws.write_config(&pg_cache_config(&db.url, &slot, &sink("")));
+    let (code, out) = crate::support::check_online(&ws.config_path());
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(&format!("Timestream database \"{tsdb}\" does not exist"))
+            && out.contains("create_database = true"),
+        "{out}"
+    );
+    // The start refuses the same way (no write is tried and retried).
+    let d = InProcess::start(&ws.config_path());
+    let err = tokio::time::timeout(WAIT, d.result()).await.expect("a refusal").expect_err("a refusal").to_string();
+    assert!(err.contains("sink metrics") && err.contains("does not exist"), "{err}");
+
+    client.create_database().database_name(&tsdb).send().await.unwrap();
+    let (code, out) = crate::support::check_online(&ws.config_path());
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("Timestream table \"orders\" does not exist") && out.contains("create_table = true"), "{out}");
+
+    // Created where configured: not by the dry run, by the start.
+    let other = unique("tsmade");
+    ws.write_config(&pg_cache_config(
+        &db.url,
+        &slot,
+        &sink("create_database = true\ncreate_table = true\n").replace(&tsdb, &other),
+    ));
+    let (code, out) = crate::support::check_online(&ws.config_path());
+    assert_eq!(code, 0, "{out}");
+    assert!(client.describe_database().database_name(&other).send().await.is_err(), "the dry run created nothing");
+    let d = InProcess::start(&ws.config_path());
+    db.wait_streaming(&slot).await;
+    client
+        .describe_table()
+        .database_name(&other)
+        .table_name("orders")
+        .send()
+        .await
+        .expect("the start created the table");
+    db.exec("INSERT INTO orders VALUES (1, 'eu', 2.5, 'placed', true, now())").await;
+    db.wait_caught_up(&slot, WAIT).await;
+    assert!(ws.dead_letters().is_empty(), "{:?}", ws.dead_letters());
+    d.stop().await.unwrap();
+    db.cleanup().await;
+}

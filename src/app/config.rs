@@ -210,6 +210,15 @@ impl Config {
         if self.dlq.dir.is_absolute() { self.dlq.dir.clone() } else { self.state_dir.join(&self.dlq.dir) }
     }
 
+    /// What preparing a source needs besides its own config.
+    pub fn source_env(&self) -> crate::source::SourceEnv {
+        crate::source::SourceEnv {
+            aws: self.aws.clone(),
+            state_dir: self.state_dir.clone(),
+            max_in_flight: self.runtime.max_in_flight,
+        }
+    }
+
     /// What building a sink needs besides its own config.
     pub fn sink_context(&self) -> SinkContext {
         SinkContext {

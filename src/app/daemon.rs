@@ -20,7 +20,7 @@ use crate::runtime::lane::{self, LaneInputs};
 use crate::runtime::router::Router;
 use crate::runtime::sink_handle::SinkRuntime;
 use crate::runtime::topology::{Patience, QueueSettings, Topology};
-use crate::source::{Output, RunContext, Source, SourceAdmin, SourceEnv, SourceError};
+use crate::source::{Output, RunContext, Source, SourceAdmin, SourceError};
 use crate::telemetry::systemd::Notifier;
 use crate::telemetry::{Health, metrics};
 
@@ -79,11 +79,7 @@ async fn prepare_source(
 ) -> Result<Option<Box<dyn Source>>, AppError> {
     let cfg = &config.sources[name];
     let needs = source_needs(pipelines, name);
-    let env = SourceEnv {
-        aws: config.aws.clone(),
-        state_dir: config.state_dir.clone(),
-        max_in_flight: config.runtime.max_in_flight,
-    };
+    let env = config.source_env();
     let mut delays = backoff(Profile::Connect);
     loop {
         let attempt = tokio::select! {

@@ -94,14 +94,14 @@ pub fn check(config: &Config) -> Result<Vec<Arc<Pipeline>>, ConfigError> {
 
 /// What `check --online` found for one source or sink (`source shop`, `sink cache`): facts and
 /// warnings, or what `run` would refuse with.
-pub type OnlineCheck = (String, Result<crate::source::postgres::OnlineReport, String>);
+pub type OnlineCheck = (String, Result<crate::source::OnlineReport, String>);
 
 /// `check --online`: the read-only part of every start-up check against the real servers.
 /// PostgreSQL sources: the writer, the privileges, tables, publication, keys, replica identity
 /// and the columns the pipelines name, the slot against polysync's record, failover readiness.
 /// Sinks the pipelines use: connected and checked as at start (reachable, authenticated, the
-/// InfluxDB database present), without creating anything. DynamoDB sources are not contacted
-/// (said in the report).
+/// InfluxDB database present), without creating anything. DynamoDB sources: the table, its
+/// stream and view type, the shards and the checkpoint file or lease table.
 pub async fn check_online(config: &Config, pipelines: &[Arc<Pipeline>]) -> Vec<OnlineCheck> {
     let mut out = Vec::new();
     for (name, source) in &config.sources {
@@ -114,16 +114,12 @@ pub async fn check_online(config: &Config, pipelines: &[Arc<Pipeline>]) -> Vec<O
                 let prefix = format!("{label}: ");
                 out.push((label, r.map_err(|e| e.to_string().trim_start_matches(&prefix).to_string())));
             }
-            crate::source::SourceConfig::Dynamodb(_) => out.push((
-                label,
-                Ok(crate::source::postgres::OnlineReport {
-                    facts: Vec::new(),
-                    warnings: vec![
-                        "DynamoDB sources are not checked online yet; `run` checks the table and stream at start"
-                            .into(),
-                    ],
-                }),
-            )),
+            crate::source::SourceConfig::Dynamodb(ddb) => {
+                let needs = needs::source_needs(pipelines, name);
+                let r = crate::source::dynamodb::check_online(name, ddb, &needs, &config.source_env()).await;
+                let prefix = format!("{label}: ");
+                out.push((label, r.map_err(|e| e.to_string().trim_start_matches(&prefix).to_string())));
+            }
         }
     }
     let used: std::collections::BTreeSet<&str> =
@@ -133,7 +129,7 @@ pub async fn check_online(config: &Config, pipelines: &[Arc<Pipeline>]) -> Vec<O
         let label = format!("sink {name}");
         let built = tokio::time::timeout(std::time::Duration::from_secs(20), sink.build(name, &ctx)).await;
         let r = match built {
-            Ok(Ok(s)) => Ok(crate::source::postgres::OnlineReport {
+            Ok(Ok(s)) => Ok(crate::source::OnlineReport {
                 facts: vec![format!("{} answers and accepts the credentials", s.endpoint())],
                 warnings: Vec::new(),
             }),

@@ -10,12 +10,14 @@ use crate::source::SourceNeeds;
 pub fn source_needs(pipelines: &[Arc<Pipeline>], source: &str) -> SourceNeeds {
     let mut needs = SourceNeeds::default();
     for p in pipelines.iter().filter(|p| &*p.source == source) {
+        let text = std::fs::read_to_string(&p.file).unwrap_or_default();
+        let at = |col: &str| column_site(p, &text, col);
         needs.snapshots.push((Arc::clone(&p.name), p.relations.clone(), p.snapshot_initial));
         for rel in p.exact_relations() {
             needs.tables.insert(rel.to_string());
             let cols = needs.columns.entry(rel.to_string()).or_default();
             for col in &p.text_columns {
-                cols.push((p.name.to_string(), col.to_string()));
+                cols.push((at(col), col.to_string()));
             }
             if p.transform.is_some() {
                 continue; // templates read the transformed event, not table columns
@@ -26,11 +28,11 @@ pub fn source_needs(pipelines: &[Arc<Pipeline>], source: &str) -> SourceNeeds {
                         continue;
                     }
                     if let Some(col) = path.column() {
-                        cols.push((p.name.to_string(), col.to_string()));
+                        cols.push((at(col), col.to_string()));
                     }
                 }
                 for col in a.action.columns() {
-                    cols.push((p.name.to_string(), col.to_string()));
+                    cols.push((at(col), col.to_string()));
                 }
             }
         }
@@ -48,4 +50,16 @@ pub fn source_needs(pipelines: &[Arc<Pipeline>], source: &str) -> SourceNeeds {
     }
     needs.columns.retain(|_, v| !v.is_empty());
     needs
+}
+
+/// "orders-cache (pipelines/orders.toml:12:19)": the pipeline and where its file names `column`,
+/// so a column the database lacks is reported at the line to fix.
+fn column_site(p: &Pipeline, text: &str, column: &str) -> String {
+    match crate::config::word_offset(text, column) {
+        Some(at) => {
+            let (line, col) = crate::config::line_col(text, at);
+            format!("{} ({}:{line}:{col})", p.name, p.file.display())
+        }
+        None => format!("{} ({})", p.name, p.file.display()),
+    }
 }

@@ -128,17 +128,47 @@ impl LeaseTable {
         &self.worker
     }
 
-    async fn ensure_table(&self, create: bool) -> Result<(), StoreError> {
-        match self.client.describe_table().table_name(&self.table).send().await {
-            Ok(_) => return Ok(()),
-            Err(SdkError::ServiceError(e)) if e.err().is_resource_not_found_exception() && create => {}
+    /// Whether the lease table exists; a missing one is an error unless `create`.
+    async fn table_exists(client: &Client, table: &str, create: bool) -> Result<bool, StoreError> {
+        match client.describe_table().table_name(table).send().await {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(e)) if e.err().is_resource_not_found_exception() && create => Ok(false),
             Err(SdkError::ServiceError(e)) if e.err().is_resource_not_found_exception() => {
-                return Err(StoreError::Unavailable(format!(
-                    "lease table {} does not exist; create it (hash key lease_key, type S) or set create_table = true",
-                    self.table
-                )));
+                Err(StoreError::Unavailable(format!(
+                    "lease table {table} does not exist; create it (hash key lease_key, type S) or set create_table = true"
+                )))
             }
-            Err(e) => return Err(unavailable(&e)),
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
+    /// `check --online`: the lease table as a start would find it, nothing created. Says how
+    /// many leases `stream` has and who holds them, or that the first start creates the table.
+    pub async fn inspect(client: &Client, table: &str, create: bool, stream: &str) -> Result<String, StoreError> {
+        if !Self::table_exists(client, table, create).await? {
+            return Ok(format!("lease table {table} does not exist yet: the first start creates it"));
+        }
+        let probe = LeaseTable {
+            client: client.clone(),
+            table: table.to_string(),
+            worker: String::new(),
+            duration: Duration::ZERO,
+            state: Mutex::new(State::default()),
+            source: String::new(),
+        };
+        let rows = probe.scan(stream).await?;
+        let owners: HashSet<&str> = rows.iter().filter_map(|r| r.owner.as_deref()).collect();
+        let finished = rows.iter().filter(|r| r.checkpoint.as_deref() == Some(FINISHED)).count();
+        Ok(format!(
+            "lease table {table}: {} leases of this stream ({finished} finished), held by {} instance(s)",
+            rows.len(),
+            owners.len()
+        ))
+    }
+
+    async fn ensure_table(&self, create: bool) -> Result<(), StoreError> {
+        if Self::table_exists(&self.client, &self.table, create).await? {
+            return Ok(());
         }
         let created = self
             .client

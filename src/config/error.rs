@@ -109,6 +109,22 @@ pub fn key_offset(text: &str, span: std::ops::Range<usize>, key: &str) -> Option
     None
 }
 
+/// Where `word` first appears in `text` as a whole word outside comment lines: a column named
+/// in a pipeline (`"usr_id"` in a list, `row.usr_id` in a template), so an error found only
+/// against the database can still point at the line that named it.
+pub fn word_offset(text: &str, word: &str) -> Option<usize> {
+    if word.is_empty() {
+        return None;
+    }
+    let ident = |c: char| c.is_alphanumeric() || c == '_';
+    text.match_indices(word).map(|(i, _)| i).find(|&i| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        let line_start = text[..i].rfind('\n').map(|n| n + 1).unwrap_or(0);
+        !before.is_some_and(ident) && !after.is_some_and(ident) && !text[line_start..i].trim_start().starts_with('#')
+    })
+}
+
 /// serde's wording, rewritten where it does not say what was expected.
 fn explain(msg: &str) -> String {
     if msg.contains("did not match any variant of untagged enum") {
@@ -131,6 +147,14 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_column_is_found_as_a_whole_word_outside_comments() {
+        let text = "# user_id is old\nname = \"p\"\nkey = \"u:{{ row.user_idx }}\"\ncolumns = [\"id\", \"user_id\"]\n";
+        let at = word_offset(text, "user_id").unwrap();
+        assert_eq!(line_col(text, at), (4, 19));
+        assert_eq!(word_offset(text, "missing"), None);
+    }
 
     #[test]
     fn an_unknown_key_is_pointed_at_itself() {

@@ -7,7 +7,7 @@ mod interpolate;
 mod secret;
 pub mod units;
 
-pub use error::{ConfigError, key_offset, line_col, table_body};
+pub use error::{ConfigError, key_offset, line_col, table_body, word_offset};
 pub use interpolate::interpolate;
 pub use secret::{Secret, redact_url};
 pub use units::{ByteSize, duration_opt};

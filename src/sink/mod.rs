@@ -114,7 +114,7 @@ impl SinkConfig {
             SinkConfig::Graph(c) => Ok(Arc::new(graph::GraphSink::connect(name, c, &ctx.aws, &ctx.base_dir).await?)),
             SinkConfig::Timeseries(c) => match c.engine {
                 timeseries::Engine::Timestream => {
-                    Ok(Arc::new(timeseries::timestream::TimestreamSink::connect(name, c, &ctx.aws).await?))
+                    Ok(Arc::new(timeseries::timestream::TimestreamSink::connect(name, c, &ctx.aws, ctx.dry_run).await?))
                 }
                 timeseries::Engine::Influxdb => {
                     Ok(Arc::new(timeseries::influx::InfluxSink::connect(name, c, &ctx.base_dir, ctx.dry_run).await?))

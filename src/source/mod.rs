@@ -48,7 +48,8 @@ impl SourceConfig {
     }
 }
 
-/// Relation → (pipeline, column) pairs the pipelines' templates and column lists read.
+/// Relation → (pipeline and where its file names the column, column) pairs the pipelines' templates and
+/// column lists read.
 pub type ColumnUses = BTreeMap<String, Vec<(String, String)>>;
 
 /// Which item images DynamoDB pipelines read (a stream without them refuses to start).
@@ -71,6 +72,17 @@ pub struct SourceNeeds {
     pub images: Images,
     /// Pipelines of this source: name, relations, `snapshot = "initial"`.
     pub snapshots: Vec<(Name, Vec<RelationPattern>, bool)>,
+}
+
+/// What `polysync check --online` found for one source (or sink): what was confirmed, and
+/// gaps that do not stop a start but should be fixed. An error instead is what `run` would
+/// refuse with.
+#[derive(Debug, Default)]
+pub struct OnlineReport {
+    /// What was confirmed (the writer reached, the slot, the stream, the record).
+    pub facts: Vec<String>,
+    /// Gaps that do not stop a start but should be fixed (failover readiness).
+    pub warnings: Vec<String>,
 }
 
 /// What preparing any source needs besides its own config.

@@ -211,3 +211,17 @@ pub async fn http(method: &str, addr: &str, path: &str, body: Option<&str>) -> O
     };
     Some((status, body))
 }
+
+/// `polysync check --online --config <config>` as a user runs it: exit code and stdout +
+/// stderr.
+pub fn check_online(config: &Path) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_polysync"))
+        .args(["check", "--online", "--config"])
+        .arg(config)
+        .output()
+        .expect("run polysync check --online");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}

@@ -66,9 +66,12 @@ pub struct TimeseriesSinkConfig {
     /// InfluxDB 1.x basic-auth password.
     #[serde(default)]
     pub password: Option<Secret>,
-    /// Create the 1.x database at start if missing.
+    /// Create the database (InfluxDB 1.x, or Timestream) at start if missing.
     #[serde(default)]
     pub create_database: bool,
+    /// Timestream: create the sink's `table` at start if missing (default retention).
+    #[serde(default)]
+    pub create_table: bool,
     /// Certificate checking for https (default verify-full).
     #[serde(default)]
     pub tls: Option<TlsMode>,
@@ -101,8 +104,14 @@ impl TimeseriesSinkConfig {
                 if self.url.is_some() || self.bucket.is_some() || self.token.is_some() {
                     return Err(bad("url, bucket and token are InfluxDB settings".into()));
                 }
+                if self.create_table && self.table.is_none() {
+                    return Err(bad("create_table = true needs table (the table to create)".into()));
+                }
             }
             Engine::Influxdb => {
+                if self.create_table {
+                    return Err(bad("create_table is a Timestream setting (InfluxDB has no tables)".into()));
+                }
                 let url = self.url.as_deref().ok_or_else(|| bad("engine = \"influxdb\" needs url".into()))?;
                 let u = url::Url::parse(url).map_err(|e| bad(format!("url: {e}")))?;
                 if u.scheme() != "http" && u.scheme() != "https" {

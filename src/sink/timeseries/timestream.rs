@@ -94,11 +94,13 @@ pub fn shared_dimensions(points: &[&Point]) -> Vec<(String, String)> {
 }
 
 impl TimestreamSink {
-    /// Build the client (endpoint discovery against AWS, the configured endpoint otherwise).
+    /// Build the client (endpoint discovery against AWS, the configured endpoint otherwise) and
+    /// check the database and default table (see [`Self::ensure_target`]).
     pub async fn connect(
         name: &str,
         cfg: &TimeseriesSinkConfig,
         aws: &AwsSettings,
+        dry_run: bool,
     ) -> Result<TimestreamSink, SinkError> {
         let sdk = crate::aws::sdk_config(aws).await;
         let endpoint = aws.endpoint_url.clone().unwrap_or_else(|| "timestream (endpoint discovery)".into());
@@ -114,7 +116,7 @@ impl TimestreamSink {
                 }
             })?
         };
-        Ok(TimestreamSink {
+        let sink = TimestreamSink {
             name: name.to_string(),
             endpoint,
             client,
@@ -124,7 +126,82 @@ impl TimestreamSink {
                 max_records: cfg.batch_size.unwrap_or(500),
                 linger: cfg.linger.unwrap_or(Duration::from_millis(20)),
             },
-        })
+        };
+        sink.ensure_target(cfg.create_database, cfg.create_table, dry_run).await?;
+        Ok(sink)
+    }
+
+    /// The database and the default table exist at start, or are created where configured
+    /// (not in a dry run), or the start is refused with the fix: a missing target is not found
+    /// by the first write and then retried while the source waits.
+    async fn ensure_target(&self, create_database: bool, create_table: bool, dry_run: bool) -> Result<(), SinkError> {
+        let db = &self.database;
+        let missing = |e: &dyn ProvideErrorMetadata| e.code() == Some("ResourceNotFoundException");
+        let db_exists = match self.client.describe_database().database_name(db).send().await {
+            Ok(_) => true,
+            Err(SdkError::ServiceError(e)) if missing(e.err()) => false,
+            Err(e) => return Err(self.setup_error(&e, format!("DescribeDatabase {db}"))),
+        };
+        if !db_exists && !create_database {
+            return Err(self.error(
+                SinkErrorKind::Fatal,
+                format!("Timestream database {db:?} does not exist; create it (aws timestream-write create-database --database-name {db}) or set create_database = true"),
+            ));
+        }
+        if !db_exists && !dry_run {
+            self.client
+                .create_database()
+                .database_name(db)
+                .send()
+                .await
+                .map_err(|e| self.setup_error(&e, format!("CreateDatabase {db}")))?;
+            tracing::info!(sink = %self.name, database = %db, "created the Timestream database");
+        }
+        let Some(table) = &self.table else { return Ok(()) };
+        let table_exists = if !db_exists {
+            false
+        } else {
+            match self.client.describe_table().database_name(db).table_name(table).send().await {
+                Ok(_) => true,
+                Err(SdkError::ServiceError(e)) if missing(e.err()) => false,
+                Err(e) => return Err(self.setup_error(&e, format!("DescribeTable {db}.{table}"))),
+            }
+        };
+        if !table_exists && !create_table {
+            return Err(self.error(
+                SinkErrorKind::Fatal,
+                format!("Timestream table {table:?} does not exist in database {db:?}; create it (aws timestream-write create-table --database-name {db} --table-name {table}) or set create_table = true"),
+            ));
+        }
+        if !table_exists && !dry_run {
+            self.client
+                .create_table()
+                .database_name(db)
+                .table_name(table)
+                .send()
+                .await
+                .map_err(|e| self.setup_error(&e, format!("CreateTable {db}.{table}")))?;
+            tracing::info!(sink = %self.name, database = %db, table = %table, "created the Timestream table");
+        }
+        Ok(())
+    }
+
+    /// A start-up call that failed: a refusal by the service (access denied, validation) is
+    /// permanent; no answer is transient (the start retries).
+    fn setup_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+        &self,
+        e: &SdkError<E, R>,
+        call: String,
+    ) -> SinkError {
+        match e {
+            SdkError::ServiceError(s) => self.error(
+                SinkErrorKind::Fatal,
+                format!("{call}: {}: {}", s.err().code().unwrap_or("error"), s.err().message().unwrap_or("")),
+            ),
+            other => {
+                self.error(SinkErrorKind::Transient, format!("{call}: {}", crate::sink::search::aws_error_text(other)))
+            }
+        }
     }
 
     fn error(&self, kind: SinkErrorKind, msg: String) -> SinkError {

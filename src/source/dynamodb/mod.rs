@@ -10,6 +10,7 @@
 pub mod backfill;
 pub mod config;
 pub mod decode;
+mod online;
 pub mod reader;
 pub mod scan_fence;
 pub mod stream_error;
@@ -26,6 +27,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{CheckpointConfig, DynamoSourceConfig, StartAt};
+pub use online::check_online;
 use reader::{ReaderEnd, ShardReader};
 
 use super::SourceError;
@@ -135,6 +137,31 @@ fn aws_text<E: ProvideErrorMetadata + std::error::Error + 'static>(e: &aws_sdk_d
     }
 }
 
+/// The client of the DynamoDB that holds the lease table: the source's, or another endpoint.
+async fn lease_client(
+    endpoint_url: Option<&str>,
+    aws: &AwsSettings,
+    source_client: &aws_sdk_dynamodb::Client,
+) -> aws_sdk_dynamodb::Client {
+    match endpoint_url {
+        Some(e) => {
+            let mut s = aws.clone();
+            s.endpoint_url = Some(e.to_string());
+            aws_sdk_dynamodb::Client::new(&crate::aws::sdk_config(&s).await)
+        }
+        None => source_client.clone(),
+    }
+}
+
+/// The source's own settings with its `endpoint_url` applied.
+fn source_settings(cfg: &DynamoSourceConfig, aws: &AwsSettings) -> AwsSettings {
+    let mut settings = aws.clone();
+    if let Some(e) = &cfg.endpoint_url {
+        settings.endpoint_url = Some(e.clone());
+    }
+    settings
+}
+
 impl DynamoSource {
     /// Resolve and check the stream; open the checkpoint store. `needs` says which images the
     /// pipelines read (a missing one is a start-up error).
@@ -147,11 +174,7 @@ impl DynamoSource {
         let (aws, state_dir, max_in_flight) = (&env.aws, env.state_dir.as_path(), env.max_in_flight);
         let (stream_arn, has) = Self::stream_images(name, cfg, aws).await?;
         check_images(name, needs.images, has)?;
-        let mut settings = aws.clone();
-        if let Some(e) = &cfg.endpoint_url {
-            settings.endpoint_url = Some(e.clone());
-        }
-        let sdk = crate::aws::sdk_config(&settings).await;
+        let sdk = crate::aws::sdk_config(&source_settings(cfg, aws)).await;
         let ddb = aws_sdk_dynamodb::Client::new(&sdk);
         // Our reader handles throttling itself (backoff with jitter, counted), so the SDK's own
         // retries are off for stream calls.
@@ -166,14 +189,7 @@ impl DynamoSource {
                     .map_err(|e| setup(name, e.to_string()))?,
             ),
             CheckpointConfig::Dynamodb { table, create_table, worker_id, lease_duration, endpoint_url } => {
-                let lease_client = match endpoint_url {
-                    Some(e) => {
-                        let mut s = aws.clone();
-                        s.endpoint_url = Some(e.clone());
-                        aws_sdk_dynamodb::Client::new(&crate::aws::sdk_config(&s).await)
-                    }
-                    None => ddb.clone(),
-                };
+                let lease_client = lease_client(endpoint_url.as_deref(), aws, &ddb).await;
                 let worker = worker_id.clone().unwrap_or_else(|| {
                     let host = std::fs::read_to_string("/etc/hostname")
                         .map(|h| h.trim().to_string())
@@ -215,11 +231,7 @@ impl DynamoSource {
         cfg: &DynamoSourceConfig,
         aws: &AwsSettings,
     ) -> Result<(String, Images), SourceError> {
-        let mut settings = aws.clone();
-        if let Some(e) = &cfg.endpoint_url {
-            settings.endpoint_url = Some(e.clone());
-        }
-        let sdk = crate::aws::sdk_config(&settings).await;
+        let sdk = crate::aws::sdk_config(&source_settings(cfg, aws)).await;
         let ddb = aws_sdk_dynamodb::Client::new(&sdk);
         let streams = aws_sdk_dynamodbstreams::Client::new(&sdk);
         let stream_arn = match (&cfg.table, &cfg.stream_arn) {

@@ -32,7 +32,7 @@ use stream::{Session, StreamEnd};
 
 use futures::future::BoxFuture;
 
-use super::SourceError;
+use super::{OnlineReport, SourceError};
 use crate::change::Name;
 use crate::change::matcher::RelationPattern;
 use crate::source::{Output, RunContext, Source, SourceAdmin, SourceConfig, SourceEnv, SourceNeeds};
@@ -621,15 +621,6 @@ async fn maintenance(m: Maintenance, cancel: CancellationToken) {
             }
         }
     }
-}
-
-/// What `polysync check --online` found for one PostgreSQL source.
-#[derive(Debug, Default)]
-pub struct OnlineReport {
-    /// What was confirmed (the writer reached, the slot, the record).
-    pub facts: Vec<String>,
-    /// Gaps that do not stop a start but should be fixed (failover readiness).
-    pub warnings: Vec<String>,
 }
 
 /// The read-only part of a start, for `check --online`: reach the writer (and the standby of
