@@ -103,6 +103,15 @@ fn check_names_file_line_and_column_for_each_mistake() {
     assert!(!ok && err.contains("type \"float\" is not one of double") && err.contains("a float is `double`"), "{err}");
     ws.remove_pipeline("floattype");
 
+    // A filter that can never be a boolean is found offline.
+    ws.write_pipeline(
+        "nonbool",
+        &format!("source = \"db\"\nfilter = 'upcase(\"keep\")'\n[match]\nrelations = [\"public.t\"]\n{GOOD_SINK}"),
+    );
+    let (ok, err) = check(&ws);
+    assert!(!ok && err.contains("nonbool.toml:2:") && err.contains("a filter must return a boolean"), "{err}");
+    ws.remove_pipeline("nonbool");
+
     // A good pipeline passes and prints the plan.
     ws.write_pipeline("good", &format!("source = \"db\"\n[match]\nrelations = [\"public.t\"]\n{GOOD_SINK}"));
     let (ok, out) = check(&ws);

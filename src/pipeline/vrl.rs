@@ -114,7 +114,20 @@ impl VrlProgram {
     /// Compile source text; every error with its position.
     pub fn compile(source: &str, role: Role) -> Result<VrlProgram, Vec<VrlError>> {
         match vrl::compiler::compile(source, functions()) {
-            Ok(result) => Ok(VrlProgram { program: result.program, role, source: source.to_string() }),
+            Ok(result) => {
+                let returns = result.program.final_type_info().result;
+                if role == Role::Filter && !returns.kind().contains_boolean() {
+                    // Found offline: a filter that can never be true or false.
+                    return Err(vec![VrlError {
+                        offset: 0,
+                        message: format!(
+                            "a filter must return a boolean (true keeps the change), but this program returns {}; compare or test a field, e.g. `.after.active == true`",
+                            returns.kind()
+                        ),
+                    }]);
+                }
+                Ok(VrlProgram { program: result.program, role, source: source.to_string() })
+            }
             Err(diagnostics) => Err(diagnostics
                 .errors()
                 .into_iter()
@@ -325,6 +338,14 @@ mod tests {
         let mut key = Row::default();
         key.push("id".into(), Value::Int(7));
         Change::test_insert("public.orders", key, Some(after))
+    }
+
+    #[test]
+    fn a_filter_that_cannot_return_a_boolean_is_refused_at_compile_time() {
+        let errs = VrlProgram::compile("upcase(\"keep\")", Role::Filter).err().expect("refused");
+        assert!(errs[0].message.contains("returns string"), "{}", errs[0].message);
+        assert!(VrlProgram::compile(".after.active", Role::Filter).is_ok(), "an unknown type may be a boolean");
+        assert!(VrlProgram::compile("upcase(\"keep\")", Role::Transform).is_ok(), "a transform returns anything");
     }
 
     #[test]
