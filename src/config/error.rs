@@ -129,7 +129,7 @@ pub fn word_offset(text: &str, word: &str) -> Option<usize> {
 fn explain(msg: &str) -> String {
     if msg.contains("did not match any variant of untagged enum") {
         return format!(
-            "{msg}: see the examples in docs/configuration.md for this setting's accepted forms (a string, or a table of the documented keys)"
+            "{msg}: see the examples in docs/ (configuration.md, sources.md, sinks.md, pipelines.md) for this setting's accepted forms (a string, or a table of the documented keys)"
         );
     }
     msg.to_string()
