@@ -43,7 +43,13 @@ pub const IAM_ACTIONS: &[(&str, &str)] = &[
     ("sink::graph", "neptune-db:DeleteDataViaQuery"),
     ("sink::timeseries", "timestream:DescribeEndpoints"),
     ("sink::timeseries", "timestream:DescribeDatabase"),
+    ("sink::timeseries", "timestream:DescribeTable"),
+    ("sink::timeseries", "timestream:CreateDatabase"),
+    ("sink::timeseries", "timestream:CreateTable"),
     ("sink::timeseries", "timestream:WriteRecords"),
+    ("dlq::s3", "s3:PutObject"),
+    ("dlq::s3", "s3:GetObject"),
+    ("dlq::s3", "s3:ListBucket"),
 ];
 
 /// Load the SDK config once for a component.

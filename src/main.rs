@@ -226,7 +226,11 @@ fn dlq_discard(
             return ExitCode::from(2);
         }
     };
-    match discard(&cfg, &Selection { pipeline, before, ids, ..Default::default() }) {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(discard(&cfg, &Selection { pipeline, before, ids, ..Default::default() })) {
         Ok(done) => {
             for d in &done {
                 println!("{}\t{}\t{}\tdiscarded\t{}", d.id, d.pipeline, d.sink, d.reason);
@@ -266,8 +270,12 @@ fn dlq(command: DlqCommand) -> ExitCode {
         }
     };
     let sel = Selection { pipeline, since, include_replayed: all, ..Default::default() };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
     if !run_replay {
-        return match select_with_standing(&cfg, &sel) {
+        return match rt.block_on(select_with_standing(&cfg, &sel)) {
             Ok(entries) => {
                 for (e, standing) in &entries {
                     let standing = match standing {
@@ -302,10 +310,6 @@ fn dlq(command: DlqCommand) -> ExitCode {
         };
     }
     polysync::telemetry::init_logging(&cfg.log);
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(code) => return code,
-    };
     match rt.block_on(replay(&cfg, &sel)) {
         Ok(report) => {
             for (id, reason) in &report.failed {

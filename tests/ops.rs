@@ -98,6 +98,7 @@ fn task_definition_runs_the_healthcheck_and_drains_within_stop_timeout() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(cfg.runtime.shutdown_timeout.as_secs() < stop_timeout, "drain must finish before ECS sends SIGKILL");
+    assert!(cfg.dlq.s3.is_some(), "on ECS the dead letters' record is S3, not the task's disk");
     assert_eq!(cfg.metrics.listen.port(), c["portMappings"][0]["containerPort"].as_u64().unwrap() as u16);
     assert_eq!(c["dockerLabels"]["PROMETHEUS_EXPORTER_PORT"], "9464");
     for s in c["secrets"].as_array().unwrap() {

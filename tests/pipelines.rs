@@ -391,3 +391,106 @@ async fn a_reload_that_repoints_a_sink_hands_its_queue_to_the_new_target() {
     search::delete_index(&index).await;
     db.cleanup().await;
 }
+
+/// Keys of the objects under `prefix` in moto's S3.
+async fn s3_keys(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Vec<String> {
+    let out = s3.list_objects_v2().bucket(bucket).prefix(prefix).send().await.unwrap();
+    out.contents().iter().filter_map(|o| o.key().map(str::to_string)).collect()
+}
+
+/// `[dlq.s3]`: dead letters are kept in S3 (moto's), so they outlive the machine. Entries an
+/// earlier run left in the local files are moved there at start; while S3 is unreachable (a
+/// loopback proxy cut, named as such) a new dead letter waits and nothing past its change is
+/// confirmed, and it arrives once S3 answers; `dlq list`, `discard` and `replay` work from S3
+/// with the local directory gone (a new Fargate task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_kept_in_s3_wait_for_s3_and_outlive_the_local_disk() {
+    let _g = shared().await;
+    crate::support::aws::require_env();
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&crate::support::aws::sdk().await).force_path_style(true).build(),
+    );
+    let bucket = unique("dlq").replace('_', "-");
+    s3.create_bucket().bucket(&bucket).send().await.unwrap();
+    let db = TestDb::create("s3dlq").await;
+    db.exec("CREATE TABLE codes (id bigint PRIMARY KEY, code text NOT NULL)").await;
+    let (p, slot) = (unique("sd"), unique("s"));
+    let pipeline = |transform: &str| {
+        format!(
+            "source = \"db\"\ntransform = '{transform}'\n[match]\nrelations = [\"public.codes\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{p}:code:{{{{ key.id }}}}\"\n"
+        )
+    };
+    let ws = Workspace::new();
+    ws.write_pipeline("codes", &pipeline(".after.n = to_int!(.after.code)"));
+
+    // A run without S3 leaves one dead letter in the local file.
+    ws.write_config(&pg_cache_config(&db.url, &slot, ""));
+    let d = InProcess::start(&ws.config_path());
+    db.wait_streaming(&slot).await;
+    db.exec("INSERT INTO codes VALUES (1, '41'), (2, 'two')").await;
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    d.stop().await.unwrap();
+    assert_eq!(ws.dead_letters().len(), 1);
+
+    // With S3 as the record, the start moves it there and removes the local file.
+    let moto = crate::support::aws::endpoint();
+    let proxy = crate::support::proxy::Proxy::start(moto.trim_start_matches("http://")).await;
+    ws.write_config(&pg_cache_config(&db.url, &slot, "").replace(
+        "[log]",
+        &format!(
+            "[dlq.s3]\nbucket = \"{bucket}\"\nprefix = \"app\"\nendpoint_url = \"http://{}\"\n\n[log]",
+            proxy.addr
+        ),
+    ));
+    let d = InProcess::start(&ws.config_path());
+    db.wait_streaming(&slot).await;
+    wait_for("the earlier dead letter to be moved to S3", CATCH_UP, || {
+        let (s3, bucket) = (s3.clone(), bucket.clone());
+        async move { s3_keys(&s3, &bucket, "app/codes/-/").await.len() == 1 }
+    })
+    .await;
+    wait_for("the drained local file to be removed", CATCH_UP, || async {
+        polysync::dlq::files(&ws.dlq_dir()).unwrap().is_empty()
+    })
+    .await;
+
+    // S3 unreachable: the new dead letter waits, and its change is not confirmed.
+    proxy.set_down(true);
+    db.exec("INSERT INTO codes VALUES (3, 'three')").await;
+    let after = db.current_lsn().await;
+    db.exec("INSERT INTO codes VALUES (4, '44')").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(db.confirmed(&slot).await < after, "nothing past the waiting dead letter is confirmed");
+    assert_eq!(s3_keys(&s3, &bucket, "app/codes/").await.len(), 1);
+    proxy.set_down(false);
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    let keys = s3_keys(&s3, &bucket, "app/codes/-/").await;
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert!(keys.iter().all(|k| k.contains(&format!("/{today}/")) && k.ends_with(".json")), "{keys:?}");
+    let head = s3.head_object().bucket(&bucket).key(&keys[1]).send().await.unwrap();
+    assert_eq!(head.server_side_encryption(), Some(&aws_sdk_s3::types::ServerSideEncryption::Aes256));
+    let redis = TestRedis::connect().await;
+    assert!(redis.exists(&format!("{p}:code:4")).await, "the stream went on once S3 took the entry");
+    d.stop().await.unwrap();
+
+    // A new machine: the local directory is gone; the commands read and mark S3.
+    std::fs::remove_dir_all(ws.dlq_dir()).unwrap();
+    let (ok, out) = cli(&["dlq", "list"], &ws.config_path());
+    assert!(ok && out.contains("id=2") && out.contains("id=3") && out.contains("2 dead letter"), "{out}");
+    let three = out.lines().find(|l| l.contains("id=3")).and_then(|l| l.split('\t').next()).unwrap().to_string();
+    let (ok, out) = cli(&["dlq", "discard", "--id", &three], &ws.config_path());
+    assert!(ok && out.contains("discarded 1 dead letter(s)"), "{out}");
+    assert_eq!(s3_keys(&s3, &bucket, &format!("app/_polysync/discarded/{three}")).await.len(), 1);
+    ws.write_pipeline("codes", &pipeline(".after.n = to_int(.after.code) ?? -1"));
+    let (ok, out) = cli(&["dlq", "replay"], &ws.config_path());
+    assert!(ok && out.contains("replayed 1 dead letter(s), 0 failed"), "{out}");
+    assert_eq!(redis.get(&format!("{p}:code:2")).await.as_deref(), Some(r#"{"id":2,"code":"two","n":-1}"#));
+    assert!(!redis.exists(&format!("{p}:code:3")).await, "a discarded entry is not replayed");
+    let (ok, out) = cli(&["dlq", "list"], &ws.config_path());
+    assert!(ok && out.contains("0 dead letter"), "{out}");
+    let (ok, out) = cli(&["dlq", "list", "--all"], &ws.config_path());
+    assert!(ok && out.lines().any(|l| l.contains("id=3") && l.contains("\tdiscarded ")), "{out}");
+    assert!(out.lines().any(|l| l.contains("id=2") && l.contains("\treplayed")), "{out}");
+    db.cleanup().await;
+}

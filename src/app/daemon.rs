@@ -56,15 +56,25 @@ fn monotonic_usec() -> u64 {
 
 /// Records a source cannot decode go to the dead-letter queue under pipeline `-` and sink
 /// `-`: before any pipeline, so replay keeps them for a person rather than guessing.
-struct SourceRejects(Arc<DeadLetterQueue>);
+struct SourceRejects {
+    dlq: Arc<DeadLetterQueue>,
+    hard_stop: CancellationToken,
+}
 
 impl crate::source::Rejects for SourceRejects {
-    fn reject(&self, change: &crate::change::Change, reason: &str) -> Result<(), String> {
-        let entry = crate::dlq::DeadLetter { pipeline: "-", sink: "-", reason, change };
-        self.0.write(&entry).map_err(|e| e.to_string())?;
-        metrics().dlq_entries.with_label_values(&["-", "-"]).inc();
-        metrics().dlq_bytes.set(self.0.total_bytes() as i64);
-        Ok(())
+    fn reject<'a>(
+        &'a self,
+        change: &'a crate::change::Change,
+        reason: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let entry = crate::dlq::DeadLetter { pipeline: "-", sink: "-", reason, change };
+            if crate::runtime::writer::keep_dead_letter(&self.dlq, &entry, &self.hard_stop).await {
+                Ok(())
+            } else {
+                Err("the daemon is stopping before the record was kept".into())
+            }
+        })
     }
 }
 
@@ -165,7 +175,13 @@ pub async fn run(config: Config, mut controls: Controls) -> Result<Stopped, AppE
     {
         dlq.set_mirror(tx);
     }
+    if let Some(s3) = &config.dlq.s3 {
+        dlq.set_durable(Arc::new(super::dlq_store::connect(s3, &config.aws).await.map_err(AppError::Local)?));
+    }
     let dlq = Arc::new(dlq);
+    if dlq.durable().is_some() {
+        d.tasks.spawn(super::dlq_store::drain_earlier(Arc::clone(&dlq), d.background.clone()));
+    }
     metrics().dlq_bytes.set(dlq.total_bytes() as i64);
     let health = Arc::new(Health::new());
     let http_stop = CancellationToken::new();
@@ -259,7 +275,7 @@ pub async fn run(config: Config, mut controls: Controls) -> Result<Stopped, AppE
     for src in prepared {
         let ctx = RunContext {
             output: Arc::clone(&output),
-            rejects: Arc::new(SourceRejects(Arc::clone(&dlq))),
+            rejects: Arc::new(SourceRejects { dlq: Arc::clone(&dlq), hard_stop: d.hard_stop.clone() }),
             health: Arc::clone(&health),
             cancel: d.cancel.clone(),
             hard_stop: d.hard_stop.clone(),

@@ -3,7 +3,8 @@
 //! recovery), or give them up on purpose. Replay writes straight to the sinks, which are
 //! idempotent or version-guarded, so it is safe while the daemon runs; delivered entries are
 //! recorded in `replayed.ids`, discarded ones in `discarded.jsonl` (with what they were, when
-//! and by whom), and neither is shown (without `--all`) or replayed again.
+//! and by whom; marker objects in S3 when `[dlq.s3]` is the record), and neither is shown
+//! (without `--all`) or replayed again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +13,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::app::Config;
-use crate::dlq::{Discarded, StoredDeadLetter, discarded, mark_discarded, mark_replayed, read_all, replayed_ids};
+use crate::app::dlq_store::Archive;
+use crate::dlq::{Discarded, StoredDeadLetter};
 use crate::pipeline::process::{self, Step};
 use crate::pipeline::{Pipeline, load};
 use crate::sink::{ItemOutcome, Record, Sink};
@@ -52,14 +54,16 @@ pub fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
     Ok(Utc::now() - chrono::Duration::from_std(age).map_err(|e| e.to_string())?)
 }
 
-/// Entries matching the selection, oldest first, with how each stands.
-pub fn select_with_standing(config: &Config, sel: &Selection) -> Result<Vec<(StoredDeadLetter, Standing)>, String> {
-    let dir = config.dlq_dir();
-    let io = |e: std::io::Error| format!("{}: {e}", dir.display());
-    let done = replayed_ids(&dir).map_err(io)?;
-    let mut gone = discarded(&dir).map_err(io)?;
-    let entries =
-        read_all(&dir, |p, line, e| eprintln!("{}:{line}: unreadable entry skipped: {e}", p.display())).map_err(io)?;
+/// Entries matching the selection, oldest first, with how each stands (from the local files,
+/// or from S3 when `[dlq.s3]` is the record).
+pub async fn select_with_standing(
+    config: &Config,
+    sel: &Selection,
+) -> Result<Vec<(StoredDeadLetter, Standing)>, String> {
+    let archive = Archive::open(config).await;
+    let done = archive.replayed_ids().await?;
+    let mut gone = archive.discarded().await?;
+    let entries = archive.entries().await?;
     Ok(entries
         .into_iter()
         .filter(|e| sel.pipeline.as_ref().is_none_or(|p| *p == e.pipeline))
@@ -79,15 +83,15 @@ pub fn select_with_standing(config: &Config, sel: &Selection) -> Result<Vec<(Sto
 }
 
 /// Open entries matching the selection (all of them with `include_replayed`), oldest first.
-pub fn select(config: &Config, sel: &Selection) -> Result<Vec<StoredDeadLetter>, String> {
-    Ok(select_with_standing(config, sel)?.into_iter().map(|(e, _)| e).collect())
+pub async fn select(config: &Config, sel: &Selection) -> Result<Vec<StoredDeadLetter>, String> {
+    Ok(select_with_standing(config, sel).await?.into_iter().map(|(e, _)| e).collect())
 }
 
 /// `dlq discard`: record the selected open entries as discarded (the record is written before
 /// they count as gone) and return them. An id that matches no open entry is an error, so a
 /// typo never passes for a discard.
-pub fn discard(config: &Config, sel: &Selection) -> Result<Vec<Discarded>, String> {
-    let open = select(config, &Selection { include_replayed: false, ..sel.clone() })?;
+pub async fn discard(config: &Config, sel: &Selection) -> Result<Vec<Discarded>, String> {
+    let open = select(config, &Selection { include_replayed: false, ..sel.clone() }).await?;
     for id in &sel.ids {
         if !open.iter().any(|e| e.id == *id) {
             return Err(format!("no open dead letter has id {id} (see polysync dlq list --all)"));
@@ -106,8 +110,7 @@ pub fn discard(config: &Config, sel: &Selection) -> Result<Vec<Discarded>, Strin
             by: by.clone(),
         })
         .collect();
-    let dir = config.dlq_dir();
-    mark_discarded(&dir, &records).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Archive::open(config).await.mark_discarded(&records).await?;
     Ok(records)
 }
 
@@ -148,7 +151,7 @@ async fn write_one(sink: &dyn Sink, rec: Record) -> Result<(), String> {
 pub async fn replay(config: &Config, sel: &Selection) -> Result<Report, String> {
     let pipelines: Vec<Arc<Pipeline>> = load::load_all(&config.pipeline_env()).map_err(|e| e.to_string())?;
     let by_name: HashMap<&str, &Arc<Pipeline>> = pipelines.iter().map(|p| (&*p.name, p)).collect();
-    let entries = select(config, sel)?;
+    let entries = select(config, sel).await?;
     let mut sinks: HashMap<String, Arc<dyn Sink>> = HashMap::new();
     let mut report = Report::default();
     let mut delivered_ids = Vec::new();
@@ -198,6 +201,6 @@ pub async fn replay(config: &Config, sel: &Selection) -> Result<Report, String> 
             Err(e) => report.failed.push((entry.id, e)),
         }
     }
-    mark_replayed(&config.dlq_dir(), &delivered_ids).map_err(|e| format!("{}: {e}", config.dlq_dir().display()))?;
+    Archive::open(config).await.mark_replayed(&delivered_ids).await?;
     Ok(report)
 }

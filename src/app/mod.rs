@@ -10,6 +10,7 @@
 pub mod config;
 pub mod daemon;
 pub mod dlq_replay;
+pub mod dlq_store;
 pub mod needs;
 pub mod reload;
 pub mod snapshot_request;

@@ -53,9 +53,9 @@ fn fmt_lsn(l: u64) -> String {
 }
 
 /// Open dead letters per pipeline (not replayed, not discarded), from the files.
-fn dead_letters(config: &Config) -> Value {
+async fn dead_letters(config: &Config) -> Value {
     let sel = super::dlq_replay::Selection::default();
-    match super::dlq_replay::select_with_standing(config, &sel) {
+    match super::dlq_replay::select_with_standing(config, &sel).await {
         Ok(entries) => {
             let mut per: BTreeMap<String, u64> = BTreeMap::new();
             for (e, _) in entries {
@@ -146,7 +146,7 @@ pub async fn gather(config: &Config) -> Value {
                   else { json!({ "running": null, "address": null, "shown": "state_dir only (metrics.enabled = false: the daemon is not asked)" }) },
         "sources": sources,
         "sinks": sinks,
-        "dead_letters": dead_letters(config),
+        "dead_letters": dead_letters(config).await,
     });
     if let Some((status, m)) = &live {
         out["last_reload"] = status["last_reload"].clone();

@@ -6,16 +6,22 @@
 //! bounded in total. An entry is written and fsynced *before* the change is acknowledged; if
 //! it cannot be written (disk full, total bound reached) the caller must not acknowledge, and
 //! the lane stalls loudly instead of losing the change.
+//!
+//! With `[dlq.s3]` the durable record is S3 ([`s3::S3Store`]) and the files are a buffer: an
+//! entry is acknowledged only once it is in S3, a file whose entries are all in S3 is removed,
+//! and files left by an earlier run are drained to S3 at start.
 
 pub mod config;
 pub mod mirror;
+pub mod s3;
 
 pub use config::DlqConfig;
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -82,6 +88,10 @@ struct Active {
     index: u64,
     size: u64,
     total: u64,
+    /// With a durable store: entries of each file (by index) not yet in it.
+    pending: BTreeMap<u64, usize>,
+    /// With a durable store: the file each entry not yet in it was written to.
+    entry_file: HashMap<String, u64>,
 }
 
 /// Writer for the DLQ directory; shared by every lane.
@@ -91,6 +101,9 @@ pub struct DeadLetterQueue {
     max_total: u64,
     active: Mutex<Active>,
     mirror: Option<tokio::sync::mpsc::Sender<String>>,
+    durable: Option<Arc<s3::S3Store>>,
+    /// Files below this index were left by an earlier run (drained at start with a store).
+    earlier: u64,
 }
 
 const PREFIX: &str = "dlq-";
@@ -156,8 +169,17 @@ impl DeadLetterQueue {
             dir: dir.to_owned(),
             max_file: max_file.max(4096),
             max_total: max_total.max(4096),
-            active: Mutex::new(Active { file: None, index, size, total }),
+            active: Mutex::new(Active {
+                file: None,
+                index,
+                size,
+                total,
+                pending: BTreeMap::new(),
+                entry_file: HashMap::new(),
+            }),
             mirror: None,
+            durable: None,
+            earlier: 0,
         })
     }
 
@@ -199,8 +221,12 @@ impl DeadLetterQueue {
         }
         if a.size > 0 && a.size + len > self.max_file {
             a.file = None;
+            let closed = a.index;
             a.index += 1;
             a.size = 0;
+            if self.durable.is_some() && a.pending.get(&closed).is_none_or(|n| *n == 0) && closed >= self.earlier {
+                self.remove_file(&mut a, closed);
+            }
         }
         if a.file.is_none() {
             let path = self.dir.join(file_name(a.index));
@@ -227,6 +253,13 @@ impl DeadLetterQueue {
         }
         a.size += len;
         a.total += len;
+        if self.durable.is_some()
+            && let Some(id) = line_id(&line)
+        {
+            let index = a.index;
+            *a.pending.entry(index).or_default() += 1;
+            a.entry_file.insert(id, index);
+        }
         drop(a);
         if let Some(m) = &self.mirror
             && m.try_send(line).is_err()
@@ -242,10 +275,111 @@ impl DeadLetterQueue {
         self.mirror = Some(tx);
     }
 
+    /// Make S3 the durable record (before any entry is written): files of an earlier run are
+    /// closed (new entries start a new file) and [`DeadLetterQueue::drain_earlier`] moves them.
+    pub fn set_durable(&mut self, store: Arc<s3::S3Store>) {
+        let a = self.active.get_mut().unwrap_or_else(|p| p.into_inner());
+        if a.size > 0 {
+            a.index += 1;
+            a.size = 0;
+            a.file = None;
+        }
+        self.earlier = a.index;
+        self.durable = Some(store);
+    }
+
+    /// The durable store, when dead letters go to S3.
+    pub fn durable(&self) -> Option<&Arc<s3::S3Store>> {
+        self.durable.as_ref()
+    }
+
+    /// The entry `line` is in the durable store: a file none of whose entries wait any more
+    /// is removed (the active one once it rotates).
+    pub fn stored(&self, line: &str) {
+        let Some(id) = line_id(line) else { return };
+        let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(index) = a.entry_file.remove(&id) else { return };
+        let left = a.pending.get_mut(&index).map(|n| {
+            *n = n.saturating_sub(1);
+            *n
+        });
+        if left == Some(0) && index != a.index {
+            self.remove_file(&mut a, index);
+        }
+    }
+
+    fn remove_file(&self, a: &mut Active, index: u64) {
+        a.pending.remove(&index);
+        let path = self.dir.join(file_name(index));
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match std::fs::remove_file(&path) {
+            Ok(()) => a.total = a.total.saturating_sub(size),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "could not remove a dead-letter file whose entries are all in S3")
+            }
+        }
+    }
+
+    /// With a durable store: put every entry of the files an earlier run left (a crash, or S3
+    /// unreachable at the time) and remove those files. Putting an entry twice leaves one
+    /// object. Returns how many entries were moved.
+    pub async fn drain_earlier(&self) -> Result<usize, s3::S3Error> {
+        let Some(store) = &self.durable else { return Ok(0) };
+        let earlier: Vec<(u64, PathBuf)> =
+            files(&self.dir).unwrap_or_default().into_iter().filter(|(i, _)| *i < self.earlier).collect();
+        let mut moved = 0;
+        for (index, path) in earlier {
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read a dead-letter file to move it to S3");
+                    continue;
+                }
+            };
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                match parse_entry(line, path.clone()) {
+                    Ok(_) => {
+                        store.put_entry(line).await?;
+                        moved += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), error = %e, "an unreadable dead-letter line stays in the local file")
+                    }
+                }
+            }
+            let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            self.remove_file(&mut a, index);
+        }
+        Ok(moved)
+    }
+
     /// Bytes currently held.
     pub fn total_bytes(&self) -> u64 {
         self.active.lock().unwrap_or_else(|p| p.into_inner()).total
     }
+}
+
+/// One entry from its JSON line (a file's line, or an S3 object's body).
+pub fn parse_entry(line: &str, file: PathBuf) -> Result<StoredDeadLetter, String> {
+    let j: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let s = |k: &str| j.get(k).and_then(|v| v.as_str()).map(str::to_string).ok_or(format!("{k} missing"));
+    Ok(StoredDeadLetter {
+        id: s("id")?,
+        at: DateTime::parse_from_rfc3339(&s("at")?).map_err(|e| e.to_string())?.with_timezone(&Utc),
+        pipeline: s("pipeline")?,
+        sink: s("sink")?,
+        reason: s("reason")?,
+        change: change_from_typed(j.get("change").ok_or("change missing")?)?,
+        file,
+    })
+}
+
+/// The id of an encoded entry.
+fn line_id(line: &str) -> Option<String> {
+    let j: serde_json::Value = serde_json::from_str(line).ok()?;
+    j.get("id").and_then(|v| v.as_str()).map(str::to_string)
 }
 
 /// Read every entry in a DLQ directory (oldest first). Lines that do not parse (a write cut
@@ -259,20 +393,7 @@ pub fn read_all(dir: &Path, mut bad: impl FnMut(&Path, usize, String)) -> std::i
             if line.trim().is_empty() {
                 continue;
             }
-            let parsed: Result<StoredDeadLetter, String> = (|| {
-                let j: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
-                let s = |k: &str| j.get(k).and_then(|v| v.as_str()).map(str::to_string).ok_or(format!("{k} missing"));
-                Ok(StoredDeadLetter {
-                    id: s("id")?,
-                    at: DateTime::parse_from_rfc3339(&s("at")?).map_err(|e| e.to_string())?.with_timezone(&Utc),
-                    pipeline: s("pipeline")?,
-                    sink: s("sink")?,
-                    reason: s("reason")?,
-                    change: change_from_typed(j.get("change").ok_or("change missing")?)?,
-                    file: path.clone(),
-                })
-            })();
-            match parsed {
+            match parse_entry(&line, path.clone()) {
                 Ok(e) => out.push(e),
                 Err(e) => bad(&path, i + 1, e),
             }

@@ -240,6 +240,54 @@ pub async fn deliver(
     }
 }
 
+/// With `[dlq.s3]`: put the entry in S3, retrying with backoff while S3 does not answer or
+/// refuses (the lane, and with it the source's confirmed position, waits; it resumes once S3
+/// takes the entry). False if the hard stop fired first.
+async fn store_durably(
+    dlq: &Arc<DeadLetterQueue>,
+    line: &str,
+    pipeline: &str,
+    sink: &str,
+    hard_stop: &CancellationToken,
+) -> bool {
+    let Some(store) = dlq.durable() else { return true };
+    let mut delays = policy::backoff(policy::Profile::Connect);
+    let mut first = true;
+    loop {
+        let attempt = tokio::select! {
+            r = store.put_entry(line) => r,
+            _ = hard_stop.cancelled() => return false,
+        };
+        match attempt {
+            Ok(()) => {
+                if !first {
+                    tracing::info!(pipeline, sink, location = %store.location(), "dead letters reach S3 again");
+                }
+                dlq.stored(line);
+                return true;
+            }
+            Err(e) => {
+                metrics().dlq_write_failures.inc();
+                let kind = match e {
+                    crate::dlq::s3::S3Error::Unreachable { .. } => Failure::Transient,
+                    _ => Failure::Fatal,
+                };
+                policy::report(
+                    &format!("dead-letter queue ({pipeline} → {sink})"),
+                    kind,
+                    &format!("cannot store a dead letter in S3 (the change is not acknowledged until it is): {e}"),
+                    first,
+                );
+                first = false;
+                tokio::select! {
+                    _ = hard_stop.cancelled() => return false,
+                    _ = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))) => {}
+                }
+            }
+        }
+    }
+}
+
 fn observe_lag(lags: &mut HashMap<Name, prometheus::Histogram>, rec: &Record, now: chrono::DateTime<Utc>) {
     if let Some(t) = rec.change.commit_time {
         let h = lags.entry(Arc::clone(&rec.pipeline)).or_insert_with(|| metrics().lag_for(&rec.pipeline));
@@ -247,8 +295,8 @@ fn observe_lag(lags: &mut HashMap<Name, prometheus::Histogram>, rec: &Record, no
     }
 }
 
-/// Write one dead letter durably (on a blocking thread: it fsyncs), retrying with backoff until
-/// it is written; false if the hard stop fired first (then nothing may be acknowledged).
+/// Write one dead letter durably and count it; false if the hard stop fired first (then
+/// nothing may be acknowledged). See [`keep_dead_letter`].
 pub async fn dead_letter(
     dlq: &Arc<DeadLetterQueue>,
     pipeline: &str,
@@ -257,8 +305,27 @@ pub async fn dead_letter(
     change: &Change,
     hard_stop: &CancellationToken,
 ) -> bool {
+    if !keep_dead_letter(dlq, &DeadLetter { pipeline, sink, reason, change }, hard_stop).await {
+        return false;
+    }
     let m = metrics();
-    let line = DeadLetterQueue::encode(&DeadLetter { pipeline, sink, reason, change });
+    m.sink_records.with_label_values(&[sink, "dead_lettered"]).inc();
+    tracing::warn!(pipeline, sink, relation = %change.relation, key = %change.key_display(), position = %change.position, reason, "change dead-lettered");
+    true
+}
+
+/// Write one dead letter durably: to the local file (on a blocking thread: it fsyncs), then to
+/// S3 when that is the durable record, retrying each with backoff until it is written (the
+/// caller, and so the source's confirmed position, waits meanwhile). False if the hard stop
+/// fired first.
+pub async fn keep_dead_letter(
+    dlq: &Arc<DeadLetterQueue>,
+    entry: &DeadLetter<'_>,
+    hard_stop: &CancellationToken,
+) -> bool {
+    let m = metrics();
+    let (pipeline, sink) = (entry.pipeline, entry.sink);
+    let line = DeadLetterQueue::encode(entry);
     let mut delays = policy::backoff(policy::Profile::Local);
     let mut first = true;
     loop {
@@ -266,10 +333,11 @@ pub async fn dead_letter(
         let r = tokio::task::spawn_blocking(move || q.write_line(l)).await;
         match r {
             Ok(Ok(())) => {
+                if !store_durably(dlq, &line, pipeline, sink, hard_stop).await {
+                    return false;
+                }
                 m.dlq_entries.with_label_values(&[pipeline, sink]).inc();
-                m.sink_records.with_label_values(&[sink, "dead_lettered"]).inc();
                 m.dlq_bytes.set(dlq.total_bytes() as i64);
-                tracing::warn!(pipeline, sink, relation = %change.relation, key = %change.key_display(), position = %change.position, reason, "change dead-lettered");
                 return true;
             }
             other => {

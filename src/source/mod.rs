@@ -114,8 +114,9 @@ pub struct RunContext {
 /// (raw, with the reason) before the source moves past it, so nothing read is dropped silently.
 pub trait Rejects: Send + Sync {
     /// Keep `change` (what the source could make of the record, the raw record included) with
-    /// `reason`; an error means it is not kept and the source must not move past it.
-    fn reject(&self, change: &Change, reason: &str) -> Result<(), String>;
+    /// `reason`, durably (waiting while the store cannot take it); an error means it is not
+    /// kept (the daemon is stopping) and the source must not move past it.
+    fn reject<'a>(&'a self, change: &'a Change, reason: &'a str) -> BoxFuture<'a, Result<(), String>>;
 }
 
 /// A checked source, ready to stream. The app drives every kind through this.

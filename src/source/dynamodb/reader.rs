@@ -260,12 +260,7 @@ impl ShardReader {
                         let kept = decode::undecodable(&self.source, &self.relation, &self.shard, rec);
                         let reason = format!("undecodable DynamoDB stream record on shard {}: {e}", self.shard);
                         loop {
-                            let (rejects, c, r) = (Arc::clone(&self.rejects), kept.clone(), reason.clone());
-                            let kept = match tokio::task::spawn_blocking(move || rejects.reject(&c, &r)).await {
-                                Ok(r) => r,
-                                Err(e) => Err(e.to_string()),
-                            };
-                            match kept {
+                            match self.rejects.reject(&kept, &reason).await {
                                 Ok(()) => break,
                                 Err(err) => {
                                     tracing::error!(source = %src, shard = %self.shard, error = %err, "cannot dead-letter an undecodable record; the shard waits");
