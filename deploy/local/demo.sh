@@ -129,10 +129,10 @@ say "Graph: customers who bought product 7 also bought..."
 gremlin "g.V('shop:product:7').in('purchased').out('purchased').hasId(neq('shop:product:7')).dedup().values('name').fold()"
 echo "  purchased edges: $(gremlin "g.E().filter(id().is(TextP.startingWith('shop:'))).count()")"
 
-say "InfluxDB: order value and count by region (derived from order inserts)"
+say "InfluxDB: order value and count per minute and region (points at each order's created_at)"
 curl -fsS -G "$INFLUX/query" --data-urlencode "db=shop" \
-  --data-urlencode "q=SELECT sum(total) AS value, count(total) AS orders FROM order_value GROUP BY region" \
-  | "$PY" -c 'import json,sys; [print("  ", s["tags"]["region"], dict(zip(s["columns"], s["values"][0]))) for s in json.load(sys.stdin)["results"][0].get("series", [])]'
+  --data-urlencode "q=SELECT sum(total) AS value, count(total) AS orders FROM order_value WHERE time > now() - 1h GROUP BY time(1m), region fill(none)" \
+  | "$PY" -c 'import json,sys; [print("  ", s["tags"]["region"], dict(zip(s["columns"], row))) for s in json.load(sys.stdin)["results"][0].get("series", []) for row in s["values"]]'
 
 say "Metrics (excerpt of $METRICS/metrics)"
 curl -fsS "$METRICS/metrics" | grep -E '^polysync_(source_changes_total|pipeline_outputs_total|sink_records_total|dlq_entries_total|ddb_shards_owned)' | sort
