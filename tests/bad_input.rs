@@ -204,14 +204,16 @@ async fn run_refuses_missing_objects_with_a_precise_message() {
         "source = \"db\"\n[match]\nrelations = [\"public.nokey\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"n:{{ row.a }}\"]\n",
     );
     let err = refused(&ws).await;
-    assert!(err.contains("without a primary key") && err.contains("public.nokey"), "{err}");
+    assert!(err.contains("without a primary key") && err.contains("public.nokey (named by pipeline nokey ("), "{err}");
+    assert!(err.contains("nokey.toml:3:15))"), "{err}");
 
     // A table that does not exist.
     let ws = Workspace::new();
     ws.write_config(&pg_cache_config(&db.url, &format!("{slot}_m"), ""));
     ws.write_pipeline("missing", &format!("source = \"db\"\n[match]\nrelations = [\"public.nope\"]\n{GOOD_SINK}"));
     let err = refused(&ws).await;
-    assert!(err.contains("do not exist") && err.contains("public.nope"), "{err}");
+    assert!(err.contains("do not exist") && err.contains("public.nope (named by pipeline missing ("), "{err}");
+    assert!(err.contains("missing.toml:3:15))"), "the pipeline file's line and column: {err}");
 
     // An InfluxDB database that does not exist, without create_database: refused at start
     // with the fix, not found by the first write and retried while the slot waits.

@@ -139,3 +139,62 @@ async fn a_publication_without_partition_root_is_refused_with_the_fix_and_works_
     d.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// `on_column_change = "warn"`: an added column is logged and counted, the copies keep their old
+/// shape (the table is not re-read) and new changes carry the column; `polysync snapshot` then
+/// brings the old rows to the new shape, as docs/schema-changes.md tells the operator to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_column_change_warn_leaves_the_copies_until_the_operator_snapshots() {
+    let _g = shared().await;
+    let db = TestDb::create("scwarn").await;
+    let table = unique("scw");
+    db.exec(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY, name text); INSERT INTO {table} VALUES (1, 'one')"))
+        .await;
+    let (p, slot) = (unique("w"), unique("s"));
+    let ws = Workspace::new();
+    ws.write_config(
+        &pg_cache_config(&db.url, &slot, "")
+            .replace("create_if_missing = true", "create_if_missing = true\non_column_change = \"warn\""),
+    );
+    ws.write_pipeline(
+        "w",
+        &format!(
+            "source = \"db\"\nsnapshot = \"initial\"\n[match]\nrelations = [\"public.{table}\"]\n[[sink]]\ntarget = \"cache\"\naction = \"set\"\nkey = \"{p}:{{{{ key.id }}}}\"\n"
+        ),
+    );
+    let d = InProcess::start(&ws.config_path());
+    let redis = TestRedis::connect().await;
+    wait_for("the initial snapshot", CATCH_UP, || async {
+        redis.get(&format!("{p}:1")).await.as_deref() == Some(r#"{"id":1,"name":"one"}"#)
+    })
+    .await;
+    db.exec(&format!("ALTER TABLE {table} ADD COLUMN note text DEFAULT 'n'")).await;
+    db.exec(&format!("INSERT INTO {table} (id, name) VALUES (2, 'two')")).await;
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    assert_eq!(redis.get(&format!("{p}:2")).await.as_deref(), Some(r#"{"id":2,"name":"two","note":"n"}"#));
+    let added = polysync::telemetry::metrics()
+        .pg_schema_changes
+        .with_label_values(&["db", &format!("public.{table}"), "added"])
+        .get();
+    assert!(added >= 1, "the added column is counted");
+    // No re-read: the old copy keeps its shape (given time a re-read would have taken).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(redis.get(&format!("{p}:1")).await.as_deref(), Some(r#"{"id":1,"name":"one"}"#));
+    let (config, relation) = (ws.config_path(), format!("public.{table}"));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_polysync"))
+            .args(["snapshot", "--pipeline", "w", "--table", &relation, "--wait", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    wait_for("the snapshot to reshape the old copy", CATCH_UP, || async {
+        redis.get(&format!("{p}:1")).await.as_deref() == Some(r#"{"id":1,"name":"one","note":"n"}"#)
+    })
+    .await;
+    d.stop().await.unwrap();
+    db.cleanup().await;
+}

@@ -11,10 +11,11 @@ pub fn source_needs(pipelines: &[Arc<Pipeline>], source: &str) -> SourceNeeds {
     let mut needs = SourceNeeds::default();
     for p in pipelines.iter().filter(|p| &*p.source == source) {
         let text = std::fs::read_to_string(&p.file).unwrap_or_default();
-        let at = |col: &str| column_site(p, &text, col);
+        let at = |name: &str| column_site(p, &text, name);
         needs.snapshots.push((Arc::clone(&p.name), p.relations.clone(), p.snapshot_initial));
         for rel in p.exact_relations() {
             needs.tables.insert(rel.to_string());
+            needs.table_sites.entry(rel.to_string()).or_insert_with(|| at(rel));
             let cols = needs.columns.entry(rel.to_string()).or_default();
             for col in &p.text_columns {
                 cols.push((at(col), col.to_string()));
@@ -52,10 +53,10 @@ pub fn source_needs(pipelines: &[Arc<Pipeline>], source: &str) -> SourceNeeds {
     needs
 }
 
-/// "orders-cache (pipelines/orders.toml:12:19)": the pipeline and where its file names `column`,
-/// so a column the database lacks is reported at the line to fix.
-fn column_site(p: &Pipeline, text: &str, column: &str) -> String {
-    match crate::config::word_offset(text, column) {
+/// "orders-cache (pipelines/orders.toml:12:19)": the pipeline and where its file names `name`
+/// (a column or a table), so one the database lacks is reported at the line to fix.
+fn column_site(p: &Pipeline, text: &str, name: &str) -> String {
+    match crate::config::word_offset(text, name) {
         Some(at) => {
             let (line, col) = crate::config::line_col(text, at);
             format!("{} ({}:{line}:{col})", p.name, p.file.display())

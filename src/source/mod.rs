@@ -66,6 +66,9 @@ pub struct Images {
 pub struct SourceNeeds {
     /// Exact relations the pipelines name (publication set-up, table checks).
     pub tables: BTreeSet<String>,
+    /// Relation → the first pipeline naming it and where ("p (pipelines/p.toml:3:15)"), so a
+    /// table the database lacks is reported at the line to fix.
+    pub table_sites: BTreeMap<String, String>,
     /// Columns their templates and column lists read, by relation.
     pub columns: ColumnUses,
     /// Item images their templates read (DynamoDB).

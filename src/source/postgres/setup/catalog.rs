@@ -89,7 +89,7 @@ pub(super) async fn read(
         keyless.sort();
         return Err(c.refuse(format!(
             "published tables without a primary key or replica identity index: {} (their updates and deletes carry no key; add a primary key, or a unique index on NOT NULL columns and ALTER TABLE … REPLICA IDENTITY USING INDEX …)",
-            keyless.join(", ")
+            keyless.iter().map(|t| c.named(t)).collect::<Vec<_>>().join(", ")
         )));
     }
 

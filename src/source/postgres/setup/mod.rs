@@ -100,9 +100,19 @@ pub(super) struct Checks<'a> {
     pub(super) name: &'a str,
     pub(super) dry_run: bool,
     pub(super) planned: std::sync::Mutex<Vec<String>>,
+    /// Where the pipelines name each table (for the message about a missing one).
+    pub(super) sites: &'a BTreeMap<String, String>,
 }
 
 impl Checks<'_> {
+    /// `table`, with the pipeline that names it and where, when one does.
+    pub(super) fn named(&self, table: &str) -> String {
+        match self.sites.get(table) {
+            Some(site) => format!("{table} (named by pipeline {site})"),
+            None => table.to_string(),
+        }
+    }
+
     pub(super) fn refuse(&self, msg: String) -> SourceError {
         SourceError::Setup { source_name: self.name.to_string(), msg }
     }
@@ -173,7 +183,8 @@ pub async fn preflight(client: &Client, name: &str, info: &ConnInfo) -> Result<(
 /// creates a missing slot regardless (`on_slot_lost = "resnapshot"` asked for a new one).
 /// Everything is on the writer (`client`) except, with standby decoding, the slot (`standby`).
 ///
-/// `wanted` are the exact relations the pipelines name (plus `tables` from the config);
+/// `wanted` are the exact relations the pipelines name (plus `tables` from the config), `sites`
+/// where the pipelines name them;
 /// `patterns` are wildcard prefixes the pipelines use, checked against what is published.
 pub async fn prepare(
     client: &Client,
@@ -181,11 +192,12 @@ pub async fn prepare(
     cfg: &PostgresSourceConfig,
     info: &ConnInfo,
     wanted: &BTreeSet<String>,
+    sites: &BTreeMap<String, String>,
     create_slot: bool,
     standby: Option<(&Client, &ConnInfo)>,
 ) -> Result<Catalog, SourceError> {
     preflight(client, name, info).await?;
-    let c = Checks { client, name, dry_run: false, planned: Default::default() };
+    let c = Checks { client, name, dry_run: false, planned: Default::default(), sites };
     let catalog = writer_checks(&c, cfg, info, wanted).await?;
     let server_version = catalog.server_version;
     match standby {
@@ -207,8 +219,9 @@ pub async fn inspect(
     cfg: &PostgresSourceConfig,
     info: &ConnInfo,
     wanted: &BTreeSet<String>,
+    sites: &BTreeMap<String, String>,
 ) -> Result<(Catalog, Vec<String>), SourceError> {
-    let c = Checks { client, name, dry_run: true, planned: Default::default() };
+    let c = Checks { client, name, dry_run: true, planned: Default::default(), sites };
     let catalog = writer_checks(&c, cfg, info, wanted).await?;
     let planned = c.planned.into_inner().unwrap_or_else(|p| p.into_inner());
     Ok((catalog, planned))

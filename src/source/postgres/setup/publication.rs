@@ -72,7 +72,7 @@ pub(super) async fn require_tables(
             .map_err(|e| c.sql(e))?
             .get(0);
         if !exists {
-            missing_tables.push(t.clone());
+            missing_tables.push(c.named(t));
         }
     }
     if !missing_tables.is_empty() {
