@@ -92,8 +92,7 @@ impl SourceAdmin for PgAdmin {
                 &self.name,
                 &self.cfg,
                 &self.info,
-                &tables,
-                &needs.table_sites,
+                setup::Wanted { tables: &tables, sites: &needs.table_sites },
                 false,
                 standby.as_ref().map(|(c, s)| (c, *s)),
             )
@@ -171,8 +170,7 @@ impl PostgresSource {
             name,
             cfg,
             &info,
-            &tables,
-            &needs.table_sites,
+            setup::Wanted { tables: &tables, sites: &needs.table_sites },
             resnapshot,
             standby_client.as_ref().zip(standby.as_ref()),
         )
@@ -656,7 +654,8 @@ pub async fn check_online(
     // Tables, publication, keys and columns, as a start checks them (nothing created).
     let mut tables = needs.tables.clone();
     tables.extend(cfg.tables.iter().cloned());
-    let (catalog, planned) = setup::inspect(&client, name, cfg, &info, &tables, &needs.table_sites).await?;
+    let (catalog, planned) =
+        setup::inspect(&client, name, cfg, &info, setup::Wanted { tables: &tables, sites: &needs.table_sites }).await?;
     setup::check_columns(&catalog, &needs.columns).map_err(setup_err)?;
     report.facts.push(format!(
         "publication {:?}: tables {} exist with keys; the columns the pipelines name exist",

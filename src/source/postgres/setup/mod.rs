@@ -92,6 +92,16 @@ pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// The tables a start needs (the exact relations the pipelines name, plus the source's
+/// `tables`) and where the pipelines name them, for messages about a missing one.
+#[derive(Clone, Copy)]
+pub struct Wanted<'a> {
+    /// Relations.
+    pub tables: &'a BTreeSet<String>,
+    /// Relation → "pipeline (file:line:col)".
+    pub sites: &'a BTreeMap<String, String>,
+}
+
 /// The connection and the source's name, with the two ways a check fails: a refusal a person
 /// must act on, or the server's error. In a dry run (`check --online`) nothing is created:
 /// what a start would create is written down instead.
@@ -183,7 +193,7 @@ pub async fn preflight(client: &Client, name: &str, info: &ConnInfo) -> Result<(
 /// creates a missing slot regardless (`on_slot_lost = "resnapshot"` asked for a new one).
 /// Everything is on the writer (`client`) except, with standby decoding, the slot (`standby`).
 ///
-/// `wanted` are the exact relations the pipelines name (plus `tables` from the config), `sites`
+/// `wanted` are the exact relations the pipelines name (plus `tables` from the config) and
 /// where the pipelines name them;
 /// `patterns` are wildcard prefixes the pipelines use, checked against what is published.
 pub async fn prepare(
@@ -191,14 +201,13 @@ pub async fn prepare(
     name: &str,
     cfg: &PostgresSourceConfig,
     info: &ConnInfo,
-    wanted: &BTreeSet<String>,
-    sites: &BTreeMap<String, String>,
+    wanted: Wanted<'_>,
     create_slot: bool,
     standby: Option<(&Client, &ConnInfo)>,
 ) -> Result<Catalog, SourceError> {
     preflight(client, name, info).await?;
-    let c = Checks { client, name, dry_run: false, planned: Default::default(), sites };
-    let catalog = writer_checks(&c, cfg, info, wanted).await?;
+    let c = Checks { client, name, dry_run: false, planned: Default::default(), sites: wanted.sites };
+    let catalog = writer_checks(&c, cfg, info, wanted.tables).await?;
     let server_version = catalog.server_version;
     match standby {
         None => ensure_slot(client, None, name, cfg, info, server_version, create_slot).await?,
@@ -218,11 +227,10 @@ pub async fn inspect(
     name: &str,
     cfg: &PostgresSourceConfig,
     info: &ConnInfo,
-    wanted: &BTreeSet<String>,
-    sites: &BTreeMap<String, String>,
+    wanted: Wanted<'_>,
 ) -> Result<(Catalog, Vec<String>), SourceError> {
-    let c = Checks { client, name, dry_run: true, planned: Default::default(), sites };
-    let catalog = writer_checks(&c, cfg, info, wanted).await?;
+    let c = Checks { client, name, dry_run: true, planned: Default::default(), sites: wanted.sites };
+    let catalog = writer_checks(&c, cfg, info, wanted.tables).await?;
     let planned = c.planned.into_inner().unwrap_or_else(|p| p.into_inner());
     Ok((catalog, planned))
 }
