@@ -10,6 +10,7 @@
 //! `POLYSYNC_TEST_GREMLIN`, `POLYSYNC_TEST_INFLUX` (as `make peers` writes them).
 
 // The test suite's convergence checker, shared so the fan-out run is checked key by key too.
+mod baseline;
 #[allow(dead_code)]
 #[path = "../../tests/support/converge.rs"]
 mod converge;
@@ -501,6 +502,27 @@ async fn main() {
                 solo.push((s.to_string(), records, t.as_secs_f64()));
             }
         }
+        // Each server's most used client doing the same work on the same records (no polysync).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let base_prefix = format!("base{}", std::process::id());
+        let base_index = format!("{idx}-base");
+        let mut base = Vec::new();
+        match baseline::python(root) {
+            Some(py) => {
+                for (sink, loader) in [
+                    ("cache", "cache"),
+                    ("cache", "cache-plain"),
+                    ("search", "search"),
+                    ("graph", "graph"),
+                    ("metrics", "influx"),
+                ] {
+                    if let Some(b) = baseline::run(&py, root, loader, fan_n, &base_prefix, &base_index) {
+                        base.push((sink, loader, b));
+                    }
+                }
+            }
+            None => eprintln!("bench: no .local/bench-venv (bench/run.sh builds it); the baseline table is missing"),
+        }
         let _ = writeln!(
             r,
             "\nWhole backlog confirmed after {total:.1} s ({:.0} changes/s); last sink to report progress: {bound}.\n",
@@ -513,6 +535,34 @@ async fn main() {
         for (s, v, t) in &solo {
             let _ = writeln!(r, "| {s} | {v:.0} | {t:.1} | {:.0} |", v / t);
         }
+        if !base.is_empty() {
+            let _ = writeln!(
+                r,
+                "\nEach sink alone against a hand-written loader on the same server (`bench/loaders/sinks.py`, the \
+                 same records of the same backlog, in the same run; the loader's time is its writes only, polysync's \
+                 includes start-up and reading every change of the slot):\n\n\
+                 | sink | loader | loader records/s | polysync alone records/s | polysync ÷ loader |\n|---|---|---|---|---|"
+            );
+            for (sink, loader, b) in &base {
+                let alone = solo.iter().find(|x| x.0 == *sink).map(|x| x.1 / x.2).unwrap_or(f64::NAN);
+                let what = match *loader {
+                    "cache" => "redis-py, pipelined EVALSHA of polysync's guard script, 512 per round trip",
+                    "cache-plain" => "redis-py, pipelined plain SET/DEL (upper bound, no version guard)",
+                    "search" => "`_bulk`, 500 documents per request, external_gte versions",
+                    "graph" => "gremlinpython, mergeV/mergeV/mergeE per change, 100 changes per traversal",
+                    _ => "line protocol, 5000 points per POST",
+                };
+                let rate = b.records / b.seconds.max(0.001);
+                let _ = writeln!(r, "| {sink} | {what} | {rate:.0} | {alone:.0} | **{:.2}** |", alone / rate);
+            }
+            let _ = writeln!(r);
+        }
+        // The loaders' keys, documents and graph elements.
+        let _ = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-X", "DELETE"])
+            .arg(format!("{}/{base_index}", env("POLYSYNC_TEST_OPENSEARCH", "http://127.0.0.1:59200")))
+            .status();
+        converge::gremlin_query("g.V().hasId(startingWith(p)).drop()", serde_json::json!({ "p": base_prefix })).await;
         // The fan-out table, with each sink's rate as a share of its rate alone.
         let mut fan = String::from(
             "| sink | records | finished after s | records/s | alone records/s | fan-out ÷ alone |\n|---|---|---|---|---|---|\n",
