@@ -494,3 +494,28 @@ async fn dead_letters_kept_in_s3_wait_for_s3_and_outlive_the_local_disk() {
     assert!(out.lines().any(|l| l.contains("id=2") && l.contains("\treplayed")), "{out}");
     db.cleanup().await;
 }
+
+/// `[dlq.s3]` naming a bucket S3 does not have: the start refuses with the fix (and S3's own
+/// error), rather than accepting changes whose dead letters could never be kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_bucket_that_does_not_exist_refuses_the_start_with_the_fix() {
+    let _g = shared().await;
+    crate::support::aws::require_env();
+    let db = TestDb::create("s3nobucket").await;
+    db.exec("CREATE TABLE codes (id bigint PRIMARY KEY, code text NOT NULL)").await;
+    let slot = unique("s");
+    let bucket = unique("nobucket").replace('_', "-");
+    let ws = Workspace::new();
+    ws.write_config(&pg_cache_config(&db.url, &slot, "").replace(
+        "[log]",
+        &format!("[dlq.s3]\nbucket = \"{bucket}\"\nendpoint_url = \"{}\"\n\n[log]", crate::support::aws::endpoint()),
+    ));
+    ws.write_pipeline(
+        "codes",
+        "source = \"db\"\n[match]\nrelations = [\"public.codes\"]\n[[sink]]\ntarget = \"cache\"\naction = \"invalidate\"\nkeys = [\"c:{{ key.id }}\"]\n",
+    );
+    let err = crate::support::daemon::refusal(&ws.config_path()).await;
+    assert!(err.contains(&format!("s3://{bucket}/polysync/")) && err.contains("NoSuchBucket"), "{err}");
+    assert!(err.contains("create the bucket"), "{err}");
+    db.cleanup().await;
+}
