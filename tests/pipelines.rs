@@ -431,8 +431,12 @@ async fn dead_letters_kept_in_s3_wait_for_s3_and_outlive_the_local_disk() {
     db.wait_caught_up(&slot, CATCH_UP).await;
     d.stop().await.unwrap();
     assert_eq!(ws.dead_letters().len(), 1);
+    // An older file holding a line that is not an entry (hand-edited, damaged).
+    let damaged = ws.dlq_dir().join("dlq-000000.jsonl");
+    std::fs::write(&damaged, "not an entry\n").unwrap();
 
-    // With S3 as the record, the start moves it there and removes the local file.
+    // With S3 as the record, the start moves the entry there and removes its local file; the
+    // damaged file is kept for a person to read.
     let moto = crate::support::aws::endpoint();
     let proxy = crate::support::proxy::Proxy::start(moto.trim_start_matches("http://")).await;
     ws.write_config(&pg_cache_config(&db.url, &slot, "").replace(
@@ -450,7 +454,7 @@ async fn dead_letters_kept_in_s3_wait_for_s3_and_outlive_the_local_disk() {
     })
     .await;
     wait_for("the drained local file to be removed", CATCH_UP, || async {
-        polysync::dlq::files(&ws.dlq_dir()).unwrap().is_empty()
+        polysync::dlq::files(&ws.dlq_dir()).unwrap() == vec![(0, damaged.clone())]
     })
     .await;
 

@@ -338,6 +338,7 @@ impl DeadLetterQueue {
                     continue;
                 }
             };
+            let mut unreadable = 0;
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
                 match parse_entry(line, path.clone()) {
                     Ok(_) => {
@@ -345,12 +346,16 @@ impl DeadLetterQueue {
                         moved += 1;
                     }
                     Err(e) => {
-                        tracing::warn!(file = %path.display(), error = %e, "an unreadable dead-letter line stays in the local file")
+                        unreadable += 1;
+                        tracing::warn!(file = %path.display(), error = %e, "an unreadable dead-letter line stays in the local file");
                     }
                 }
             }
-            let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            self.remove_file(&mut a, index);
+            // A file with a line that is not an entry is kept for a person to read.
+            if unreadable == 0 {
+                let mut a = self.active.lock().unwrap_or_else(|p| p.into_inner());
+                self.remove_file(&mut a, index);
+            }
         }
         Ok(moved)
     }
