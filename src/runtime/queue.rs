@@ -6,7 +6,8 @@
 //! others back or is stuck, the queue *spills*: every record not yet applied is written to the
 //! sink's [`Spool`] and its ticket released, and from then on new records go to the spool too.
 //! It spills when a lane is full or a record waited longer than `spill_after` *while another
-//! sink has nothing to do* (it waits for this one through the window), when no write of this
+//! sink has nothing to do* (it waits for this one through the window; a sink counts only while
+//! it is being fed records, so one whose pipelines match nothing of the workload does not), when no write of this
 //! sink succeeded for `spill_after` (stalled), when writes fail, or when a truncate needs a
 //! barrier. A sink that is merely slower than the source, with no other sink waiting for it (a
 //! backlog drain into one sink), is not spilled: a full lane is backpressure, which costs less
@@ -24,7 +25,7 @@
 //! and before any later one is handed to a writer.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,16 +44,52 @@ const PENDING_CAP: usize = 8192;
 /// Records read from the spool per read.
 const READ_BATCH: usize = 512;
 
-/// How many sink queues have nothing to do right now (in memory mode, nothing unapplied),
-/// shared by every queue of a topology: a queue that is full or slow spills only when some
-/// other queue is hungry, i.e. when it is holding the others back through the window.
+/// Which sink queues of a topology have nothing to do right now, shared by every queue of it:
+/// a queue that is full or slow spills only when some other queue is hungry, i.e. when it is
+/// holding the others back through the window.
+///
+/// A queue counts only while it is fed: it took a record within [`FED_RECENTLY`]. A sink whose
+/// pipelines match nothing of the current workload is idle, not waiting, and a backlog drain
+/// into the one sink that does get records stays backpressure instead of a spill to disk.
 #[derive(Debug, Default)]
-pub struct Hunger(AtomicUsize);
+pub struct Hunger {
+    cells: Mutex<Vec<std::sync::Weak<HungerCell>>>,
+}
+
+/// How recently a queue must have taken a record to count as waiting for the others.
+pub const FED_RECENTLY: Duration = Duration::from_secs(30);
+
+/// One queue's entry in [`Hunger`].
+#[derive(Debug)]
+struct HungerCell {
+    hungry: std::sync::atomic::AtomicBool,
+    /// When it last took a record, or `None` (never since it started).
+    fed: Mutex<Option<Instant>>,
+}
 
 impl Hunger {
-    /// Queues with nothing to do.
+    fn register(&self) -> Arc<HungerCell> {
+        let cell = Arc::new(HungerCell { hungry: false.into(), fed: Mutex::new(None) });
+        let mut cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
+        cells.retain(|c| c.strong_count() > 0);
+        cells.push(Arc::downgrade(&cell));
+        cell
+    }
+
+    /// Queues with nothing to do that took a record within [`FED_RECENTLY`].
     pub fn hungry(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
+        self.hungry_besides(None)
+    }
+
+    fn hungry_besides(&self, me: Option<&Arc<HungerCell>>) -> usize {
+        let cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
+        cells
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|c| me.is_none_or(|m| !Arc::ptr_eq(m, c)))
+            .filter(|c| c.hungry.load(Ordering::SeqCst))
+            .filter(|c| c.fed.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|t| t.elapsed() <= FED_RECENTLY))
+            .count()
     }
 }
 
@@ -118,15 +155,7 @@ pub struct SinkQueue {
     room: Notify,
     spool_wake: Notify,
     hunger: Arc<Hunger>,
-}
-
-impl Drop for SinkQueue {
-    fn drop(&mut self) {
-        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        if st.hungry {
-            self.hunger.0.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
+    hunger_cell: Arc<HungerCell>,
 }
 
 /// What a writer took: records of one lane, or a barrier alone.
@@ -180,6 +209,7 @@ impl SinkQueue {
             lane_ready: (0..lanes.max(1)).map(|_| Notify::new()).collect(),
             room: Notify::new(),
             spool_wake: Notify::new(),
+            hunger_cell: hunger.register(),
             hunger,
         };
         q.update_hunger(&mut q.lock());
@@ -195,17 +225,13 @@ impl SinkQueue {
         let now = st.mode == Mode::Memory && st.held.is_empty() && st.pending.is_empty() && !st.closed;
         if now != st.hungry {
             st.hungry = now;
-            if now {
-                self.hunger.0.fetch_add(1, Ordering::SeqCst);
-            } else {
-                self.hunger.0.fetch_sub(1, Ordering::SeqCst);
-            }
+            self.hunger_cell.hungry.store(now, Ordering::SeqCst);
         }
     }
 
-    /// Another queue has nothing to do (this one is holding it back).
-    fn others_hungry(&self, st: &State) -> bool {
-        self.hunger.hungry() > usize::from(st.hungry)
+    /// Another queue that is being fed has nothing to do (this one is holding it back).
+    fn others_hungry(&self, _st: &State) -> bool {
+        self.hunger.hungry_besides(Some(&self.hunger_cell)) > 0
     }
 
     /// Sink name.
@@ -273,6 +299,7 @@ impl SinkQueue {
                     return Err(Closed);
                 }
                 let lane = lane % st.lanes.len();
+                *self.hunger_cell.fed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 match st.mode {
                     Mode::Memory if !barrier && st.lanes[lane].len() < self.lane_cap => {
                         let seq = st.next_seq;

@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::queue::SinkQueue;
+use super::queue::{SinkQueue, Take};
 use super::record::Item;
 use super::sink_handle::{SinkHandle, SinkRuntime};
 use super::spool::Spool;
@@ -135,15 +135,34 @@ struct Rig {
     _bystander: Option<Arc<SinkQueue>>,
 }
 
-fn rig(spool: bool, spill_after: Duration) -> Rig {
-    rig_with(spool, spill_after, true)
+async fn rig(spool: bool, spill_after: Duration) -> Rig {
+    rig_with(spool, spill_after, Bystander::Fed).await
 }
 
-/// `others`: whether another sink shares the topology (and waits for this one).
-fn rig_with(spool: bool, spill_after: Duration, others: bool) -> Rig {
+/// Another sink of the topology besides the test sink.
+#[derive(Clone, Copy, PartialEq)]
+enum Bystander {
+    /// None.
+    None,
+    /// One that never gets a record (its pipelines match nothing of the workload).
+    Idle,
+    /// One that gets records and has applied them all: it waits for the test sink.
+    Fed,
+}
+
+async fn rig_with(spool: bool, spill_after: Duration, others: Bystander) -> Rig {
     let hunger = Arc::new(crate::runtime::queue::Hunger::default());
-    let bystander =
-        others.then(|| Arc::new(SinkQueue::new("other".into(), 1, 4, spill_after, None, Arc::clone(&hunger))));
+    let bystander = (others != Bystander::None)
+        .then(|| Arc::new(SinkQueue::new("other".into(), 1, 4, spill_after, None, Arc::clone(&hunger))));
+    if let Some(b) = bystander.as_ref().filter(|_| others == Bystander::Fed) {
+        // It took (and applied) a record just now: it is part of the flow, so it waits for the
+        // test sink through the window (a sink that never gets a record does not).
+        let w = AckWindow::new("bystander", 4, 0);
+        let t = w.try_issue().unwrap();
+        b.push(0, record(change(0, Op::Insert, 1)), t, false).await.unwrap();
+        let Take::Batch(items) = b.take(0, 8, Duration::ZERO).await else { panic!("bystander's record") };
+        b.complete(&items);
+    }
     let dlq_dir = tempfile::tempdir().unwrap();
     let spool_dir = tempfile::tempdir().unwrap();
     let dlq = Arc::new(DeadLetterQueue::open(dlq_dir.path(), 1 << 20, 1 << 24).unwrap());
@@ -213,7 +232,7 @@ impl Rig {
 
 #[tokio::test(start_paused = true)]
 async fn failed_writes_are_retried_in_order_and_confirm_only_once_applied() {
-    let r = rig(false, Duration::from_secs(3600));
+    let r = rig(false, Duration::from_secs(3600)).await;
     r.sink.faults.lock().unwrap().fail = 3;
     for i in 0..6 {
         r.push(change(i % 2, if i < 2 { Op::Insert } else { Op::Update }, i as u64 + 1), i as u64 + 1, false).await;
@@ -229,7 +248,7 @@ async fn failed_writes_are_retried_in_order_and_confirm_only_once_applied() {
 
 #[tokio::test(start_paused = true)]
 async fn a_rejected_item_is_dead_lettered_and_the_rest_applied() {
-    let r = rig(false, Duration::from_secs(3600));
+    let r = rig(false, Duration::from_secs(3600)).await;
     r.sink.faults.lock().unwrap().reject = vec![2];
     for i in 0..4 {
         r.push(change(i, Op::Insert, 1), i as u64 + 1, false).await;
@@ -245,7 +264,7 @@ async fn a_rejected_item_is_dead_lettered_and_the_rest_applied() {
 
 #[tokio::test(start_paused = true)]
 async fn a_wrong_number_of_outcomes_retries_the_batch() {
-    let r = rig(false, Duration::from_secs(3600));
+    let r = rig(false, Duration::from_secs(3600)).await;
     r.sink.faults.lock().unwrap().short = 2;
     for i in 0..3 {
         r.push(change(i, Op::Insert, 1), i as u64 + 1, false).await;
@@ -260,7 +279,7 @@ async fn a_wrong_number_of_outcomes_retries_the_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_sink_spills_to_its_spool_releases_the_window_and_catches_up_in_order() {
-    let r = rig(true, Duration::from_millis(200));
+    let r = rig(true, Duration::from_millis(200)).await;
     r.sink.faults.lock().unwrap().stall = true;
     for i in 0..40u64 {
         let id = (i % 5) as i64;
@@ -286,9 +305,15 @@ async fn a_stalled_sink_spills_to_its_spool_releases_the_window_and_catches_up_i
 /// A sink that is only slower than the source, with no other sink waiting for it (a backlog
 /// drain into one sink), is not spilled: a full lane is backpressure, cheaper than writing each
 /// record to the spool and reading it back. Once it stops making progress at all, it spills.
+/// A sink beside it whose pipelines get no records is idle, not waiting: the same holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_sink_alone_gets_backpressure_and_a_stuck_one_spills() {
-    let r = rig_with(true, Duration::from_millis(300), false);
+    for others in [Bystander::None, Bystander::Idle] {
+        slow_then_stuck(rig_with(true, Duration::from_millis(300), others).await).await;
+    }
+}
+
+async fn slow_then_stuck(r: Rig) {
     r.sink.faults.lock().unwrap().delay = Duration::from_millis(40);
     for i in 0..60u64 {
         r.push(change((i % 7) as i64, Op::Update, i + 1), i + 1, false).await;
@@ -308,10 +333,29 @@ async fn a_slow_sink_alone_gets_backpressure_and_a_stuck_one_spills() {
     r.stop().await;
 }
 
+/// A slow sink that another, fed sink waits for through the window spills, so the other goes
+/// on at its own pace; order per key still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_sink_that_others_wait_for_spills() {
+    let r = rig(true, Duration::from_millis(300)).await;
+    r.sink.faults.lock().unwrap().delay = Duration::from_millis(40);
+    for i in 0..60u64 {
+        r.push(change((i % 7) as i64, Op::Update, i + 1), i + 1, false).await;
+    }
+    assert!(r.handle.queue.spooling(), "a full lane while another sink waits spills");
+    r.until("everything confirmed (spooled or applied)", |r| r.window.confirmed() == 60).await;
+    r.sink.faults.lock().unwrap().delay = Duration::ZERO;
+    r.until("the sink to catch up", |r| !r.handle.queue.spooling() && r.handle.queue.backlog() == 0).await;
+    for (id, ops) in r.per_key() {
+        assert!(ops.len() >= (60 - id as usize).div_ceil(7), "key {id} got every record: {ops:?}");
+    }
+    r.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_barrier_is_applied_after_everything_before_and_before_everything_after() {
     for spool in [true, false] {
-        let r = rig(spool, Duration::from_secs(3600));
+        let r = rig(spool, Duration::from_secs(3600)).await;
         for i in 0..10 {
             r.push(change(i, Op::Insert, 1), i as u64 + 1, false).await;
         }
