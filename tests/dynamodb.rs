@@ -317,6 +317,90 @@ async fn three_daemons_share_a_stream_and_a_killed_owners_shard_is_taken_over() 
     }
 }
 
+/// Fencing by lease validity. Instance a owns the shard and has read 20 records that its cache
+/// cannot take (its Redis, behind a TCP proxy named as such, is down). Then a freezes (SIGSTOP:
+/// what a long GC pause, a frozen VM or a throttled container look like from outside) for
+/// longer than the lease. Instance b takes the expired lease and applies the records from the
+/// last checkpoint. When a thaws and its Redis is back, it applies none of what it read under
+/// the lease it lost: the records are abandoned, unconfirmed, and counted. Each instance writes
+/// its own key prefix, so any late write of a's would show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owner_frozen_past_its_lease_applies_nothing_it_read_under_it() {
+    let _g = shared().await;
+    let client = ddb().await;
+    let table = unique("fenced");
+    create_table(&client, &table, true).await;
+    let leases = unique("leases");
+    let (pa, pb) = (unique("fa"), unique("fb"));
+    let redis = TestRedis::connect().await;
+    for i in 0..20 {
+        redis.set(&format!("{pa}:m:u{i}"), "x").await;
+        redis.set(&format!("{pb}:m:u{i}"), "x").await;
+    }
+    let lease = |w: &str| {
+        format!(
+            "[sources.ddb.checkpoint]\nstore = \"dynamodb\"\ntable = \"{leases}\"\ncreate_table = true\nworker_id = \"{w}\"\nlease_duration = \"4s\"\n"
+        )
+    };
+    let redis_url = crate::support::redis::url();
+    let proxy =
+        crate::support::proxy::Proxy::start(redis_url.trim_start_matches("redis://").trim_end_matches('/')).await;
+    let port_a = free_port();
+    let wa = Workspace::new();
+    wa.write_config(&config(&table, &lease("a"), Some(port_a)).replace(&redis_url, &format!("redis://{}", proxy.addr)));
+    wa.write_pipeline("markers", &markers_pipeline(&pa));
+    let a = ChildDaemon::spawn(&wa.config_path(), &wa.path().join("daemon.log"));
+    wait_for("a to own the shard", WAIT, || async {
+        lease_owner(&client, &leases).await.values().any(|o| o.as_deref() == Some("a"))
+    })
+    .await;
+    let scrape = |name: &'static str| async move {
+        match http_get(&format!("127.0.0.1:{port_a}"), "/metrics").await {
+            Some((200, body)) => metric_value(&body, name, &[]),
+            _ => -1.0,
+        }
+    };
+    proxy.set_down(true);
+    for i in 0..20 {
+        put(&client, &table, item(&format!("u{i}"), &[])).await;
+    }
+    wait_for("a to read the 20 records", WAIT, || async { scrape("polysync_source_changes_total").await >= 20.0 })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    a.signal(libc::SIGSTOP);
+
+    let wb = Workspace::new();
+    wb.write_config(&config(&table, &lease("b"), None));
+    wb.write_pipeline("markers", &markers_pipeline(&pb));
+    let b = ChildDaemon::spawn(&wb.config_path(), &wb.path().join("daemon.log"));
+    wait_for("b to take the expired lease and apply every record", WAIT, || async {
+        let mut all = lease_owner(&client, &leases).await.values().any(|o| o.as_deref() == Some("b"));
+        for i in 0..20 {
+            all &= !redis.exists(&format!("{pb}:m:u{i}")).await;
+        }
+        all
+    })
+    .await;
+
+    a.signal(libc::SIGCONT);
+    wait_for("a to abandon what it read under the lease it lost", WAIT, || async {
+        scrape("polysync_sink_fenced_records_total").await >= 20.0
+    })
+    .await;
+    proxy.set_down(false);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for i in 0..20 {
+        assert!(
+            redis.exists(&format!("{pa}:m:u{i}")).await,
+            "a applied u{i}, read under a lease it no longer held, after b took over; a's log:\n{}",
+            a.log_text()
+        );
+    }
+    assert!(a.log_text().contains("lease is no longer valid"), "a says why: {}", a.log_text());
+    assert!(a.terminate().await.success());
+    assert!(b.terminate().await.success());
+}
+
 /// A restart under the same worker id (an explicit `worker_id`, or a container restarted in
 /// place with the same host name and PID 1) takes its own orphaned lease back at once: with a
 /// lease duration far longer than the wait, only that makes the put after the restart arrive.

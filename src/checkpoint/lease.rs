@@ -23,9 +23,12 @@
 //! * A child shard is eligible only once every parent's checkpoint is `SHARD_END`.
 //! * Checkpoints are written on the condition `owner = me`, so two owners can never both write
 //!   one shard's position.
+//! * Each take starts a [`Fence`] that every renewal extends; records read under the lease are
+//!   applied only while it holds, so an owner that froze past its lease writes nothing after
+//!   the new owner (see [`super::fence`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::Client;
@@ -36,6 +39,7 @@ use aws_sdk_dynamodb::types::{
 };
 use futures::future::BoxFuture;
 
+use super::fence::Fence;
 use super::store::{Assignment, FINISHED, Owned, ShardCheckpoint, ShardInfo, ShardStore, StoreError};
 use crate::telemetry::metrics;
 
@@ -60,6 +64,8 @@ struct State {
     owned: HashMap<String, u64>,
     /// shard → last successful renewal.
     renewed: HashMap<String, Instant>,
+    /// shard → the validity of our current lease on it (one per take; see [`Fence`]).
+    fences: HashMap<String, Arc<Fence>>,
     /// shard → (owner, counter, when this counter was first seen).
     seen: HashMap<String, (Option<String>, u64, Instant)>,
     /// Shards already known to have a row.
@@ -252,6 +258,7 @@ impl LeaseTable {
             self.state.lock().unwrap_or_else(|p| p.into_inner()).owned.iter().map(|(k, v)| (k.clone(), *v)).collect();
         let mut lost = Vec::new();
         for (shard, counter) in owned {
+            let sent = Instant::now();
             let r = self
                 .client
                 .update_item()
@@ -271,7 +278,10 @@ impl LeaseTable {
             match r {
                 Ok(out) => {
                     st.owned.insert(shard.clone(), counter + 1);
-                    st.renewed.insert(shard.clone(), Instant::now());
+                    st.renewed.insert(shard.clone(), sent);
+                    if let Some(f) = st.fences.get(&shard) {
+                        f.extend(Fence::validity(sent, self.duration));
+                    }
                     let thief = out
                         .attributes()
                         .and_then(|a| a.get("steal_to"))
@@ -287,8 +297,11 @@ impl LeaseTable {
                     }
                 }
                 Err(e) if conditional_failed(&e) => {
-                    tracing::warn!(source = %self.source, shard = %shard, "lease taken by another instance; stopping this shard's reader");
+                    tracing::warn!(source = %self.source, shard = %shard, "lease taken by another instance; stopping this shard's reader, and what it read but did not apply is abandoned (the new owner reads it again)");
                     st.owned.remove(&shard);
+                    if let Some(f) = st.fences.remove(&shard) {
+                        f.revoke();
+                    }
                     if st.handing.remove(&shard).is_none() {
                         lost.push(shard);
                     }
@@ -296,7 +309,10 @@ impl LeaseTable {
                 Err(e) => {
                     let since = st.renewed.get(&shard).map(|t| t.elapsed()).unwrap_or_default();
                     if since > self.duration * 2 / 3 {
+                        // The fence closes by itself at its deadline: until then what was read
+                        // may still be applied.
                         st.owned.remove(&shard);
+                        st.fences.remove(&shard);
                         // A lease being handed over has its reader stopping already.
                         if st.handing.remove(&shard).is_none() {
                             tracing::error!(source = %self.source, shard = %shard, error = %unavailable(&e), "cannot renew the lease in time; stopping this shard's reader");
@@ -339,6 +355,7 @@ impl LeaseTable {
     }
 
     async fn take(&self, stream: &str, row: &Row) -> Result<bool, StoreError> {
+        let sent = Instant::now();
         let mut req = self
             .client
             .update_item()
@@ -359,7 +376,11 @@ impl LeaseTable {
             Ok(_) => {
                 let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 st.owned.insert(row.shard.clone(), row.counter + 1);
-                st.renewed.insert(row.shard.clone(), Instant::now());
+                st.renewed.insert(row.shard.clone(), sent);
+                if let Some(old) = st.fences.insert(row.shard.clone(), Fence::new(Fence::validity(sent, self.duration)))
+                {
+                    old.revoke();
+                }
                 metrics().ddb_lease_takes.with_label_values(&[&self.source]).inc();
                 tracing::info!(source = %self.source, shard = %row.shard, previous_owner = ?row.owner, "lease taken");
                 Ok(true)
@@ -565,6 +586,9 @@ impl ShardStore for LeaseTable {
             let to = {
                 let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 st.owned.remove(shard);
+                if let Some(f) = st.fences.remove(shard) {
+                    f.revoke();
+                }
                 st.handing.remove(shard)
             };
             let mut req = self
@@ -599,5 +623,29 @@ impl ShardStore for LeaseTable {
 
     fn balance_interval(&self) -> Duration {
         (self.duration / 3).max(Duration::from_millis(500))
+    }
+
+    fn fence(&self, _stream: &str, shard: &str) -> Option<Arc<Fence>> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let held_until = match (st.owned.contains_key(shard), st.renewed.get(shard)) {
+            (true, Some(sent)) => Some(Fence::validity(*sent, self.duration)),
+            _ => None,
+        };
+        match (st.fences.get(shard), held_until) {
+            (Some(f), _) if f.is_valid() => Some(Arc::clone(f)),
+            // Still ours (renewed in time) but the last reader's fence lapsed: a new reader
+            // starts from the checkpoint under a new fence; the old one's records stay fenced off.
+            (_, Some(until)) if until > Instant::now() => {
+                let f = Fence::new(until);
+                st.fences.insert(shard.to_string(), Arc::clone(&f));
+                Some(f)
+            }
+            // Not ours: a closed fence, nothing read for it may be applied.
+            _ => {
+                let f = Fence::new(Instant::now());
+                f.revoke();
+                Some(f)
+            }
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! positions ([`store::ShardStore`]: an embedded file for one instance, a lease table for
 //! several), snapshot progress, and where each PostgreSQL source streams from ([`origin`]).
 
+pub mod fence;
 pub mod file;
 pub mod lease;
 pub mod origin;

@@ -115,6 +115,11 @@ pub trait ShardStore: Send + Sync {
     fn release<'a>(&'a self, stream: &'a str, shard: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
     /// How often `balance` should run.
     fn balance_interval(&self) -> std::time::Duration;
+    /// The validity of this instance's current lease on `shard`, which every record read under
+    /// it carries (see [`super::fence`]); `None` where ownership cannot lapse (one instance).
+    fn fence(&self, _stream: &str, _shard: &str) -> Option<Arc<super::fence::Fence>> {
+        None
+    }
 }
 
 const CHECKPOINTS: TableDefinition<&str, &str> = TableDefinition::new("shard_checkpoints");

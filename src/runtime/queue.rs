@@ -117,6 +117,12 @@ struct Pending {
     barrier: bool,
 }
 
+impl Pending {
+    fn leased(&self) -> bool {
+        self.ticket.as_ref().is_some_and(Ticket::is_leased)
+    }
+}
+
 struct State {
     mode: Mode,
     closed: bool,
@@ -130,6 +136,9 @@ struct State {
     writing: usize,
     /// Spooled records handed to the lanes and not yet applied, with their commit times.
     dispatched: BTreeMap<u64, Option<chrono::DateTime<chrono::Utc>>>,
+    /// Tickets of spooled records read under a lease: released only once applied, since a new
+    /// owner of the shard resumes from its last checkpoint (bounded by those windows' sizes).
+    kept: std::collections::HashMap<u64, Ticket>,
     /// Where the spool task reads next.
     read: Option<ReadPos>,
     /// Records read from the spool that did not fit their lane yet.
@@ -199,6 +208,7 @@ impl SinkQueue {
                 pending: Vec::new(),
                 writing: 0,
                 dispatched: BTreeMap::new(),
+                kept: std::collections::HashMap::new(),
                 read,
                 carry: VecDeque::new(),
                 barrier: None,
@@ -305,8 +315,9 @@ impl SinkQueue {
                         let seq = st.next_seq;
                         st.next_seq += 1;
                         let t = ticket.take().expect("taken once");
+                        let fence = t.fence();
                         st.held.insert(seq, Held { rec: Arc::clone(&rec), ticket: t, since: Instant::now() });
-                        st.lanes[lane].push_back(Item { seq, rec: Arc::clone(&rec), held: true });
+                        st.lanes[lane].push_back(Item { seq, rec: Arc::clone(&rec), held: true, fence });
                         self.update_hunger(&mut st);
                         Next::Queued(lane)
                     }
@@ -362,8 +373,9 @@ impl SinkQueue {
                     let seq = st.next_seq;
                     st.next_seq += 1;
                     let lane = lane % st.lanes.len();
+                    let fence = ticket.fence();
                     st.held.insert(seq, Held { rec: Arc::clone(&rec), ticket, since: Instant::now() });
-                    st.lanes[lane].push_back(Item { seq, rec, held: true });
+                    st.lanes[lane].push_back(Item { seq, rec, held: true, fence });
                     st.barrier = Some((seq, true));
                     drop(st);
                     self.lane_ready[lane].notify_one();
@@ -515,6 +527,9 @@ impl SinkQueue {
                     }
                 } else {
                     st.dispatched.remove(&i.seq);
+                    if let Some(t) = st.kept.remove(&i.seq) {
+                        tickets.push(t);
+                    }
                 }
                 if st.barrier.is_some_and(|b| b.0 == i.seq) {
                     st.barrier = None;
@@ -560,6 +575,37 @@ impl SinkQueue {
             && self.spool.as_ref().is_none_or(|s| s.is_empty())
     }
 
+    /// These records were read under a lease that is no longer valid: they leave the queue
+    /// unapplied and their tickets are dropped, never acknowledged, so nothing past them is
+    /// confirmed (the shard's next owner reads them again).
+    pub fn abandon(&self, items: &[Item]) {
+        if items.is_empty() {
+            return;
+        }
+        {
+            let mut st = self.lock();
+            st.last_progress = Instant::now();
+            for i in items {
+                if i.held {
+                    st.held.remove(&i.seq);
+                } else {
+                    st.dispatched.remove(&i.seq);
+                    st.kept.remove(&i.seq);
+                }
+            }
+            self.update_hunger(&mut st);
+        }
+        metrics().sink_fenced.with_label_values(&[&self.name]).inc_by(items.len() as u64);
+        self.room.notify_waiters();
+        self.spool_wake.notify_one();
+    }
+
+    /// Tickets of spooled leased records (see `kept`): released by a retiring sink once its
+    /// spool went to the dead-letter queue.
+    pub fn take_kept(&self) -> Vec<Ticket> {
+        self.lock().kept.drain().map(|(_, t)| t).collect()
+    }
+
     /// Memory records not yet applied, with their tickets: handed over for dead-lettering when
     /// a removed sink cannot finish them.
     pub fn take_held(&self) -> Vec<(Arc<Record>, Ticket)> {
@@ -593,7 +639,7 @@ impl SinkQueue {
             };
             if !batch.is_empty() {
                 let encoded: Vec<(u64, Vec<u8>)> =
-                    batch.iter().map(|p| (p.seq, super::record::encode(&p.rec, p.barrier))).collect();
+                    batch.iter().map(|p| (p.seq, super::record::encode(&p.rec, p.barrier, p.leased()))).collect();
                 let sp = Arc::clone(&spool);
                 let r = tokio::task::spawn_blocking(move || sp.append(&encoded)).await;
                 let r = r.unwrap_or_else(|e| {
@@ -606,12 +652,22 @@ impl SinkQueue {
                         if st.spool_error.take().is_some() {
                             tracing::info!(sink = %self.name, "spool writes succeed again");
                         }
-                        drop(st);
-                        metrics().sink_spooled.with_label_values(&[&self.name]).inc_by(batch.len() as u64);
+                        // Durable now: release the tickets, except those read under a lease.
+                        let mut release = Vec::with_capacity(batch.len());
+                        let n = batch.len() as u64;
                         for p in batch {
-                            if let Some(t) = p.ticket {
-                                t.ack();
+                            match p.ticket {
+                                Some(t) if t.is_leased() => {
+                                    st.kept.insert(p.seq, t);
+                                }
+                                Some(t) => release.push(t),
+                                None => {}
                             }
+                        }
+                        drop(st);
+                        metrics().sink_spooled.with_label_values(&[&self.name]).inc_by(n);
+                        for t in release {
+                            t.ack();
                         }
                         delays = super::policy::backoff(super::policy::Profile::Local);
                         progressed = true;
@@ -774,8 +830,14 @@ impl SinkQueue {
             }
             for (seq, bytes) in frames {
                 match super::record::decode(&bytes) {
-                    Ok((rec, barrier)) => {
-                        st.carry.push_back(Item { seq, rec: Arc::new(rec), held: false });
+                    Ok(d) if d.leased && !st.kept.contains_key(&seq) => {
+                        // Left by an earlier run: its change was never confirmed, so the shard's
+                        // owner reads it again; applying this copy could land after newer writes.
+                        metrics().sink_fenced.with_label_values(&[&self.name]).inc();
+                    }
+                    Ok(super::record::Decoded { rec, barrier, .. }) => {
+                        let fence = st.kept.get(&seq).and_then(Ticket::fence);
+                        st.carry.push_back(Item { seq, rec: Arc::new(rec), held: false, fence });
                         if barrier {
                             st.barrier = Some((seq, false));
                             // Read on from just after the barrier once it is applied.

@@ -98,8 +98,14 @@ impl Router {
 }
 
 impl Output for Router {
-    fn partition(&self, name: &str, capacity: usize, start: u64) -> Arc<dyn Partition> {
-        Arc::new(self.emitter(AckWindow::new(name, capacity, start)))
+    fn partition(
+        &self,
+        name: &str,
+        capacity: usize,
+        start: u64,
+        fence: Option<Arc<crate::checkpoint::fence::Fence>>,
+    ) -> Arc<dyn Partition> {
+        Arc::new(self.emitter(AckWindow::fenced(name, capacity, start, fence)))
     }
 }
 
@@ -183,5 +189,9 @@ impl Partition for Emitter {
 
     fn is_drained(&self) -> bool {
         self.window.is_drained()
+    }
+
+    fn is_fenced_off(&self) -> bool {
+        self.window.is_fenced_off()
     }
 }

@@ -122,8 +122,12 @@ impl SinkHandle {
                 }
                 ticket.ack();
             }
-            if let Some(spool) = self.queue.spool().cloned() {
-                let _ = super::spool_drain::to_dead_letters(&spool, &dlq, &self.name, &reason, &hard_stop).await;
+            if let Some(spool) = self.queue.spool().cloned()
+                && super::spool_drain::to_dead_letters(&spool, &dlq, &self.name, &reason, &hard_stop).await.is_ok()
+            {
+                for t in self.queue.take_kept() {
+                    t.ack();
+                }
             }
         }
         self.close();

@@ -31,7 +31,7 @@ pub async fn to_dead_letters(
         }
         for (_, bytes) in frames {
             match super::record::decode(&bytes) {
-                Ok((rec, _)) => {
+                Ok(super::record::Decoded { rec, .. }) => {
                     if !dead_letter(dlq, &rec.pipeline, sink, reason, &rec.change, hard_stop).await {
                         return Err("stopped".into());
                     }

@@ -352,6 +352,47 @@ async fn a_slow_sink_that_others_wait_for_spills() {
     r.stop().await;
 }
 
+/// Records read under a DynamoDB lease: a spooled copy does not confirm them (a new owner
+/// would resume from the checkpoint, so the spool is not where they are safe), they confirm
+/// once applied; and once the lease is no longer valid, what is left is abandoned, neither
+/// applied nor confirmed, from memory and from the spool alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_read_under_a_lease_confirm_only_once_applied_and_are_abandoned_once_it_lapses() {
+    use crate::checkpoint::fence::Fence;
+    let hour = std::time::Instant::now() + Duration::from_secs(3600);
+
+    let mut r = rig(true, Duration::from_millis(200)).await;
+    r.window = AckWindow::fenced("leased", 1024, 0, Some(Fence::new(hour)));
+    r.sink.faults.lock().unwrap().stall = true;
+    for i in 0..40u64 {
+        r.push(change((i % 5) as i64, Op::Update, i + 1), i + 1, false).await;
+    }
+    r.until("the stalled sink to spill", |r| r.handle.queue.spooling()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(r.window.confirmed(), 0, "spooled but not applied: not confirmed under a lease");
+    r.sink.faults.lock().unwrap().stall = false;
+    r.sink.unstall.notify_waiters();
+    r.until("everything applied and confirmed", |r| r.window.confirmed() == 40).await;
+    assert!(r.applied().len() >= 40);
+    r.stop().await;
+
+    let mut r = rig(true, Duration::from_millis(200)).await;
+    let fence = Fence::new(hour);
+    r.window = AckWindow::fenced("leased", 1024, 0, Some(Arc::clone(&fence)));
+    r.sink.faults.lock().unwrap().fail = u32::MAX;
+    for i in 0..20u64 {
+        r.push(change(i as i64, Op::Insert, i + 1), i + 1, false).await;
+    }
+    r.until("the failing sink to spill", |r| r.handle.queue.spooling()).await;
+    fence.revoke();
+    r.sink.faults.lock().unwrap().fail = 0;
+    r.until("the queue to be empty", |r| r.handle.queue.backlog() == 0 && !r.handle.queue.spooling()).await;
+    assert!(r.applied().is_empty(), "nothing read under a lapsed lease is applied: {:?}", r.applied());
+    assert_eq!(r.window.confirmed(), 0, "nor confirmed");
+    assert_eq!(r.window.in_flight(), 20, "their tickets are dropped, never acknowledged");
+    r.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_barrier_is_applied_after_everything_before_and_before_everything_after() {
     for spool in [true, false] {

@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 
+use crate::checkpoint::fence::Fence;
+
 /// Ring of per-ticket hold counts plus the marks waiting for the watermark.
 pub struct AckWindow {
     slots: Box<[AtomicU32]>,
@@ -40,6 +42,9 @@ pub struct AckWindow {
     advancing: Mutex<()>,
     space: Notify,
     name: String,
+    /// The lease the partition is read under (a DynamoDB shard with a lease table): its records
+    /// are applied only while it is valid, and a spooled record does not count as done.
+    fence: Option<Arc<Fence>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +68,12 @@ impl AckWindow {
     /// A window admitting up to `capacity` (rounded up to a power of two) unfinished changes.
     /// `start` is the position already confirmed (what a restart would resume from).
     pub fn new(name: impl Into<String>, capacity: usize, start: u64) -> Arc<AckWindow> {
+        AckWindow::fenced(name, capacity, start, None)
+    }
+
+    /// A window whose records may be applied only while `fence` is valid (see
+    /// [`crate::checkpoint::fence`]).
+    pub fn fenced(name: impl Into<String>, capacity: usize, start: u64, fence: Option<Arc<Fence>>) -> Arc<AckWindow> {
         let cap = capacity.max(2).next_power_of_two();
         Arc::new(AckWindow {
             slots: (0..cap).map(|_| AtomicU32::new(0)).collect(),
@@ -75,7 +86,20 @@ impl AckWindow {
             advancing: Mutex::new(()),
             space: Notify::new(),
             name: name.into(),
+            fence,
         })
+    }
+
+    /// Read under a lease: its records count as done only once applied (a spooled copy is not
+    /// enough, since after a lease loss the new owner resumes from the last checkpoint).
+    pub fn is_leased(&self) -> bool {
+        self.fence.is_some()
+    }
+
+    /// The lease it was read under is no longer valid: its records must not be applied, and
+    /// nothing more is confirmed (the new owner reads them again).
+    pub fn is_fenced_off(&self) -> bool {
+        self.fence.as_ref().is_some_and(|f| !f.is_valid())
     }
 
     /// Number of tickets the window can hold.
@@ -183,7 +207,9 @@ impl AckWindow {
                     pos = Some(m.position);
                     marks.pop_front();
                 }
-                if let Some(p) = pos {
+                if let Some(p) = pos
+                    && !self.is_fenced_off()
+                {
                     self.confirmed.fetch_max(p, Ordering::SeqCst);
                 }
             }
@@ -234,6 +260,21 @@ impl Ticket {
     /// Sequence number within the window.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// See [`AckWindow::is_leased`].
+    pub fn is_leased(&self) -> bool {
+        self.window.is_leased()
+    }
+
+    /// The lease its change was read under, if any.
+    pub fn fence(&self) -> Option<Arc<Fence>> {
+        self.window.fence.clone()
+    }
+
+    /// See [`AckWindow::is_fenced_off`]. The caller drops (never acknowledges) such a ticket.
+    pub fn is_fenced_off(&self) -> bool {
+        self.window.is_fenced_off()
     }
 }
 

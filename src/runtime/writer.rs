@@ -129,6 +129,15 @@ pub async fn deliver(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
+        if items.iter().any(Item::is_fenced_off) {
+            let (off, keep): (Vec<Item>, Vec<Item>) = items.into_iter().partition(Item::is_fenced_off);
+            tracing::warn!(sink = %name, records = off.len(), "records read under a DynamoDB lease that is no longer valid are abandoned unapplied and unconfirmed (the shard's next owner reads them again)");
+            ctx.queue.abandon(&off);
+            items = keep;
+            if items.is_empty() {
+                return true;
+            }
+        }
         let current = ctx.slot.load();
         let records: Vec<Arc<Record>> = items.iter().map(|i| Arc::clone(&i.rec)).collect();
         let started = Instant::now();

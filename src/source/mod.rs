@@ -208,13 +208,24 @@ pub trait Partition: Send + Sync {
     fn in_flight(&self) -> u64;
     /// True when nothing is in flight and every mark is confirmed.
     fn is_drained(&self) -> bool;
+    /// The lease it is read under is no longer valid: stop, nothing more will be confirmed.
+    fn is_fenced_off(&self) -> bool {
+        false
+    }
 }
 
 /// Opens [`Partition`]s; the runtime's router implements it.
 pub trait Output: Send + Sync {
     /// A partition admitting up to `capacity` changes in flight, named for logs and metrics,
-    /// starting at confirmed position `start`.
-    fn partition(&self, name: &str, capacity: usize, start: u64) -> Arc<dyn Partition>;
+    /// starting at confirmed position `start`; read under the lease `fence` if any (its
+    /// records are applied only while it is valid).
+    fn partition(
+        &self,
+        name: &str,
+        capacity: usize,
+        start: u64,
+        fence: Option<Arc<crate::checkpoint::fence::Fence>>,
+    ) -> Arc<dyn Partition>;
 }
 
 /// [`Partition::try_send`] could not take the change.
@@ -242,6 +253,13 @@ pub async fn send(partition: &dyn Partition, mut change: Change, stop: &Cancella
                 tokio::select! {
                     r = partition.room(&c) => r?,
                     _ = stop.cancelled() => return Err(Closed),
+                    // A full window whose lease lapsed never frees up (its records are dropped,
+                    // not acknowledged): give up rather than wait forever.
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(250)) => {
+                        if partition.is_fenced_off() {
+                            return Err(Closed);
+                        }
+                    }
                 }
                 change = *c;
             }

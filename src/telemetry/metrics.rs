@@ -51,6 +51,7 @@ pub mod names {
     pub const SINK_SPOOL_BYTES: &str = "polysync_sink_spool_bytes";
     pub const SINK_SPILLS: &str = "polysync_sink_spills_total";
     pub const SINK_SPOOLED: &str = "polysync_sink_spooled_records_total";
+    pub const SINK_FENCED: &str = "polysync_sink_fenced_records_total";
     pub const END_TO_END_LAG: &str = "polysync_end_to_end_lag_seconds";
     pub const DLQ_ENTRIES: &str = "polysync_dlq_entries_total";
     pub const DLQ_BYTES: &str = "polysync_dlq_bytes";
@@ -95,6 +96,7 @@ pub mod names {
         SINK_SPOOL_BYTES,
         SINK_SPILLS,
         SINK_SPOOLED,
+        SINK_FENCED,
         END_TO_END_LAG,
         DLQ_ENTRIES,
         DLQ_BYTES,
@@ -184,6 +186,9 @@ pub struct Metrics {
     pub sink_spills: IntCounterVec,
     /// Records written to a sink's spool, by sink.
     pub sink_spooled: IntCounterVec,
+    /// Records a sink abandoned unapplied because the DynamoDB lease they were read under was
+    /// no longer valid (the shard's next owner reads them again), by sink.
+    pub sink_fenced: IntCounterVec,
     /// Source commit → sink acknowledgement, by pipeline.
     pub end_to_end_lag: HistogramVec,
     /// DLQ entries written, by pipeline and sink.
@@ -376,6 +381,12 @@ impl Metrics {
                 &["sink"],
             ),
             sink_spooled: counter(&r, SINK_SPOOLED, "Records written to a sink's spool", &["sink"]),
+            sink_fenced: counter(
+                &r,
+                SINK_FENCED,
+                "Records abandoned unapplied because the lease they were read under lapsed",
+                &["sink"],
+            ),
             incomplete_rows: counter(
                 &r,
                 INCOMPLETE_ROWS,

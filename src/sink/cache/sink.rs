@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use fred::clients::Pool;
 use fred::interfaces::{ClientLike, KeysInterface, LuaInterface};
-use fred::prelude::{Builder, Config, ReconnectPolicy};
+use fred::prelude::{Builder, Config, Options, ReconnectPolicy};
 use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping};
 use fred::types::{ClusterHash, CustomCommand, Key, Value as RValue};
 use futures::future::BoxFuture;
@@ -346,7 +346,10 @@ impl CacheSink {
             return Ok(());
         }
         let client = self.pool.next();
-        let pipe = client.pipeline();
+        // Fail fast while the connection is down rather than wait in fred's buffer for the
+        // reconnect: a command that timed out for us must not be sent later, after the writer
+        // retried, gave it to the spool, or abandoned it under a lapsed lease.
+        let pipe = client.pipeline().with_options(&Options { fail_fast: true, ..Default::default() });
         for c in cmds.iter() {
             if let Cmd::Unlink(keys) = c {
                 tracing::trace!(?keys, "unlink");

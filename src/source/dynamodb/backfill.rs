@@ -341,7 +341,7 @@ impl Backfiller {
         for seg in 0..self.segments {
             let (shared, origin, rows_metric) = (Arc::clone(&shared), Arc::clone(&origin), rows_metric.clone());
             futs.push(async move {
-                let window = self.output.partition(&format!("{}-backfill-{seg}", self.source), self.max_in_flight, 0);
+                let window = self.output.partition(&format!("{}-backfill-{seg}", self.source), self.max_in_flight, 0, None);
                 loop {
                     let start = shared.lock().unwrap_or_else(|p| p.into_inner())[seg].clone();
                     if start == SEGMENT_DONE || self.cancel.is_cancelled() {

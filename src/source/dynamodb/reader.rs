@@ -101,7 +101,10 @@ impl ShardReader {
     pub async fn run(self, stop: CancellationToken, hard_stop: CancellationToken) -> ReaderEnd {
         let m = metrics();
         let src = self.source.to_string();
-        let window = self.output.partition(&format!("{}:{}", self.source, self.shard), self.max_in_flight, 0);
+        // Under a lease table every record carries the lease's validity: once it lapses, what
+        // is not applied yet is abandoned unconfirmed, and this reader stops.
+        let lease = self.store.fence(&self.stream, &self.shard);
+        let window = self.output.partition(&format!("{}:{}", self.source, self.shard), self.max_in_flight, 0, lease);
         let window = &*window;
         // Ordinal (window position) → sequence number, for turning confirmations into checkpoints.
         let mut positions: VecDeque<(u64, String)> = VecDeque::new();
@@ -143,6 +146,9 @@ impl ShardReader {
         'read: loop {
             if stop.is_cancelled() {
                 break;
+            }
+            if window.is_fenced_off() {
+                return self.fenced_off(window);
             }
             // Write confirmed progress (only what every sink has applied).
             let confirmed = window.confirmed();
@@ -300,6 +306,9 @@ impl ShardReader {
                 }
                 self.fence.stream_record(&change.key, change.commit_time.map(|t| t.timestamp()));
                 if crate::source::send(window, change, &hard_stop).await.is_err() {
+                    if window.is_fenced_off() {
+                        return self.fenced_off(window);
+                    }
                     return ReaderEnd::Stopped;
                 }
                 ordinal += 1;
@@ -316,8 +325,12 @@ impl ShardReader {
                 break;
             }
         }
-        // Stopping: let what is in flight finish (bounded by the hard stop), then save it.
+        // Stopping: let what is in flight finish (bounded by the hard stop and by the lease's
+        // validity), then save it.
         self.drain(window, &hard_stop).await;
+        if window.is_fenced_off() {
+            return self.fenced_off(window);
+        }
         let confirmed = window.confirmed();
         if let Some((_, seq)) = positions.iter().take_while(|(o, _)| *o <= confirmed).last() {
             saved = Some(seq.clone());
@@ -336,8 +349,21 @@ impl ShardReader {
         );
     }
 
+    /// The lease's validity ended (lost, or not renewed in time): nothing more is applied or
+    /// confirmed for this shard here; whoever owns it next resumes from the last checkpoint.
+    fn fenced_off(&self, window: &dyn Partition) -> ReaderEnd {
+        let n = window.in_flight();
+        tracing::warn!(
+            source = %self.source,
+            shard = %self.shard,
+            in_flight = n,
+            "the shard's lease is no longer valid: stopped reading; records read but not applied are abandoned unconfirmed (the shard's next owner reads them again)"
+        );
+        ReaderEnd::Stopped
+    }
+
     async fn drain(&self, window: &dyn Partition, hard_stop: &CancellationToken) {
-        while window.in_flight() > 0 {
+        while window.in_flight() > 0 && !window.is_fenced_off() {
             tokio::select! {
                 _ = hard_stop.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}

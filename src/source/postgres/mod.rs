@@ -290,7 +290,7 @@ impl PostgresSource {
         hard_stop: CancellationToken,
     ) -> Result<(), SourceError> {
         let component = format!("source {}", self.name);
-        let partition = output.partition(&self.name, self.max_in_flight, 0);
+        let partition = output.partition(&self.name, self.max_in_flight, 0, None);
         let connected = metrics().source_connected.with_label_values(&[&self.name]);
         let reconnects = metrics().source_reconnects.with_label_values(&[&self.name]);
         let dropped: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
