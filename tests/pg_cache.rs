@@ -130,6 +130,54 @@ async fn assert_products_match(db: &TestDb, redis: &TestRedis, p: &str, max_id: 
     }
 }
 
+/// Version-guarded writes share one script call per batch, yet each row keeps its own outcome:
+/// a key of the wrong type (here a hash where the row's version goes) is a server error for that row
+/// alone, which goes to the dead-letter queue with Redis's reason, while the rows before and
+/// after it in the same transaction (the same script call) are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_rows_server_error_in_a_batched_guarded_write_is_its_own() {
+    let _g = shared().await;
+    let db = TestDb::create("guardmany").await;
+    db.exec("CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL)").await;
+    let p = unique("gm");
+    let slot = unique("s");
+    let redis = TestRedis::connect().await;
+    // Row 3's version key holds a hash, so the guard's GET of it fails with WRONGTYPE.
+    let vkey = format!("{{{p}:item:3}}:__version");
+    let _: () = fred::interfaces::HashesInterface::hset(&redis.client, &vkey, ("x", "y")).await.unwrap();
+    let ws = Workspace::new();
+    ws.write_config(&pg_cache_config(&db.url, &slot, ""));
+    ws.write_pipeline(
+        "items",
+        &format!(
+            r#"source = "db"
+[match]
+relations = ["public.items"]
+[[sink]]
+target = "cache"
+action = "set"
+key = "{p}:item:{{{{ key.id }}}}"
+format = "hash"
+"#
+        ),
+    );
+    let daemon = InProcess::start(&ws.config_path());
+    db.wait_streaming(&slot).await;
+    db.exec("INSERT INTO items SELECT i, 'n' || i FROM generate_series(1, 6) i").await;
+    db.wait_caught_up(&slot, CATCH_UP).await;
+    for i in [1, 2, 4, 5, 6] {
+        let h = redis.hgetall(&format!("{p}:item:{i}")).await;
+        assert_eq!(h.get("name").map(String::as_str), Some(format!("n{i}").as_str()), "row {i}: {h:?}");
+    }
+    assert!(!redis.exists(&format!("{p}:item:3")).await, "row 3 is not written");
+    assert_eq!(redis.hgetall(&vkey).await.get("x").map(String::as_str), Some("y"), "its version key is untouched");
+    let dead = ws.dead_letters();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.contains("WRONGTYPE"), "Redis's reason: {}", dead[0].reason);
+    assert_eq!(dead[0].change.key.get("id"), Some(&polysync::change::Value::Int(3)));
+    daemon.stop().await.expect("clean stop");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn set_mode_holds_the_newest_value_and_replays_cannot_roll_back() {
     let _g = shared().await;

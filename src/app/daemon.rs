@@ -163,7 +163,9 @@ pub async fn run(config: Config, mut controls: Controls) -> Result<Stopped, AppE
         });
     }
     let pipelines = load::load_all(&config.pipeline_env())?;
-    for w in super::warnings::plaintext_warnings(&config) {
+    for w in
+        super::warnings::plaintext_warnings(&config).into_iter().chain(super::warnings::lease_margin_warnings(&config))
+    {
         tracing::warn!("{w}");
     }
     std::fs::create_dir_all(&config.state_dir)

@@ -52,6 +52,38 @@ pub fn plaintext_warnings(config: &Config) -> Vec<String> {
     out
 }
 
+/// One warning per graph sink whose request timeout exceeds the fencing margin of a DynamoDB
+/// source with a lease table (1/5 of `lease_duration`, see [`crate::checkpoint::fence`]): a
+/// graph write still on the wire when an instance's lease lapses could land after the new
+/// owner's, and graph writes are not version-guarded (cache, search and Timestream writes are).
+pub fn lease_margin_warnings(config: &Config) -> Vec<String> {
+    use crate::sink::SinkConfig;
+    use crate::source::SourceConfig;
+    use crate::source::dynamodb::config::CheckpointConfig;
+    let mut out = Vec::new();
+    for (source, s) in &config.sources {
+        let SourceConfig::Dynamodb(d) = s else { continue };
+        let CheckpointConfig::Dynamodb { lease_duration, .. } = &d.checkpoint else { continue };
+        let lease = lease_duration.unwrap_or(std::time::Duration::from_secs(30));
+        let (valid, whole) = crate::checkpoint::fence::VALID_SHARE;
+        let margin = lease * (whole - valid) / whole;
+        for (sink, c) in &config.sinks {
+            let SinkConfig::Graph(g) = c else { continue };
+            let timeout = g.timeout.unwrap_or(std::time::Duration::from_secs(30));
+            if timeout > margin {
+                out.push(format!(
+                    "sink {sink}: timeout {} exceeds 1/5 of source {source}'s lease_duration ({}): a graph write still in flight when this instance's lease lapses could land after the new owner's; set the sink's timeout to at most {} or lease_duration to at least {}",
+                    humantime::format_duration(timeout),
+                    humantime::format_duration(lease),
+                    humantime::format_duration(margin),
+                    humantime::format_duration(timeout * 5),
+                ));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +130,40 @@ url = "wss://neptune.internal:8182/gremlin"
         assert_eq!(p.validate("r").unwrap().tls, TlsMode::Require);
         p.sslrootcert = Some("/etc/ca.pem".into());
         assert_eq!(p.validate("r").unwrap().tls, TlsMode::VerifyFull);
+    }
+
+    #[test]
+    fn a_graph_timeout_beyond_the_lease_margin_is_named() {
+        let text = |lease: &str, timeout: &str| {
+            format!(
+                r#"
+state_dir = "s"
+pipelines = "p"
+[sources.ddb]
+kind = "dynamodb"
+table = "t"
+[sources.ddb.checkpoint]
+store = "dynamodb"
+table = "leases"
+{lease}
+[sinks.graph]
+kind = "graph"
+url = "ws://127.0.0.1:8182/gremlin"
+{timeout}
+[sinks.cache]
+kind = "cache"
+url = "redis://127.0.0.1:6379"
+"#
+            )
+        };
+        let warn = |lease: &str, timeout: &str| {
+            let cfg = Config::parse(std::path::Path::new("/x/p.toml"), &text(lease, timeout), |_| None).unwrap();
+            lease_margin_warnings(&cfg)
+        };
+        let w = warn("", "");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("sink graph") && w[0].contains("source ddb") && w[0].contains("at most 6s"), "{w:?}");
+        assert!(warn("", "timeout = \"5s\"").is_empty());
+        assert!(warn("lease_duration = \"150s\"", "").is_empty());
     }
 }

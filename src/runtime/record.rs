@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use serde_json::{Value as J, json};
+use serde_json::Value as J;
 
 use crate::change::Name;
-use crate::change::json::{change_from_typed, change_to_typed};
+use crate::change::json::{TypedChange, change_from_typed};
 use crate::checkpoint::fence::Fence;
 use crate::sink::{Payload, Record};
 
@@ -35,18 +35,18 @@ impl Item {
 /// `leased`: read under a lease, so its change is not confirmed until it is applied (a copy
 /// left from an earlier run is read again by the shard's owner and is skipped here).
 pub fn encode(rec: &Record, barrier: bool, leased: bool) -> Vec<u8> {
-    let mut j = json!({
-        "p": &*rec.pipeline,
-        "c": change_to_typed(&rec.change),
-        "d": serde_json::to_value(&rec.payload).unwrap_or(J::Null),
-    });
-    if barrier {
-        j["b"] = J::Bool(true);
+    #[derive(serde::Serialize)]
+    struct Form<'a> {
+        p: &'a str,
+        c: TypedChange<'a>,
+        d: &'a Payload,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        b: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        l: bool,
     }
-    if leased {
-        j["l"] = J::Bool(true);
-    }
-    serde_json::to_vec(&j).unwrap_or_default()
+    let form = Form { p: &rec.pipeline, c: TypedChange(&rec.change), d: &rec.payload, b: barrier, l: leased };
+    serde_json::to_vec(&form).unwrap_or_default()
 }
 
 /// What [`decode`] gives back.
@@ -61,14 +61,23 @@ pub struct Decoded {
 
 /// Inverse of [`encode`].
 pub fn decode(bytes: &[u8]) -> Result<Decoded, String> {
-    let j: J = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-    let pipeline = j.get("p").and_then(J::as_str).ok_or("no pipeline")?;
-    let change = change_from_typed(j.get("c").ok_or("no change")?)?;
-    let payload: Payload =
-        serde_json::from_value(j.get("d").cloned().unwrap_or(J::Null)).map_err(|e| format!("payload: {e}"))?;
-    let barrier = j.get("b").and_then(J::as_bool).unwrap_or(false);
-    let leased = j.get("l").and_then(J::as_bool).unwrap_or(false);
-    Ok(Decoded { rec: Record { change: Arc::new(change), pipeline: Name::from(pipeline), payload }, barrier, leased })
+    #[derive(serde::Deserialize)]
+    struct Form {
+        p: String,
+        c: J,
+        d: Payload,
+        #[serde(default)]
+        b: bool,
+        #[serde(default)]
+        l: bool,
+    }
+    let f: Form = serde_json::from_slice(bytes).map_err(|e| format!("not a spooled record: {e}"))?;
+    let change = change_from_typed(&f.c)?;
+    Ok(Decoded {
+        rec: Record { change: Arc::new(change), pipeline: Name::from(f.p.as_str()), payload: f.d },
+        barrier: f.b,
+        leased: f.l,
+    })
 }
 
 #[cfg(test)]

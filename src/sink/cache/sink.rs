@@ -3,7 +3,8 @@
 //! Invalidations are merged into multi-key UNLINK/DEL commands (grouped by hash slot in
 //! cluster mode); version-guarded writes run a Lua script (loaded once, re-loaded after a
 //! server restart empties the script cache) that compares versions inside the server, so the
-//! check and the write are one atomic step.
+//! check and the write are one atomic step. Consecutive guarded writes share one script call
+//! per slot (up to 128 items), each item with its own outcome.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,10 +58,51 @@ end
 return 1
 "#;
 
+/// Many guarded writes in one script call: [`GUARDED_WRITE`] as a function, applied to each
+/// item in order. KEYS: value key and version key of each item; ARGV: for each item the count
+/// of its arguments, then those arguments. Returns one entry per item: its result, or `ERR …`
+/// with the server's error for that item alone (the items after it still run). One call per
+/// slot and up to [`GUARDS_PER_CALL`] items instead of one `EVALSHA` per key: per-call overhead
+/// (parsing, script lookup, the Lua call) was most of the server's work for small rows.
+pub fn guarded_many_script() -> String {
+    format!(
+        "local function one(KEYS, ARGV)\n{GUARDED_WRITE}\nend\n{}",
+        r#"local out = {}
+local a = 1
+for i = 1, #KEYS, 2 do
+  local n = tonumber(ARGV[a])
+  local args = {}
+  for j = 1, n do args[j] = ARGV[a + j] end
+  a = a + n + 1
+  local ok, r = pcall(one, {KEYS[i], KEYS[i + 1]}, args)
+  if ok then
+    out[#out + 1] = r
+  elseif type(r) == 'table' then
+    out[#out + 1] = 'ERR ' .. tostring(r.err)
+  else
+    out[#out + 1] = 'ERR ' .. tostring(r)
+  end
+end
+return out
+"#
+    )
+}
+
+/// Most guarded writes per script call (bounds how long one call holds the server).
+const GUARDS_PER_CALL: usize = 128;
+
 /// One queued command of a batch.
 enum Cmd {
     Unlink(Vec<String>),
+    /// Keys and arguments of [`guarded_many_script`]; one owner per item, in order.
     Guarded(Vec<Key>, Vec<RValue>),
+}
+
+/// A guarded write waiting to be grouped into a script call.
+struct Guard {
+    item: usize,
+    keys: Vec<Key>,
+    args: Vec<RValue>,
 }
 
 /// Keys per multi-key UNLINK.
@@ -155,9 +197,9 @@ impl CacheSink {
         })?;
         let cluster = cfg.is_cluster();
         let sha: String = if cluster {
-            pool.next().script_load_cluster(GUARDED_WRITE).await
+            pool.next().script_load_cluster(guarded_many_script()).await
         } else {
-            pool.next().script_load(GUARDED_WRITE).await
+            pool.next().script_load(guarded_many_script()).await
         }
         .map_err(|e| err(name, &endpoint, SinkErrorKind::Transient, e))?;
         Ok(CacheSink {
@@ -177,9 +219,9 @@ impl CacheSink {
 
     async fn reload_script(&self) -> Result<(), SinkError> {
         let r: Result<String, _> = if self.cluster {
-            self.pool.next().script_load_cluster(GUARDED_WRITE).await
+            self.pool.next().script_load_cluster(guarded_many_script()).await
         } else {
-            self.pool.next().script_load(GUARDED_WRITE).await
+            self.pool.next().script_load(guarded_many_script()).await
         };
         r.map(|_| ()).map_err(|e| self.transient(e))
     }
@@ -294,8 +336,36 @@ impl CacheSink {
                     pending.clear();
                 }
             };
+        // Guarded writes in a row become script calls of up to GUARDS_PER_CALL items, one slot
+        // each; a run ends where an invalidation or a pattern delete comes, which keeps every
+        // key's order.
+        let flush_guards = |run: &mut Vec<Guard>, owners: &mut Vec<Vec<usize>>, cmds: &mut Vec<Cmd>| {
+            if run.is_empty() {
+                return;
+            }
+            let mut by_slot: std::collections::BTreeMap<u16, Vec<Guard>> = Default::default();
+            for g in run.drain(..) {
+                let slot = if self.cluster { redis_slot(g.keys[0].as_bytes()) } else { 0 };
+                by_slot.entry(slot).or_default().push(g);
+            }
+            for (_, guards) in by_slot {
+                let mut guards = guards.into_iter().peekable();
+                while guards.peek().is_some() {
+                    let (mut keys, mut args, mut idx) = (Vec::new(), Vec::new(), Vec::new());
+                    for g in guards.by_ref().take(GUARDS_PER_CALL) {
+                        keys.extend(g.keys);
+                        args.push(RValue::from(g.args.len() as i64));
+                        args.extend(g.args);
+                        idx.push(g.item);
+                    }
+                    cmds.push(Cmd::Guarded(keys, args));
+                    owners.push(idx);
+                }
+            }
+        };
         let mut cmds: Vec<Cmd> = Vec::new();
         let mut key_cmds: Vec<Vec<String>> = Vec::new();
+        let mut run: Vec<Guard> = Vec::new();
         for (i, rec) in batch.iter().enumerate() {
             let Payload::Cache(op) = &rec.payload else {
                 outcomes[i] = ItemOutcome::Rejected("payload is not for a cache sink".into());
@@ -303,12 +373,14 @@ impl CacheSink {
             };
             match op {
                 CacheOp::Invalidate { keys } => {
+                    flush_guards(&mut run, &mut owners, &mut cmds);
                     for k in keys {
                         pending_keys.push((k.clone(), i));
                     }
                 }
                 CacheOp::DeletePattern { pattern } => {
                     // Keep order: everything queued so far goes first.
+                    flush_guards(&mut run, &mut owners, &mut cmds);
                     flush_keys(&mut pending_keys, &mut owners, &mut key_cmds);
                     cmds.extend(key_cmds.drain(..).map(Cmd::Unlink));
                     self.send(&mut cmds, &mut owners, &mut outcomes).await?;
@@ -324,12 +396,12 @@ impl CacheSink {
                     if let Some((keys, args)) = self.guarded_args(guarded) {
                         flush_keys(&mut pending_keys, &mut owners, &mut key_cmds);
                         cmds.extend(key_cmds.drain(..).map(Cmd::Unlink));
-                        cmds.push(Cmd::Guarded(keys, args));
-                        owners.push(vec![i]);
+                        run.push(Guard { item: i, keys, args });
                     }
                 }
             }
         }
+        flush_guards(&mut run, &mut owners, &mut cmds);
         flush_keys(&mut pending_keys, &mut owners, &mut key_cmds);
         cmds.extend(key_cmds.drain(..).map(Cmd::Unlink));
         self.send(&mut cmds, &mut owners, &mut outcomes).await?;
@@ -380,7 +452,26 @@ impl CacheSink {
             return Err(self.transient(format!("pipeline answered {} of {} commands", results.len(), cmds.len())));
         }
         let mut noscript = false;
-        for (r, idx) in results.into_iter().zip(owners.iter()) {
+        for ((r, idx), cmd) in results.into_iter().zip(owners.iter()).zip(cmds.iter()) {
+            if let (Ok(answer), Cmd::Guarded(..)) = (&r, cmd) {
+                let per_item = match answer {
+                    RValue::Array(a) if a.len() == idx.len() => a,
+                    other => {
+                        return Err(self.transient(format!("guarded write answered {other:?} for {} items", idx.len())));
+                    }
+                };
+                for (v, &i) in per_item.iter().zip(idx) {
+                    if let Some(text) = v.as_str().filter(|t| t.starts_with("ERR ")) {
+                        let text = text.trim_start_matches("ERR ").to_string();
+                        outcomes[i] = if is_transient_text(&text) {
+                            ItemOutcome::Retry(format!("redis: {text}"))
+                        } else {
+                            ItemOutcome::Rejected(format!("redis: {text}"))
+                        };
+                    }
+                }
+                continue;
+            }
             if let Err(e) = r {
                 let text = e.to_string();
                 if text.contains("NOSCRIPT") {
@@ -414,19 +505,18 @@ fn is_transient_error(e: &fred::error::Error) -> bool {
         K::Auth | K::Config | K::Url | K::Tls | K::Protocol | K::Parse | K::InvalidArgument | K::InvalidCommand => {
             // A server-side error reply for one command (WRONGTYPE, script error) is permanent
             // for that item; connection-level protocol problems are not.
-            let t = e.details();
-            t.contains("LOADING")
-                || t.contains("BUSY")
-                || t.contains("TRYAGAIN")
-                || t.contains("CLUSTERDOWN")
-                || t.contains("MOVED")
-                || t.contains("ASK")
-                || t.contains("MASTERDOWN")
-                || t.contains("READONLY")
-                || t.contains("OOM")
+            is_transient_text(e.details())
         }
         _ => false,
     }
+}
+
+/// Server error texts that pass (loading, busy, fail-over, out of memory): retried, not
+/// dead-lettered.
+fn is_transient_text(t: &str) -> bool {
+    ["LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MOVED", "ASK", "MASTERDOWN", "READONLY", "OOM"]
+        .iter()
+        .any(|m| t.contains(m))
 }
 
 /// CRC16 (XMODEM) hash slot of a key, honouring `{hash tags}`, as Redis Cluster computes it.
