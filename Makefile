@@ -28,7 +28,7 @@ build:
 
 # The servers' addresses and the emulator's credentials come from .local/peers.env.
 test: peers
-	set -a && . ./.local/peers.env && set +a && cargo test --all-targets
+	set -a && . ./.local/peers.env && set +a && cargo test --tests
 
 # The fault-injection suite at full length: 20 kill -9s (as in make test) and 30 s sink and
 # database outages (make test uses 5 s). POLYSYNC_TEST_SEED reproduces a run.
