@@ -318,7 +318,7 @@ async fn three_daemons_share_a_stream_and_a_killed_owners_shard_is_taken_over() 
 }
 
 /// Fencing by lease validity. Instance a owns the shard and has read 20 records that its cache
-/// cannot take (its Redis, behind a TCP proxy named as such, is down). Then a freezes (SIGSTOP:
+/// cannot take (its Redis, behind a TCP proxy named as such, refuses connections). Then a freezes (SIGSTOP:
 /// what a long GC pause, a frozen VM or a throttled container look like from outside) for
 /// longer than the lease. Instance b takes the expired lease and applies the records from the
 /// last checkpoint. When a thaws and its Redis is back, it applies none of what it read under
@@ -360,7 +360,9 @@ async fn an_owner_frozen_past_its_lease_applies_nothing_it_read_under_it() {
             _ => -1.0,
         }
     };
-    proxy.set_down(true);
+    // Refused, not accepted and dropped: a's commands fail at once and none is left in flight
+    // or buffered for a reconnect, so any write of a's after this point was issued after it.
+    proxy.set_refusing(true);
     for i in 0..20 {
         put(&client, &table, item(&format!("u{i}"), &[])).await;
     }
@@ -387,7 +389,7 @@ async fn an_owner_frozen_past_its_lease_applies_nothing_it_read_under_it() {
         scrape("polysync_sink_fenced_records_total").await >= 20.0
     })
     .await;
-    proxy.set_down(false);
+    proxy.set_refusing(false);
     tokio::time::sleep(Duration::from_secs(4)).await;
     for i in 0..20 {
         assert!(

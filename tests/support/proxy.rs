@@ -1,5 +1,6 @@
 //! A loopback TCP proxy in front of a real server, for faults no peer can show on demand: an
-//! outage without losing the server's data (`set_down`) and a slow network (`set_delay`).
+//! outage without losing the server's data (`set_down`: connections accepted and dropped;
+//! `set_refusing`: the port closed, so connecting is refused) and a slow network (`set_delay`).
 //! Tests that use it say so.
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ pub struct Proxy {
     /// `127.0.0.1:<port>` to connect to instead of the server.
     pub addr: String,
     down: Arc<AtomicBool>,
+    refusing: Arc<AtomicBool>,
     delay_ms: Arc<AtomicU64>,
     received: Arc<AtomicU64>,
     generation: watch::Sender<u64>,
@@ -27,11 +29,32 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (generation, _) = watch::channel(0u64);
-        let p = Proxy { addr, down: Arc::default(), delay_ms: Arc::default(), received: Arc::default(), generation };
+        let p = Proxy {
+            addr,
+            down: Arc::default(),
+            refusing: Arc::default(),
+            delay_ms: Arc::default(),
+            received: Arc::default(),
+            generation,
+        };
         let (me, target) = (p.clone(), target.to_string());
         tokio::spawn(async move {
+            let mut listener = Some(listener);
             loop {
-                let Ok((client, _)) = listener.accept().await else { return };
+                if me.refusing.load(Ordering::SeqCst) {
+                    listener = None; // the port is closed: a connect is refused
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                let Some(l) = &listener else {
+                    match TcpListener::bind(&me.addr).await {
+                        Ok(l) => listener = Some(l),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                    continue;
+                };
+                let Ok(accepted) = tokio::time::timeout(Duration::from_millis(50), l.accept()).await else { continue };
+                let Ok((client, _)) = accepted else { return };
                 if me.down.load(Ordering::SeqCst) {
                     drop(client); // refused while down
                     continue;
@@ -84,6 +107,15 @@ impl Proxy {
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
         if down {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Cut every connection and close the port, so a client's connect is refused outright (it
+    /// never gets as far as writing a command), or listen again (`false`).
+    pub fn set_refusing(&self, refusing: bool) {
+        self.refusing.store(refusing, Ordering::SeqCst);
+        if refusing {
             self.generation.send_modify(|g| *g += 1);
         }
     }
