@@ -55,12 +55,14 @@ impl Proxy {
                 };
                 let Ok(accepted) = tokio::time::timeout(Duration::from_millis(50), l.accept()).await else { continue };
                 let Ok((client, _)) = accepted else { return };
-                if me.down.load(Ordering::SeqCst) {
+                // Subscribe before looking at the flags: a cut that comes after this is seen by
+                // the forwarding task, and one that came before it is seen here.
+                let mut gen_rx = me.generation.subscribe();
+                if me.down.load(Ordering::SeqCst) || me.refusing.load(Ordering::SeqCst) {
                     drop(client); // refused while down
                     continue;
                 }
                 let Ok(server) = TcpStream::connect(&target).await else { continue };
-                let mut gen_rx = me.generation.subscribe();
                 let delay = Arc::clone(&me.delay_ms);
                 let received = Arc::clone(&me.received);
                 tokio::spawn(async move {
